@@ -1,0 +1,1 @@
+"""Images: overlaybd configs, OCI layouts and manifests, assembled into stacks."""

@@ -1,0 +1,1 @@
+"""LSMT: overlaybd's log-structured layer format (sealed layers, RW layers, stacks)."""

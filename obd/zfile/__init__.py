@@ -1,0 +1,1 @@
+"""ZFile: overlaybd's seekable block-compressed container (LZ4 raw blocks or zstd frames)."""
