@@ -1,0 +1,5 @@
+import sys
+
+from obd.cli import main
+
+sys.exit(main())

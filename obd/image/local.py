@@ -1,0 +1,147 @@
+"""Assembling stacks from local files: a list of layer blobs, or a ``config.v1.json``.
+
+A *layer* here is what overlaybd accepts as a lower: a sealed LSMT blob, possibly ZFile-compressed,
+possibly in the tar envelope; or a turboOCI (warp) meta layer plus its target. An RW layer (the
+upper of a config) is opened writable unless ``readonly`` is asked for.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from obd.blob import GZIP_MAGIC, open_blob
+from obd.errors import ConfigError, FormatError
+from obd.image.config import ImageConfig, LowerConfig
+from obd.io import FileSource, Source
+from obd.lsmt.rw import RWLayer, open_rw
+from obd.lsmt.sealed import SealedLayer
+from obd.lsmt.stack import Stack
+
+
+def open_target(path: str, gzip_index: str | None = None) -> Source:
+    """The uncompressed tar stream a warp layer's tag-1 mappings point into."""
+    src = FileSource(path)
+    if gzip_index:
+        from obd.gzindex import GzipIndexedSource
+
+        return GzipIndexedSource(src, FileSource(gzip_index))
+    if src.pread(0, 2) == GZIP_MAGIC:
+        src.close()
+        raise FormatError(
+            "turboOCI target is gzip-compressed but no gzip index (gzipIndex) was given",
+            path=path,
+            field="gzipIndex",
+        )
+    return src
+
+
+def open_layer(
+    path: str | os.PathLike[str], *, target: str | None = None, gzip_index: str | None = None
+) -> SealedLayer:
+    """Open one read-only layer blob; with ``target`` it is a turboOCI warp layer."""
+    blob = open_blob(path)
+    try:
+        if "lsmt" not in blob.kinds:
+            raise FormatError(
+                f"not an overlaybd layer: found {blob.kind}, expected an LSMT blob "
+                "(optionally ZFile-compressed and/or tar-wrapped)",
+                path=blob.path,
+                field="magic",
+            )
+        tgt = open_target(target, gzip_index) if target else None
+        return SealedLayer(blob.source, warp=tgt is not None, target=tgt, name=blob.path, blob=blob)
+    except BaseException:
+        blob.close()
+        raise
+
+
+def open_layers(paths: Sequence[str | os.PathLike[str]], *, upper: RWLayer | None = None) -> Stack:
+    """A stack of layer files given lowest first."""
+    layers: list[SealedLayer] = []
+    try:
+        for p in paths:
+            layers.append(open_layer(p))
+        return Stack(layers, upper)
+    except BaseException:
+        for ly in layers:
+            ly.close()
+        raise
+
+
+def _lower_path(cfg: ImageConfig, lower: LowerConfig, i: int) -> str:
+    tried = lower.local_candidates()
+    for name in tried:
+        found = cfg.resolve(name)
+        if found:
+            return found
+    if lower.digest:
+        raise ConfigError(
+            f"no local file for this layer; it names registry blob {lower.digest}, which needs "
+            "a registry (obd export REF)",
+            path=cfg.path,
+            field=f"lowers[{i}]",
+        )
+    raise ConfigError(
+        f"layer file not found (tried {', '.join(tried) or 'nothing: no file or dir given'})",
+        path=cfg.path,
+        field=f"lowers[{i}].file",
+    )
+
+
+def open_config(config: str | os.PathLike[str] | ImageConfig, *, readonly: bool = False) -> Stack:
+    """The device a ``config.v1.json`` describes: its lowers, plus its upper unless ``readonly``."""
+    cfg = config if isinstance(config, ImageConfig) else ImageConfig.load(config)
+    lowers = list(cfg.lowers)
+    if cfg.accelerationLayer and lowers:
+        lowers = lowers[:-1]  # the last lower is a trace layer, not part of the device
+    layers: list[SealedLayer] = []
+    upper = None
+    try:
+        for i, lower in enumerate(lowers):
+            path = _lower_path(cfg, lower, i)
+            target = None
+            gz = None
+            if lower.targetFile:
+                target = cfg.resolve(lower.targetFile)
+                if not target:
+                    raise ConfigError(
+                        "turboOCI target file not found",
+                        path=cfg.path,
+                        field=f"lowers[{i}].targetFile",
+                        value=lower.targetFile,
+                    )
+                if lower.gzipIndex:
+                    gz = cfg.resolve(lower.gzipIndex)
+                    if not gz:
+                        raise ConfigError(
+                            "gzip index not found",
+                            path=cfg.path,
+                            field=f"lowers[{i}].gzipIndex",
+                            value=lower.gzipIndex,
+                        )
+            elif lower.targetDigest:
+                raise ConfigError(
+                    "turboOCI target is a registry blob; that needs a registry",
+                    path=cfg.path,
+                    field=f"lowers[{i}].targetDigest",
+                    value=lower.targetDigest,
+                )
+            layers.append(open_layer(path, target=target, gzip_index=gz))
+        if cfg.upper.enabled:
+            if cfg.upper.target:
+                raise ConfigError("turboOCI RW uppers are not supported", path=cfg.path, field="upper.target")
+            data = cfg.resolve(cfg.upper.data)
+            index = cfg.resolve(cfg.upper.index)
+            if not data:
+                raise ConfigError(
+                    "upper data file not found", path=cfg.path, field="upper.data", value=cfg.upper.data
+                )
+            upper = open_rw(data, index, readonly=readonly)
+        return Stack(layers, upper, name=cfg.path)
+    except BaseException:
+        for ly in layers:
+            ly.close()
+        if upper is not None:
+            upper.close()
+        raise
