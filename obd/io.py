@@ -91,9 +91,8 @@ class FileSource(Source):
         self.size = os.fstat(self.fd).st_size
 
     def readinto(self, buf: memoryview, offset: int) -> int:
+        # no clamp at self.size: the file may have grown since it was opened (an RW data file)
         want = len(buf)
-        if offset >= self.size:
-            return 0
         got = 0
         while got < want:
             n = os.preadv(self.fd, [buf[got:]], offset + got)

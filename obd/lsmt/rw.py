@@ -334,6 +334,7 @@ class AppendRWLayer(RWLayer):
         with self._lock:
             pos = self._data_end
             self._data_end += n
+            self.data_source.size = self._data_end
         written = 0
         while written < n:
             written += os.pwrite(self._data_fd, data[written:], pos + written)

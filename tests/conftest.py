@@ -1,0 +1,62 @@
+"""Suite-wide pytest plumbing: the ``--run-slow`` switch and session fixtures over ``tests/fixtures.py``.
+
+Helpers (``FIXTURES``, ``fixture_path``, ``materialize``, ``expected``, ``require_tool`` ...) live in
+``tests/fixtures.py`` so that plain functions and benchmarks can use them too; import them with
+``from fixtures import ...``.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+# tests/ is not a package: make its helper modules importable under any --import-mode.
+_TESTS = str(Path(__file__).resolve().parent)
+if _TESTS not in sys.path:
+    sys.path.insert(0, _TESTS)
+
+import fixtures  # noqa: E402
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--run-slow",
+        action="store_true",
+        default=False,
+        help="also run tests marked 'slow' (long soak and benchmark-like checks)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--run-slow"):
+        return
+    skip_slow = pytest.mark.skip(reason="slow test: run with --run-slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip_slow)
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    """The repository's ``fixtures/`` directory."""
+    return fixtures.FIXTURES
+
+
+@pytest.fixture(scope="session")
+def expected_index() -> dict[str, Any]:
+    """``fixtures/expected.json``, parsed once per session."""
+    return fixtures.expected()
+
+
+@pytest.fixture(scope="session")
+def materialized() -> Callable[[str], Path]:
+    """``materialized(rel)`` → a plain file for fixture ``rel`` (``.bz2`` decompressed, members extracted).
+
+    Results live in a content-addressed cache outside the repo (see ``fixtures.cache_dir``), shared by
+    every test of the session and by later sessions.
+    """
+    return fixtures.materialize
