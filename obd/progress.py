@@ -40,7 +40,7 @@ class Progress:
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.interval = interval if interval is not None else (0.2 if self.tty else 5.0)
         self.start = time.monotonic()
-        self._last = 0.0
+        self._last = self.start
 
     def update(self, done: int, *, force: bool = False) -> None:
         self.done = done

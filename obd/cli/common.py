@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 
 from obd.errors import ObdError
-from obd.image.local import open_config, open_layers
+from obd.image.local import open_config, open_layers, open_oci_layout
 from obd.lsmt.rw import open_rw
 from obd.lsmt.stack import Stack
 from obd.progress import Progress
 
 LAYERS_HELP = (
-    "layer blobs, lowest first: sealed LSMT files, ZFiles holding one, either in overlaybd's tar envelope"
+    "layer blobs, lowest first: sealed LSMT files, ZFiles holding one, either in overlaybd's tar envelope; "
+    "or one overlaybd image in an OCI layout, oci:DIR[:TAG]"
 )
 
 
@@ -55,6 +56,10 @@ def open_stack_from_args(args: argparse.Namespace, *, readonly: bool = True) -> 
     upper = None
     if upper_args:
         upper = open_rw(upper_args[0], upper_args[1] if len(upper_args) > 1 else None, readonly=readonly)
+    if any(str(x).startswith("oci:") for x in args.layers):
+        if len(args.layers) != 1:
+            raise ObdError("an oci:DIR[:TAG] image is a whole stack; give it alone")
+        return open_oci_layout(args.layers[0], upper=upper)
     return open_layers(args.layers, upper=upper)
 
 

@@ -1,0 +1,262 @@
+"""OCI image layouts on disk (``oci:DIR[:TAG]``) and the overlaybd layers their manifests name.
+
+An OCI layout is a directory with ``oci-layout``, ``index.json`` and ``blobs/<alg>/<hex>``. A tag is
+the ``org.opencontainers.image.ref.name`` annotation of an ``index.json`` entry; an entry may be a
+manifest or an index (manifest list), from which the platform's manifest is chosen. A manifest is
+an overlaybd image when its layers carry the ``containerd.io/snapshot/overlaybd/blob-digest`` and
+``blob-size`` annotations (FORMATS.md §7); anything else is a plain OCI image, which obd cannot
+serve as a block device until it is converted.
+
+Every manifest and config read is checked against its digest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform as _platform
+from dataclasses import dataclass, field
+from typing import Any
+
+from obd.errors import ConfigError, FormatError
+
+ANNOTATION_PREFIX = "containerd.io/snapshot/overlaybd/"
+BLOB_DIGEST = ANNOTATION_PREFIX + "blob-digest"
+BLOB_SIZE = ANNOTATION_PREFIX + "blob-size"
+VERSION = ANNOTATION_PREFIX + "version"
+ACCELERATION_LAYER = ANNOTATION_PREFIX + "acceleration-layer"
+TURBO_TARGET_DIGEST = ANNOTATION_PREFIX + "turbo-oci/target-digest"
+FASTOCI_TARGET_DIGEST = ANNOTATION_PREFIX + "fastoci/target-digest"
+REF_NAME = "org.opencontainers.image.ref.name"
+
+MANIFEST_TYPES = {
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+}
+INDEX_TYPES = {
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+}
+#: Manifests and configs are small; refuse anything absurd before reading it.
+MAX_JSON_BYTES = 4 << 20
+
+
+def host_platform() -> str:
+    """``linux/amd64``-style name of this machine."""
+    machine = _platform.machine().lower()
+    arch = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386", "i386": "386"}.get(
+        machine, machine
+    )
+    return f"linux/{arch}"
+
+
+@dataclass(frozen=True)
+class Descriptor:
+    media_type: str
+    digest: str
+    size: int
+    annotations: dict[str, str] = field(default_factory=dict)
+    platform: dict[str, Any] | None = None
+
+    @classmethod
+    def parse(cls, obj: Any, where: str, path: object) -> Descriptor:
+        if not isinstance(obj, dict):
+            raise FormatError("descriptor must be an object", path=path, field=where)
+        digest = obj.get("digest")
+        size = obj.get("size")
+        if not isinstance(digest, str) or ":" not in digest:
+            raise FormatError("missing or malformed digest", path=path, field=f"{where}.digest", value=digest)
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise FormatError("missing or malformed size", path=path, field=f"{where}.size", value=size)
+        ann = obj.get("annotations") or {}
+        if not isinstance(ann, dict):
+            raise FormatError("annotations must be an object", path=path, field=f"{where}.annotations")
+        return cls(
+            str(obj.get("mediaType", "")),
+            digest,
+            size,
+            {str(k): str(v) for k, v in ann.items()},
+            obj.get("platform"),
+        )
+
+    @property
+    def platform_name(self) -> str | None:
+        if not self.platform:
+            return None
+        p = self.platform
+        name = f"{p.get('os', '')}/{p.get('architecture', '')}"
+        return f"{name}/{p['variant']}" if p.get("variant") else name
+
+
+@dataclass(frozen=True)
+class OverlaybdLayer:
+    """One layer of an overlaybd image: the blob to read and what its annotations say."""
+
+    digest: str
+    size: int
+    media_type: str
+    annotations: dict[str, str]
+
+    @property
+    def is_turbo(self) -> bool:
+        return TURBO_TARGET_DIGEST in self.annotations or FASTOCI_TARGET_DIGEST in self.annotations
+
+    @property
+    def is_acceleration(self) -> bool:
+        return self.annotations.get(ACCELERATION_LAYER) == "yes"
+
+
+@dataclass
+class Image:
+    """A resolved image: its manifest, config and layers (lowest first)."""
+
+    reference: str
+    manifest_digest: str
+    manifest: dict[str, Any]
+    config: dict[str, Any]
+    layers: list[Descriptor]
+
+    def overlaybd_layers(self) -> list[OverlaybdLayer]:
+        """The overlaybd layers, lowest first; a clear error if this is not an overlaybd image."""
+        out = []
+        for i, d in enumerate(self.layers):
+            if BLOB_DIGEST not in d.annotations or BLOB_SIZE not in d.annotations:
+                raise FormatError(
+                    "this is a plain OCI image, not an overlaybd image (its layers lack the "
+                    f"{BLOB_DIGEST} annotation); convert it first with `obd convert`",
+                    path=self.reference,
+                    field=f"layers[{i}].annotations",
+                )
+            ann = d.annotations
+            if ann[BLOB_DIGEST] != d.digest:
+                raise FormatError(
+                    "blob-digest annotation differs from the layer digest",
+                    path=self.reference,
+                    field=f"layers[{i}].annotations.blob-digest",
+                    value=ann[BLOB_DIGEST],
+                )
+            if ann[BLOB_SIZE] != str(d.size):
+                raise FormatError(
+                    "blob-size annotation differs from the layer size",
+                    path=self.reference,
+                    field=f"layers[{i}].annotations.blob-size",
+                    value=ann[BLOB_SIZE],
+                )
+            out.append(OverlaybdLayer(d.digest, d.size, d.media_type, ann))
+        return out
+
+
+class OCILayout:
+    """A local OCI image layout directory."""
+
+    def __init__(self, root: str | os.PathLike[str]):
+        self.root = os.fspath(root)
+        marker = os.path.join(self.root, "oci-layout")
+        if not os.path.isfile(marker):
+            raise ConfigError("not an OCI image layout (no oci-layout file)", path=self.root)
+        self.index = self._json(os.path.join(self.root, "index.json"), None)
+
+    def blob_path(self, digest: str) -> str:
+        alg, _, hexpart = digest.partition(":")
+        if alg != "sha256" or len(hexpart) != 64 or not all(c in "0123456789abcdef" for c in hexpart):
+            raise FormatError("unsupported or malformed digest", path=self.root, field="digest", value=digest)
+        return os.path.join(self.root, "blobs", alg, hexpart)
+
+    def _json(self, path: str, digest: str | None) -> dict[str, Any]:
+        try:
+            size = os.path.getsize(path)
+            if size > MAX_JSON_BYTES:
+                raise FormatError(
+                    f"{size} bytes is too large for a manifest or config", path=path, field="size"
+                )
+            with open(path, "rb") as f:
+                raw = f.read()
+        except OSError as e:
+            raise ConfigError(f"cannot read: {e.strerror}", path=path) from e
+        if digest is not None:
+            got = "sha256:" + hashlib.sha256(raw).hexdigest()
+            if got != digest:
+                raise FormatError(f"content has digest {got}", path=path, field="digest", value=digest)
+        try:
+            obj = json.loads(raw)
+        except ValueError as e:
+            raise FormatError(f"not valid JSON: {e}", path=path) from e
+        if not isinstance(obj, dict):
+            raise FormatError("must be a JSON object", path=path)
+        return obj
+
+    def descriptors(self) -> list[Descriptor]:
+        items = self.index.get("manifests") or []
+        return [Descriptor.parse(m, f"manifests[{i}]", self.root) for i, m in enumerate(items)]
+
+    def tags(self) -> list[str]:
+        return [d.annotations[REF_NAME] for d in self.descriptors() if REF_NAME in d.annotations]
+
+    def resolve(self, tag: str | None = None, *, platform: str | None = None) -> Image:
+        """The image a tag names (or the only/platform-matching entry when no tag is given)."""
+        descs = self.descriptors()
+        ref = f"oci:{self.root}" + (f":{tag}" if tag else "")
+        if tag:
+            matches = [d for d in descs if d.annotations.get(REF_NAME) == tag]
+            if not matches:
+                raise ConfigError(
+                    f"no image tagged {tag!r} (tags: {', '.join(self.tags()) or 'none'})", path=self.root
+                )
+            desc = matches[0]
+        elif len(descs) == 1:
+            desc = descs[0]
+        else:
+            want = platform or host_platform()
+            plat = [d for d in descs if d.platform_name and _platform_matches(d.platform_name, want)]
+            if not plat:
+                raise ConfigError(
+                    f"{len(descs)} images in the layout; name one with :TAG "
+                    f"(tags: {', '.join(self.tags()) or 'none'})",
+                    path=self.root,
+                )
+            desc = plat[0]
+        return self._resolve_desc(desc, ref, platform)
+
+    def _resolve_desc(self, desc: Descriptor, ref: str, platform: str | None, depth: int = 0) -> Image:
+        doc = self._json(self.blob_path(desc.digest), desc.digest)
+        media = doc.get("mediaType") or desc.media_type
+        if media in INDEX_TYPES or "manifests" in doc:
+            if depth:
+                raise FormatError("nested image indexes are not supported", path=ref)
+            want = platform or host_platform()
+            subs = [
+                Descriptor.parse(m, f"manifests[{i}]", ref) for i, m in enumerate(doc.get("manifests") or [])
+            ]
+            for sub in subs:
+                if sub.platform_name and _platform_matches(sub.platform_name, want):
+                    return self._resolve_desc(sub, ref, platform, depth + 1)
+            have = ", ".join(s.platform_name or "?" for s in subs)
+            raise ConfigError(f"no manifest for platform {want} (have: {have})", path=ref)
+        if "layers" not in doc or "config" not in doc:
+            raise FormatError(
+                "not an image manifest (no layers/config)", path=ref, field="mediaType", value=media
+            )
+        cfg_desc = Descriptor.parse(doc["config"], "config", ref)
+        config = self._json(self.blob_path(cfg_desc.digest), cfg_desc.digest)
+        layers = [Descriptor.parse(x, f"layers[{i}]", ref) for i, x in enumerate(doc["layers"])]
+        return Image(ref, desc.digest, doc, config, layers)
+
+
+def _platform_matches(have: str, want: str) -> bool:
+    h = have.split("/")
+    w = want.split("/")
+    return h[:2] == w[:2] and (len(w) < 3 or len(h) < 3 or h[2] == w[2])
+
+
+def parse_oci_reference(ref: str) -> tuple[str, str | None]:
+    """``oci:DIR[:TAG]`` → (DIR, TAG). A colon inside DIR is allowed when DIR exists as given."""
+    if not ref.startswith("oci:"):
+        raise ConfigError("not an oci: reference", field="reference", value=ref)
+    rest = ref[4:]
+    if os.path.isdir(rest):
+        return rest, None
+    head, sep, tag = rest.rpartition(":")
+    if sep and head and "/" not in tag:
+        return head, tag
+    return rest, None
