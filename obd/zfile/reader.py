@@ -1,0 +1,599 @@
+"""Reading ZFiles: detection, the open-time checks, and a random-access :class:`~obd.io.Source`.
+
+:class:`ZFileReader` turns a compressed source into the plain byte stream it holds, so that an
+LSMT layer (or anything else) can sit on top without knowing about compression. Opening follows
+overlaybd's ``zfile_open_ro`` (FORMATS.md §2.9) and adds the checks the C++ code leaves out, so
+that a damaged or hostile file fails with an :class:`~obd.errors.ObdError` at open time instead of
+misbehaving later:
+
+- ``index_size`` and ``index_offset`` are checked against the file size *before* the index is
+  read; every index entry must be > 4 bytes (verify) or > 0, and at most a sane bound; the blocks
+  must end at or before ``index_offset``; the block count must match ``original_file_size``;
+- the decompressed length of every block is checked (the C++ reader does not).
+
+Reads go one chunk of blocks at a time: one ``source.readinto`` for the compressed span of the
+chunk, one CRC pass over that span for all its blocks (see :func:`_span_crc_ok`), then each block
+is decompressed straight into the caller's buffer. Blocks that a read only partly covers are kept
+in a small LRU, so repeated small reads of one block decompress it once.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+from obd.crc import ZFILE_BLOCK_SEED, crc32c_raw
+from obd.errors import ChecksumError, FormatError, TruncatedError, UnsupportedError
+from obd.io import Source
+from obd.zfile.codecs import Codec, get_codec
+from obd.zfile.format import (
+    BLOCK_CRC_SIZE,
+    DATA_OFFSET,
+    MAX_BLOCK_SIZE,
+    MAX_INDEX_SIZE,
+    MIN_BLOCK_SIZE,
+    RECORD_SIZE,
+    ZFileRecord,
+    algorithm_name,
+    is_power_of_two,
+)
+
+#: Uncompressed bytes decoded per chunk of a large read (bounds the scratch buffer).
+CHUNK_BYTES = 1 << 20
+#: Below this many blocks, CRCs are checked one call per block instead of one pass per span.
+_SPAN_CRC_MIN_BLOCKS = 8
+#: Decompressed blocks kept for partial reads.
+DEFAULT_CACHE_BLOCKS = 32
+
+_SEED_BYTES = np.frombuffer(ZFILE_BLOCK_SEED.to_bytes(4, "little"), dtype=np.uint8)
+_ARANGE4 = np.arange(4, dtype=np.int64)
+
+
+def max_record_length(block_size: int) -> int:
+    """Largest index entry obd accepts for ``block_size``.
+
+    LZ4 and zstd expand incompressible input by well under 1 % plus a few dozen bytes (a 64 KiB
+    block is at most 65,809 bytes in LZ4), so twice the block size is generous for any producer
+    while still bounding what one block can make a read allocate.
+    """
+    return 2 * block_size + 1024
+
+
+def is_zfile(source: Source) -> bool:
+    """Whether ``source`` starts with a ZFile header (``is_zfile``, FORMATS.md §2.10).
+
+    Fewer than 512 bytes → :class:`TruncatedError`. A magic mismatch or a clear header bit →
+    ``False`` (the bytes are used as they are, e.g. as a raw LSMT blob). Matching magic with the
+    digest bit set but a wrong digest → :class:`ChecksumError`.
+    """
+    if source.size < RECORD_SIZE:
+        raise TruncatedError(
+            f"{source.size} bytes is too short to tell whether this is a ZFile (needs {RECORD_SIZE})",
+            path=source.name,
+            field="header",
+        )
+    raw = source.read_exact(0, RECORD_SIZE, "header")
+    try:
+        header = ZFileRecord.parse(raw, source.name, "header")
+    except FormatError:
+        return False
+    _check_digest(header, source.name, "header")
+    return True
+
+
+def _check_digest(rec: ZFileRecord, path: str, what: str) -> None:
+    if rec.digest_enabled and not rec.digest_valid:
+        raise ChecksumError(
+            f"record digest mismatch (stored 0x{rec.digest:08x})",
+            path=path,
+            field=f"{what}.digest",
+            value=rec.digest,
+        )
+
+
+def _span_crc_ok(span: memoryview, starts: np.ndarray) -> bool:
+    """Check the CRC of every record of ``span`` with one CRC pass.
+
+    Each record is ``compressed ‖ crc32le`` where ``crc = raw CRC32C(compressed, seed 100007)``.
+    For a reflected CRC without final inversion, running a record *including* its stored CRC
+    from the seed leaves the register at 0 exactly when the CRC matches. Starting from register
+    0 instead of the seed is the same as XOR-ing the seed's little-endian bytes into the record's
+    first 4 bytes. So: XOR the seed into the start of every record (in place, in our scratch
+    copy), run one raw CRC over the whole span from 0, and restore the bytes.
+
+    A damaged record leaves a non-zero register, and intact records after it only multiply it by
+    x^(8·length) modulo the polynomial, which keeps it non-zero: one damaged record is caught
+    exactly when its own CRC check would catch it. Several damaged records escape only if their
+    errors cancel, at the same 2^-32 odds as one damaged record matching its CRC by chance. On a
+    mismatch the caller checks block by block to name the culprit. ``starts`` are record offsets
+    within ``span``; records are at least 5 bytes long (checked at open), so the XORs never overlap.
+    """
+    arr = np.frombuffer(span, dtype=np.uint8)
+    idx = (starts[:, None] + _ARANGE4).ravel()
+    seed = np.tile(_SEED_BYTES, len(starts))
+    arr[idx] ^= seed
+    try:
+        return crc32c_raw(span) == 0
+    finally:
+        arr[idx] ^= seed
+
+
+class _Plan(NamedTuple):
+    """A chunk whose compressed span is loaded and CRC-checked, ready to decompress."""
+
+    r0: int
+    r1: int
+    start: int
+    end: int
+    dst: memoryview
+    span: memoryview
+    base: int
+    head: bool
+    tail: bool
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """What :meth:`ZFileReader.verify` checked (it raises on the first failure instead)."""
+
+    blocks: int
+    original_size: int
+    compressed_size: int
+    block_crcs_checked: bool
+    index_crc_checked: bool
+    header_digest_checked: bool
+    trailer_digest_checked: bool
+
+
+class _BlockCache:
+    """A small thread-safe LRU of decompressed blocks, keyed by block number."""
+
+    def __init__(self, capacity: int):
+        self.capacity = max(0, capacity)
+        self._items: OrderedDict[int, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: int) -> bytes | None:
+        if not self.capacity:
+            return None
+        with self._lock:
+            blk = self._items.get(key)
+            if blk is not None:
+                self._items.move_to_end(key)
+            return blk
+
+    def put(self, key: int, blk: bytes) -> None:
+        if not self.capacity:
+            return
+        with self._lock:
+            self._items[key] = blk
+            self._items.move_to_end(key)
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+
+class ZFileReader(Source):
+    """A ZFile opened for random access; itself a :class:`~obd.io.Source` of the original bytes.
+
+    ``size`` is the original file size; ``readinto`` clamps at it. Safe to share between threads.
+
+    Attributes for inspectors: ``header``, ``trailer`` (``None`` if unused and unreadable),
+    ``record`` (the one the fields came from) and ``record_kind`` (``"header"`` or
+    ``"trailer"``), ``algorithm`` / ``algorithm_name``, ``block_size``, ``verify_flag``,
+    ``block_count``, ``record_lengths`` (the index: bytes per block including its CRC),
+    ``compressed_lengths`` (without the CRC), ``offsets`` (absolute start of every block plus
+    the end), ``compressed_size`` and ``original_size``.
+    """
+
+    def __init__(self, source: Source, *, name: str | None = None, cache_blocks: int = DEFAULT_CACHE_BLOCKS):
+        self.source = source
+        self.name = name or source.name
+        path = self.name
+        fsize = source.size
+        if fsize < RECORD_SIZE:
+            raise TruncatedError(
+                f"{fsize} bytes cannot hold a ZFile header ({RECORD_SIZE})", path=path, field="header"
+            )
+        header = ZFileRecord.parse(source.read_exact(0, RECORD_SIZE, "header"), path, "header")
+        _check_digest(header, path, "header")
+        self.header = header
+        self.trailer: ZFileRecord | None = None
+
+        if header.header_overwritten:
+            rec, kind = header, "header"
+            if fsize >= 2 * RECORD_SIZE:
+                try:
+                    self.trailer = ZFileRecord.parse(
+                        source.read_exact(fsize - RECORD_SIZE, RECORD_SIZE, "trailer"), path, "trailer"
+                    )
+                except FormatError:
+                    self.trailer = None
+            index_limit = fsize
+        else:
+            if not header.is_data:
+                raise FormatError(
+                    "not a data file (type bit clear)", path=path, field="header.flags", value=header.flags
+                )
+            if fsize < 2 * RECORD_SIZE:
+                raise TruncatedError(
+                    f"{fsize} bytes cannot hold a ZFile header and trailer", path=path, field="trailer"
+                )
+            trailer = ZFileRecord.parse(
+                source.read_exact(fsize - RECORD_SIZE, RECORD_SIZE, "trailer"), path, "trailer"
+            )
+            if not trailer.is_data:
+                raise FormatError(
+                    "not a data file (type bit clear)", path=path, field="trailer.flags", value=trailer.flags
+                )
+            if not trailer.sealed:
+                raise FormatError(
+                    "trailer is not sealed", path=path, field="trailer.flags", value=trailer.flags
+                )
+            self.trailer = trailer
+            rec, kind = trailer, "trailer"
+            index_limit = fsize - RECORD_SIZE
+        self.record = rec
+        self.record_kind = kind
+
+        self._check_options(rec, kind)
+        self.algorithm = rec.algorithm
+        self.algorithm_name = algorithm_name(rec.algorithm)
+        self.codec: Codec = get_codec(rec.algorithm, path=path, field=f"{kind}.algo")
+        self.block_size = bs = rec.block_size
+        self.verify_flag = bool(rec.verify)
+        self.original_size = self.size = rec.original_file_size
+        self.compressed_size = fsize
+
+        n = rec.index_size
+        if n > MAX_INDEX_SIZE:
+            raise FormatError(
+                f"more than {MAX_INDEX_SIZE} blocks", path=path, field=f"{kind}.index_size", value=n
+            )
+        if rec.index_offset < DATA_OFFSET or rec.index_offset > index_limit:
+            raise FormatError(
+                f"index offset outside the file's data area [{DATA_OFFSET}, {index_limit}]",
+                path=path,
+                field=f"{kind}.index_offset",
+                value=rec.index_offset,
+            )
+        if 4 * n > index_limit - rec.index_offset:
+            raise FormatError(
+                f"an index of {n} entries ({4 * n} bytes) does not fit between offset {rec.index_offset} "
+                f"and {index_limit}",
+                path=path,
+                field=f"{kind}.index_size",
+                value=n,
+            )
+        want_blocks = -(-self.size // bs)
+        if n != want_blocks:
+            raise FormatError(
+                f"{n} blocks cannot hold {self.size} bytes in {bs}-byte blocks (needs {want_blocks})",
+                path=path,
+                field=f"{kind}.index_size",
+                value=n,
+            )
+        self.block_count = n
+
+        raw_index = source.read_exact(rec.index_offset, 4 * n, "index")
+        if rec.digest_enabled:
+            crc = crc32c_raw(raw_index)
+            if crc != rec.index_crc:
+                raise ChecksumError(
+                    f"index CRC mismatch (stored 0x{rec.index_crc:08x}, computed 0x{crc:08x})",
+                    path=path,
+                    field=f"{kind}.index_crc",
+                    value=rec.index_crc,
+                )
+        self._index_crc_checked = rec.digest_enabled
+        lengths = np.frombuffer(raw_index, dtype="<u4").astype(np.uint32)
+        self.record_lengths = lengths
+        crc_len = BLOCK_CRC_SIZE if self.verify_flag else 0
+        if n:
+            lo = int(lengths.min())
+            hi = int(lengths.max())
+            if lo <= crc_len:
+                bad = int(np.argmax(lengths <= crc_len))
+                raise FormatError(
+                    f"block {bad} is {lo} bytes long; entries must be > {crc_len}",
+                    path=path,
+                    field=f"index[{bad}]",
+                    value=lo,
+                )
+            if hi > max_record_length(bs) + crc_len:
+                bad = int(np.argmax(lengths > max_record_length(bs) + crc_len))
+                raise FormatError(
+                    f"block {bad} is {hi} bytes long, more than any codec makes of {bs} bytes",
+                    path=path,
+                    field=f"index[{bad}]",
+                    value=hi,
+                )
+        offsets = np.empty(n + 1, dtype=np.int64)
+        offsets[0] = DATA_OFFSET
+        np.cumsum(lengths, dtype=np.int64, out=offsets[1:])
+        offsets[1:] += DATA_OFFSET
+        if int(offsets[-1]) > rec.index_offset:
+            raise FormatError(
+                f"the blocks end at {int(offsets[-1])}, past the index at {rec.index_offset}",
+                path=path,
+                field=f"{kind}.index_offset",
+                value=rec.index_offset,
+            )
+        self.offsets = offsets
+        self.compressed_lengths = lengths - np.uint32(crc_len)
+        self._crc_len = crc_len
+        self._last_len = self.size - (n - 1) * bs if n else 0
+        self._chunk_blocks = max(1, CHUNK_BYTES // bs)
+        self._slices = [slice(i * bs, (i + 1) * bs) for i in range(self._chunk_blocks)]
+        self._cache = _BlockCache(cache_blocks)
+        self._local = threading.local()
+
+    def _check_options(self, rec: ZFileRecord, kind: str) -> None:
+        path = self.name
+        bs = rec.block_size
+        if not is_power_of_two(bs):
+            raise FormatError(
+                "block size is not a power of two", path=path, field=f"{kind}.block_size", value=bs
+            )
+        if not MIN_BLOCK_SIZE <= bs <= MAX_BLOCK_SIZE:
+            raise UnsupportedError(
+                f"block size outside [{MIN_BLOCK_SIZE}, {MAX_BLOCK_SIZE}]",
+                path=path,
+                field=f"{kind}.block_size",
+                value=bs,
+            )
+        if rec.dict_size or rec.use_dict:
+            raise UnsupportedError(
+                "compression dictionaries are not supported",
+                path=path,
+                field=f"{kind}.dict_size" if rec.dict_size else f"{kind}.use_dict",
+                value=rec.dict_size or rec.use_dict,
+            )
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def block_length(self, i: int) -> int:
+        """Decompressed length of block ``i`` (the last block may be short)."""
+        return self._last_len if i == self.block_count - 1 else self.block_size
+
+    def block_extent(self, i: int) -> tuple[int, int]:
+        """``(offset, length)`` of block ``i``'s record (compressed bytes plus CRC) in the file."""
+        return int(self.offsets[i]), int(self.offsets[i + 1] - self.offsets[i])
+
+    def _scratch_buffer(self) -> list[bytearray]:
+        """The calling thread's scratch buffer for compressed spans (in a one-item list, to swap)."""
+        buf = getattr(self._local, "buf", None)
+        if buf is None:
+            buf = self._local.buf = [bytearray()]
+        return buf
+
+    def _read_span(self, r0: int, r1: int, scratch: list[bytearray]) -> tuple[memoryview, int]:
+        """Read the records of blocks ``r0..r1`` into ``scratch[0]``; returns the view and its offset."""
+        base = int(self.offsets[r0])
+        stop = int(self.offsets[r1 + 1])
+        if len(scratch[0]) < stop - base:
+            # A new buffer rather than a resize: a view of the old one may still be alive in a
+            # traceback, and a bytearray cannot be resized while exported.
+            scratch[0] = bytearray(max(stop - base, 64 << 10))
+        span = memoryview(scratch[0])[: stop - base]
+        got = self.source.readinto(span, base)
+        if got != stop - base:
+            raise TruncatedError(
+                f"blocks {r0}..{r1} need bytes [{base}, {stop}) but only {got} could be read",
+                path=self.name,
+                field=f"block[{r0}]",
+            )
+        return span, base
+
+    def _check_block_crc(self, i: int, rec: memoryview) -> None:
+        stored = int.from_bytes(rec[-BLOCK_CRC_SIZE:], "little")
+        crc = crc32c_raw(rec[:-BLOCK_CRC_SIZE], ZFILE_BLOCK_SEED)
+        if crc != stored:
+            raise ChecksumError(
+                f"block {i}: CRC mismatch (stored 0x{stored:08x}, computed 0x{crc:08x})",
+                path=self.name,
+                field=f"block[{i}].crc",
+                value=stored,
+            )
+
+    def _check_crcs(self, span: memoryview, base: int, r0: int, r1: int) -> None:
+        """Check the CRC of blocks ``r0..r1`` held in ``span`` (which starts at file offset ``base``)."""
+        offs = self.offsets
+        if r1 - r0 + 1 >= _SPAN_CRC_MIN_BLOCKS and _span_crc_ok(span, offs[r0 : r1 + 1] - base):
+            return
+        rel = (offs[r0 : r1 + 2] - base).tolist()
+        for k in range(r1 - r0 + 1):
+            self._check_block_crc(r0 + k, span[rel[k] : rel[k + 1]])
+
+    def _decode(self, i: int, rec: memoryview) -> bytes:
+        """Decompress one block record whose CRC (if any) was already checked."""
+        if self._crc_len:
+            rec = rec[: -self._crc_len]
+        return self.codec.decompress(rec, self.block_length(i), block=i, path=self.name)
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def readinto(self, buf: memoryview, offset: int) -> int:  # type: ignore[override]
+        """Fill ``buf`` with original bytes from ``offset``; short only at the end of the original file."""
+        if offset < 0:
+            raise ValueError(f"negative offset {offset}")
+        mv = memoryview(buf)
+        if mv.ndim != 1 or mv.format != "B":
+            mv = mv.cast("B")
+        size = self.size
+        if offset >= size or not len(mv):
+            return 0
+        n = min(len(mv), size - offset)
+        end = offset + n
+        bs = self.block_size
+        cb = self._chunk_blocks
+        scratch = self._scratch_buffer()
+        pos = offset
+        while pos < end:
+            j0 = pos // bs
+            j1 = min((end - 1) // bs, j0 + cb - 1)
+            stop = min(end, (j1 + 1) * bs)
+            self._decode_into(self._load(j0, j1, pos, stop, mv[pos - offset : stop - offset], scratch))
+            pos = stop
+        return n
+
+    def _load(
+        self, j0: int, j1: int, start: int, end: int, dst: memoryview, scratch: list[bytearray]
+    ) -> _Plan | None:
+        """Stage 1 of a chunk: serve partial edge blocks from the cache, read the rest, check CRCs."""
+        bs = self.block_size
+        size = self.size
+        cache = self._cache
+        head = start != j0 * bs or end < min((j0 + 1) * bs, size)
+        tail = j1 != j0 and end < min((j1 + 1) * bs, size)
+        r0, r1 = j0, j1
+        if head:
+            blk = cache.get(j0)
+            if blk is not None:
+                a = start - j0 * bs
+                k = min(end, (j0 + 1) * bs) - start
+                dst[:k] = blk[a : a + k]
+                r0 += 1
+                head = False
+        if tail and r1 >= r0:
+            blk = cache.get(j1)
+            if blk is not None:
+                k = end - j1 * bs
+                dst[len(dst) - k :] = blk[:k]
+                r1 -= 1
+                tail = False
+        if r0 > r1:
+            return None
+        span, base = self._read_span(r0, r1, scratch)
+        if self._crc_len:
+            self._check_crcs(span, base, r0, r1)
+        return _Plan(r0, r1, start, end, dst, span, base, head, tail)
+
+    def _decode_into(self, plan: _Plan | None) -> None:
+        """Stage 2 of a chunk: decompress the blocks of ``plan`` into its destination."""
+        if plan is None:
+            return
+        bs = self.block_size
+        r0, r1, start, end, dst, span, base, head, tail = plan
+        # ``head`` / ``tail``: blocks r0 / r1 are only partly wanted (and were not cached).
+        f0, f1 = r0, r1
+        if head:
+            blk = self._decode(r0, span[: int(self.offsets[r0 + 1]) - base])
+            self._cache.put(r0, blk)
+            a = start - r0 * bs
+            k = min(end, (r0 + 1) * bs) - start
+            dst[:k] = blk[a : a + k]
+            f0 += 1
+        if tail:
+            blk = self._decode(r1, span[int(self.offsets[r1]) - base :])
+            self._cache.put(r1, blk)
+            k = end - r1 * bs
+            dst[len(dst) - k :] = blk[:k]
+            f1 -= 1
+        if f1 >= f0 and f1 == self.block_count - 1 and self._last_len != bs:
+            # The file's short last block, wholly inside the read.
+            a, b = int(self.offsets[f1]) - base, int(self.offsets[f1 + 1]) - base
+            p = f1 * bs - start
+            dst[p : p + self._last_len] = self._decode(f1, span[a:b])
+            f1 -= 1
+        if f1 < f0:
+            return
+
+        # Whole blocks, decompressed straight into the caller's buffer. Every per-block step runs
+        # in C (see Codec.decompress_span) and so does the copy: a C-level ``map`` assigning each
+        # block to its slice. Assigning a block of the wrong length raises ValueError, which is
+        # the length check.
+        o = self.offsets[f0 : f1 + 2] - base
+        out = dst[f0 * bs - start :]
+        try:
+            blocks = self.codec.decompress_span(span, o[:-1], o[1:] - self._crc_len, bs)
+            deque(map(out.__setitem__, self._slices, blocks), maxlen=0)
+        except self.codec.errors:
+            # Name the block: redo the range one checked block at a time (raises FormatError).
+            rel = o.tolist()
+            for k in range(f1 - f0 + 1):
+                self._decode(f0 + k, span[rel[k] : rel[k + 1]])
+            raise FormatError(
+                f"blocks {f0}..{f1} failed to decompress", path=self.name, field=f"block[{f0}]"
+            ) from None
+
+    # -- whole-file checks ---------------------------------------------------------------------
+
+    def verify(self) -> VerifyReport:
+        """Check every block's CRC (when stored) and decompression, and the trailer digest.
+
+        Raises :class:`ChecksumError` / :class:`FormatError` naming the first bad block; returns a
+        :class:`VerifyReport` when everything is intact. (The header digest and the index CRC
+        were already checked when the file was opened, where their flags ask for it.)
+        """
+        trailer_checked = False
+        if self.trailer is not None and self.trailer.digest_enabled:
+            _check_digest(self.trailer, self.name, "trailer")
+            trailer_checked = True
+        n = self.block_count
+        bs = self.block_size
+        cb = self._chunk_blocks
+        out = bytearray(cb * bs)
+        mv = memoryview(out)
+        scratch = self._scratch_buffer()
+        for r0 in range(0, n, cb):
+            r1 = min(n - 1, r0 + cb - 1)
+            start = r0 * bs
+            end = min((r1 + 1) * bs, self.size)
+            self._decode_into(self._load(r0, r1, start, end, mv[: end - start], scratch))
+        return VerifyReport(
+            blocks=n,
+            original_size=self.size,
+            compressed_size=self.compressed_size,
+            block_crcs_checked=self.verify_flag,
+            index_crc_checked=self._index_crc_checked,
+            header_digest_checked=self.header.digest_enabled,
+            trailer_digest_checked=trailer_checked,
+        )
+
+    def info(self) -> dict[str, object]:
+        """A summary for inspectors (``obd zfile info``)."""
+        return {
+            "path": self.name,
+            "record": self.record_kind,
+            "algorithm": self.algorithm_name,
+            "block_size": self.block_size,
+            "verify": self.verify_flag,
+            "blocks": self.block_count,
+            "original_size": self.original_size,
+            "compressed_size": self.compressed_size,
+            "index_offset": self.record.index_offset,
+            "index_crc_checked": self._index_crc_checked,
+            "header": self.header.as_dict(),
+            "trailer": None if self.trailer is None else self.trailer.as_dict(),
+        }
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
+
+    def close(self) -> None:
+        self._cache.clear()
+        self.source.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"<ZFileReader {self.name!r} {self.algorithm_name} bs={self.block_size} "
+            f"blocks={self.block_count} size={self.size}>"
+        )
+
+
+__all__ = [
+    "CHUNK_BYTES",
+    "DEFAULT_CACHE_BLOCKS",
+    "VerifyReport",
+    "ZFileReader",
+    "is_zfile",
+    "max_record_length",
+]
