@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "create",
     "commit",
     "merge",
+    "zfile",
 ]
 
 EPILOG = """\
