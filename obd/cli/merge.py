@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
                 uuid=args.uuid,
                 parent_uuid=args.parent_uuid,
                 message=args.message,
-                options=output_options(args),
+                options=output_options(args, overwrite_header=False),
                 progress=prog.update,
             )
     finally:

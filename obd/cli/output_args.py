@@ -42,7 +42,8 @@ def add_output_args(parser: argparse.ArgumentParser, *, compress_default: bool =
     g.add_argument("-m", "--message", default="", help="commit message stored in the user tag (≤ 256 bytes)")
 
 
-def output_options(args: argparse.Namespace) -> OutputOptions:
+def output_options(args: argparse.Namespace, *, overwrite_header: bool = True) -> OutputOptions:
+    """``overwrite_header``: rewrite the ZFile header at the end (commit -z does, overlaybd-merge not)."""
     if not args.compress and (args.algorithm != "lz4" or args.bs != 4):
         raise ObdError("--algorithm/--bs need a compressed output (-z)")
     return OutputOptions(
@@ -50,4 +51,5 @@ def output_options(args: argparse.Namespace) -> OutputOptions:
         block_size=args.bs * 1024,
         verify=args.verify,
         tar=args.tar,
+        overwrite_header=overwrite_header,
     )
