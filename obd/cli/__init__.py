@@ -20,6 +20,7 @@ from obd.errors import ObdError
 COMMAND_MODULES = [
     "demo",
     "export",
+    "inspect",
     "create",
     "commit",
     "merge",
