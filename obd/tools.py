@@ -2,7 +2,7 @@
 
 Each mirrors its overlaybd counterpart byte for byte where the format allows (FORMATS.md §1.12–
 §1.16): ``overlaybd-create``, ``overlaybd-commit`` (plain, ``-z``, ``-t``, ``--seal``,
-``--commit_sealed``) and ``overlaybd-merge``. Outputs are published atomically.
+``--commit_sealed``, ``--turboOCI``) and ``overlaybd-merge``. Outputs are published atomically.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from obd.lsmt.commit import SealedInfo, layer_info, seal_in_place, write_sealed
 from obd.lsmt.format import MAX_OFFSET, HeaderTrailer
 from obd.lsmt.rw import RWLayer, create_rw
 from obd.lsmt.stack import Stack
+from obd.lsmt.warp import WarpRWLayer, commit_warp
 
 GiB = 1 << 30
 
@@ -81,14 +82,42 @@ def commit_layer(
     """``overlaybd-commit DATA INDEX OUT``: compact an RW layer into a sealed blob.
 
     As overlaybd does: the virtual size comes from the data file's header, the uuid is null unless
-    given, the parent is the data header's unless given.
+    given, the parent is the data header's unless given. A turboOCI layer needs
+    :func:`commit_warp_layer` instead.
     """
+    if isinstance(layer, WarpRWLayer):
+        raise ObdError(
+            "a turboOCI (warp) layer: commit it with --turboOCI/--fastoci (commit_warp_layer)",
+            path=layer.index_path,
+        )
     header = layer_info(
         layer.header.virtual_size, uuid=uuid, parent_uuid=parent_uuid or layer.parent_uuid, user_tag=message
     )
     mappings = [(o, ln, m, z, 0) for o, ln, m, z, _t in layer.dump()]
     return _write(
         out_path, options, lambda out: write_sealed(out, mappings, layer.files, header, progress=progress)
+    )
+
+
+def commit_warp_layer(
+    layer: WarpRWLayer,
+    out_path: str,
+    *,
+    uuid: str | None = None,
+    parent_uuid: str | None = None,
+    options: OutputOptions = OutputOptions(),
+    progress: Callable[[int], None] | None = None,
+) -> WriteResult:
+    """``overlaybd-commit --turboOCI`` (alias ``--fastoci``) ``DATA INDEX OUT``: seal a turboOCI layer.
+
+    The turboOCI builder runs it with ``-z`` (``options=OutputOptions(compress="lz4")``) and renames
+    the result ``ext4.fs.meta``. The virtual size is the layer's, the uuid and parent are null
+    unless given, and no commit message is ever written (overlaybd drops ``-m`` here).
+    """
+    return _write(
+        out_path,
+        options,
+        lambda out: commit_warp(layer, out, uuid=uuid, parent_uuid=parent_uuid, progress=progress),
     )
 
 

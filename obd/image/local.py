@@ -2,7 +2,8 @@
 
 A *layer* here is what overlaybd accepts as a lower: a sealed LSMT blob, possibly ZFile-compressed,
 possibly in the tar envelope; or a turboOCI (warp) meta layer plus its target. An RW layer (the
-upper of a config) is opened writable unless ``readonly`` is asked for.
+upper of a config) is opened writable unless ``readonly`` is asked for; an upper with ``target``
+is a turboOCI conversion layer (:class:`~obd.lsmt.warp.WarpRWLayer`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from obd.io import FileSource, Source
 from obd.lsmt.rw import RWLayer, open_rw
 from obd.lsmt.sealed import SealedLayer
 from obd.lsmt.stack import Stack
+from obd.lsmt.warp import WarpRWLayer, open_warp_rw
 
 
 def open_target(path: str, gzip_index: str | None = None) -> Source:
@@ -89,6 +91,27 @@ def _lower_path(cfg: ImageConfig, lower: LowerConfig, i: int) -> str:
     )
 
 
+def _open_warp_upper(cfg: ImageConfig, data: str, index: str | None, *, readonly: bool) -> WarpRWLayer:
+    """A turboOCI conversion upper: ``data`` is the fs-meta file, ``target`` the layer being converted."""
+    if not index:
+        raise ConfigError(
+            "upper index file not found", path=cfg.path, field="upper.index", value=cfg.upper.index
+        )
+    target = cfg.resolve(cfg.upper.target)
+    if not target:
+        raise ConfigError(
+            "turboOCI target file not found", path=cfg.path, field="upper.target", value=cfg.upper.target
+        )
+    gz = None
+    if cfg.upper.gzipIndex:
+        gz = cfg.resolve(cfg.upper.gzipIndex)
+        if not gz:
+            raise ConfigError(
+                "gzip index not found", path=cfg.path, field="upper.gzipIndex", value=cfg.upper.gzipIndex
+            )
+    return open_warp_rw(index, data, target=open_target(target, gz), readonly=readonly)
+
+
 def open_config(config: str | os.PathLike[str] | ImageConfig, *, readonly: bool = False) -> Stack:
     """The device a ``config.v1.json`` describes: its lowers, plus its upper unless ``readonly``."""
     cfg = config if isinstance(config, ImageConfig) else ImageConfig.load(config)
@@ -129,15 +152,16 @@ def open_config(config: str | os.PathLike[str] | ImageConfig, *, readonly: bool 
                 )
             layers.append(open_layer(path, target=target, gzip_index=gz))
         if cfg.upper.enabled:
-            if cfg.upper.target:
-                raise ConfigError("turboOCI RW uppers are not supported", path=cfg.path, field="upper.target")
             data = cfg.resolve(cfg.upper.data)
             index = cfg.resolve(cfg.upper.index)
             if not data:
                 raise ConfigError(
                     "upper data file not found", path=cfg.path, field="upper.data", value=cfg.upper.data
                 )
-            upper = open_rw(data, index, readonly=readonly)
+            if cfg.upper.target:
+                upper = _open_warp_upper(cfg, data, index, readonly=readonly)
+            else:
+                upper = open_rw(data, index, readonly=readonly)
         return Stack(layers, upper, name=cfg.path)
     except BaseException:
         for ly in layers:

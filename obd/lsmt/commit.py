@@ -85,11 +85,14 @@ def write_sealed(
     header: HeaderTrailer,
     *,
     pad_index: bool = True,
+    keep_tag: int | None = None,
     progress: object = None,
 ) -> SealedInfo:
     """Stream a sealed blob for ``mappings`` (sorted; tags index ``files``) to ``out``.
 
-    ``progress``, if given, is called with the number of data bytes copied so far.
+    Mappings tagged ``keep_tag`` are emitted unchanged and their data is not copied (a warp
+    commit's remote mappings, which keep pointing into the target). ``progress``, if given, is
+    called with the number of data bytes copied so far.
     """
     header = header.with_(flags=FLAGS_SEALED_HEADER & ~FLAG_SPARSE, index_offset=0, index_size=0)
     out.write(header.pack())
@@ -99,6 +102,9 @@ def write_sealed(
     view = memoryview(buf)
     copied = 0
     for o, ln, m, z, t in mappings:
+        if t == keep_tag:
+            raw.append((o, ln, m, z, t))
+            continue
         if z:
             raw.append((o, ln, moffset, True, t))
             continue

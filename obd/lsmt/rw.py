@@ -494,7 +494,7 @@ def read_header(fd: int, path: str) -> HeaderTrailer:
 
 def open_rw(data_path: str, index_path: str | None = None, *, readonly: bool = False) -> RWLayer:
     """Open an RW layer of either flavour (the sparse bit of the data header decides)."""
-    fd = _open_rw(data_path, create=False)
+    fd = _open_rw(data_path, create=False, readonly=True)
     try:
         header = read_header(fd, data_path)
     finally:

@@ -22,6 +22,7 @@ from obd.lsmt.format import (
     MAX_RO_INDEX_SIZE,
     SECTOR,
     HeaderTrailer,
+    MappingColumns,
     decode_mappings,
 )
 from obd.lsmt.index import Index
@@ -35,6 +36,25 @@ class IndexCounts:
     valid: int
     padding: int
     empty: int
+
+
+def _is_warp_index(cols: MappingColumns, data_sectors: int) -> bool:
+    """True if a sealed index can only be a committed warp layer's.
+
+    A commit (or merge) copies every data mapping into the blob, so the data mappings' lengths add
+    up to the data area exactly. A warp commit copies only its fs-meta (tag 0) mappings: its
+    index has data mappings tagged 1 whose sectors are *not* in the blob, while the tag-0 ones
+    alone fill the data area. (Normal layers ignore tags; merged blobs carry several, but all of
+    their data is in the blob.)
+    """
+    if not len(cols):
+        return False
+    rel = cols.tag - cols.tag.min()
+    data = ~cols.zeroed
+    remote = data & (rel == 1) & (cols.length > 0)
+    if int(rel.max()) > 1 or not remote.any():
+        return False
+    return int(cols.length[data & (rel == 0)].sum()) == data_sectors
 
 
 class SealedLayer:
@@ -137,6 +157,13 @@ class SealedLayer:
             if len(cols):
                 cols.tag = cols.tag - cols.tag.min()
         else:
+            if _is_warp_index(cols, t.index_offset // SECTOR - HT_SPACE // SECTOR):
+                raise FormatError(
+                    "a turboOCI (warp) meta layer: its file data lives in the original layer tar; open it "
+                    "with its targetFile (plus gzipIndex for a .tar.gz)",
+                    path=self.name,
+                    field="targetFile",
+                )
             cols.tag = np.zeros(len(cols), np.int64)
         index = Index(cols)
         index.check_sorted(path=self.name, field="index")

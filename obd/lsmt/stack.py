@@ -81,8 +81,8 @@ class Stack(Source):
         if upper is not None:
             upper.index.tag = len(self.files)
             upper.record_tag = len(self.lowers)
-            self.files.append(upper.data_source)
-            self.slot_layer.append(len(self.lowers))
+            self.files.extend(upper.files)  # a warp (turboOCI) upper brings [fs-meta, target]
+            self.slot_layer.extend([len(self.lowers)] * len(upper.files))
             if upper.virtual_size == 0 and lower_vsize and not upper.readonly:
                 upper.update_vsize(lower_vsize)
             vsize = upper.virtual_size or lower_vsize
