@@ -792,3 +792,23 @@ def test_sealed_layer_from_bytes(built):
     layer = SealedLayer(BytesSource(lsmt, "meta"), warp=True, target=BytesSource(TAR.read_bytes(), "tar"))
     model = built["model"]
     assert_device(Stack([layer]), model.dev, model.runs())
+
+
+def test_commit_cli_turbo_oci_equals_the_api(tmp_path):
+    from obd.cli import main
+    from obd.lsmt.warp import WarpRWLayer
+    from obd.tools import commit_warp_layer
+
+    idx, meta = tmp_path / "index", tmp_path / "fsmeta"
+    layer = WarpRWLayer.create(str(idx), str(meta), 64 << 20, uuid="44444444-4444-4444-8444-444444444444")
+    layer.pwrite(b"m" * 8192, 0)
+    layer.register_remote(1 << 20, 4096, 1024)
+    layer.close()
+    assert main(["commit", "--turbo-oci", str(meta), str(idx), str(tmp_path / "cli.meta"), "-z", "-q"]) == 0
+    from obd.lsmt.warp import open_warp_rw
+    from obd.tools import OutputOptions
+
+    warp = open_warp_rw(str(idx), str(meta), readonly=True)
+    commit_warp_layer(warp, str(tmp_path / "api.meta"), options=OutputOptions(compress="lz4"))
+    warp.close()
+    assert (tmp_path / "cli.meta").read_bytes() == (tmp_path / "api.meta").read_bytes()

@@ -10,8 +10,9 @@ from obd.cli.output_args import add_output_args, output_options
 from obd.errors import ObdError
 from obd.image.local import open_layers
 from obd.lsmt.rw import open_rw
+from obd.lsmt.warp import open_warp_rw
 from obd.progress import human_bytes
-from obd.tools import commit_layer, commit_sealed, seal_layer
+from obd.tools import commit_layer, commit_sealed, commit_warp_layer, seal_layer
 
 DESCRIPTION = """\
 Commit an RW layer into a sealed, read-only layer blob, as overlaybd-commit does: the live data is
@@ -22,6 +23,8 @@ result is byte-identical to overlaybd's for the same input and options.
   obd commit --seal DATA INDEX     seal the RW data file in place (overlaybd-commit --seal)
   obd commit --commit-sealed SEALED OUT
                                    re-compact a sealed file (overlaybd-commit --commit_sealed)
+  obd commit --turbo-oci FSMETA INDEX OUT
+                                   seal a turboOCI layer (overlaybd-commit --turboOCI/--fastoci)
 
 The new layer's uuid is the null uuid unless --uuid is given (overlaybd does not carry the RW
 layer's uuid over); its parent is the RW layer's parent unless --parent-uuid is given. Registry
@@ -44,6 +47,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--seal", action="store_true", help="seal the RW data file in place")
     mode.add_argument("--commit-sealed", action="store_true", help="commit an already sealed file")
+    mode.add_argument(
+        "--turbo-oci",
+        "--fastoci",
+        dest="turbo",
+        action="store_true",
+        help="commit a turboOCI (warp) RW layer: DATA is its fs-meta file; remote mappings stay "
+        "pointing into the target (overlaybd-commit --turboOCI)",
+    )
     add_output_args(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=run)
@@ -59,7 +70,23 @@ def run(args: argparse.Namespace) -> int:
         print(f"sealed {files[0]} in place: {trailer.index_size} index entries", file=sys.stderr)
         return 0
     opts = output_options(args)
-    if args.commit_sealed:
+    if args.turbo:
+        if len(files) != 3:
+            raise ObdError("--turbo-oci takes FSMETA INDEX OUT")
+        warp = open_warp_rw(files[1], files[0], readonly=True)
+        try:
+            with progress(args, "commit") as prog:
+                res = commit_warp_layer(
+                    warp,
+                    files[2],
+                    uuid=args.uuid,
+                    parent_uuid=args.parent_uuid,
+                    options=opts,
+                    progress=prog.update,
+                )
+        finally:
+            warp.close()
+    elif args.commit_sealed:
         if len(files) != 2:
             raise ObdError("--commit-sealed takes SEALED OUT")
         stack = open_layers([files[0]])
