@@ -56,6 +56,14 @@ class SealedInfo:
     total_bytes: int
 
 
+def encode_entries(entries: list[Mapping]) -> bytes:
+    """Index bytes for a list of mapping tuples."""
+    if not entries:
+        return b""
+    arr = np.array(entries, dtype=np.int64)
+    return encode_mappings(MappingColumns(arr[:, 0], arr[:, 1], arr[:, 2], arr[:, 3].astype(bool), arr[:, 4]))
+
+
 def layer_info(
     virtual_size: int,
     *,
@@ -130,13 +138,7 @@ def write_sealed(
     entries = compress_mappings(raw)
     index_offset = moffset * SECTOR
     n = len(entries)
-    if entries:
-        arr = np.array(entries, dtype=np.int64)
-        index_bytes = encode_mappings(
-            MappingColumns(arr[:, 0], arr[:, 1], arr[:, 2], arr[:, 3].astype(bool), arr[:, 4])
-        )
-    else:
-        index_bytes = b""
+    index_bytes = encode_entries(entries)
     pad = (-n) % INDEX_PAD_ENTRIES if pad_index else 0
     out.write(index_bytes)
     if pad:
@@ -164,13 +166,7 @@ def seal_in_place(layer: object) -> HeaderTrailer:
         end = os.fstat(fd).st_size
         end = -(-end // SECTOR) * SECTOR
         n = len(entries)
-        if entries:
-            arr = np.array(entries, dtype=np.int64)
-            index_bytes = encode_mappings(
-                MappingColumns(arr[:, 0], arr[:, 1], arr[:, 2], arr[:, 3].astype(bool), arr[:, 4])
-            )
-        else:
-            index_bytes = b""
+        index_bytes = encode_entries(entries)
         index_bytes += bytes(16 * ((-n) % SEAL_PAD_ENTRIES))
         flags = FLAGS_SEALED_TRAILER | (FLAG_SPARSE if layer.header.is_sparse else 0)
         trailer = layer.header.with_(flags=flags, index_offset=end, index_size=n)

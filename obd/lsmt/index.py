@@ -32,6 +32,33 @@ def _col(values: object) -> np.ndarray:
     return np.ascontiguousarray(values, dtype=_I64)
 
 
+def _scan(offs, ends, moffs, zeros, tags, base: int, start: int, end: int) -> list[Mapping]:
+    """The mappings of sorted parallel sequences overlapping ``[start, end)``, cut to it.
+
+    Works on memoryviews (immutable indexes) and lists (RW indexes) alike; the tag of entry ``i``
+    is ``base + tags[i]``. The first piece's moffset moves with its cut start unless it is zeroed.
+    """
+    i = bisect_right(ends, start)
+    n = len(offs)
+    out: list[Mapping] = []
+    while i < n:
+        o = offs[i]
+        if o >= end:
+            break
+        e = ends[i]
+        m = moffs[i]
+        z = zeros[i]
+        if o < start:
+            if not z:
+                m += start - o
+            o = start
+        if e > end:
+            e = end
+        out.append((o, e - o, m, z, base + tags[i]))
+        i += 1
+    return out
+
+
 class Index:
     """An immutable sorted index. Build with :meth:`from_columns` or :func:`merge_indexes`."""
 
@@ -103,26 +130,7 @@ class Index:
 
     def lookup(self, start: int, end: int) -> list[Mapping]:
         """Mappings overlapping sectors ``[start, end)``, cut to that range, in order."""
-        i = bisect_right(self._end_mv, start)
-        n = len(self._off_mv)
-        out: list[Mapping] = []
-        off_mv, end_mv = self._off_mv, self._end_mv
-        while i < n:
-            o = off_mv[i]
-            if o >= end:
-                break
-            e = end_mv[i]
-            m = self._moff_mv[i]
-            z = self._zero_mv[i]
-            if o < start:
-                if not z:
-                    m += start - o
-                o = start
-            if e > end:
-                e = end
-            out.append((o, e - o, m, z, self._tag_mv[i]))
-            i += 1
-        return out
+        return _scan(self._off_mv, self._end_mv, self._moff_mv, self._zero_mv, self._tag_mv, 0, start, end)
 
     def __iter__(self) -> Iterator[Mapping]:
         for i in range(len(self)):
@@ -263,7 +271,9 @@ class MutableIndex:
     """overlaybd's level-0 index of a RW layer: inserts cut what they overlap (FORMATS.md §1.7).
 
     Kept as parallel Python lists (bisect + slice assignment); safe for concurrent readers and
-    writers through an internal lock.
+    writers through an internal lock. Each entry has a *relative* tag (0 for normal RW layers; 0
+    fs-meta / 1 target for turboOCI warp layers); lookups report ``tag + relative tag`` so that a
+    stack can point :attr:`tag` at the slot of the layer's first file.
     """
 
     def __init__(self, tag: int = 0):
@@ -272,72 +282,45 @@ class MutableIndex:
         self._end: list[int] = []
         self._moff: list[int] = []
         self._zero: list[bool] = []
+        self._rel: list[int] = []
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._off)
 
-    def insert(self, offset: int, length: int, moffset: int, zeroed: bool = False) -> None:
-        """Insert one mapping; whatever it overlaps is cut, split or removed."""
+    def insert(self, offset: int, length: int, moffset: int, zeroed: bool = False, rel: int = 0) -> None:
+        """Insert one mapping; whatever it overlaps is cut, split or removed (the pieces keep their tags)."""
         if length <= 0:
             return
         end = offset + length
         with self._lock:
-            offs, ends, moffs, zeros = self._off, self._end, self._moff, self._zero
+            offs, ends, moffs, zeros, rels = self._off, self._end, self._moff, self._zero, self._rel
             i = bisect_right(ends, offset)
             j = bisect_left(offs, end, lo=i)
-            new_off = [offset]
-            new_end = [end]
-            new_moff = [moffset]
-            new_zero = [zeroed]
+            new = [(offset, end, moffset, zeroed, rel)]
             if i < j:
                 if offs[i] < offset:
-                    new_off.insert(0, offs[i])
-                    new_end.insert(0, offset)
-                    new_moff.insert(0, moffs[i])
-                    new_zero.insert(0, zeros[i])
+                    new.insert(0, (offs[i], offset, moffs[i], zeros[i], rels[i]))
                 last = j - 1
                 if ends[last] > end:
                     z = zeros[last]
-                    new_off.append(end)
-                    new_end.append(ends[last])
-                    new_moff.append(moffs[last] if z else moffs[last] + (end - offs[last]))
-                    new_zero.append(z)
-            offs[i:j] = new_off
-            ends[i:j] = new_end
-            moffs[i:j] = new_moff
-            zeros[i:j] = new_zero
+                    m = moffs[last] if z else moffs[last] + (end - offs[last])
+                    new.append((end, ends[last], m, z, rels[last]))
+            cols = list(zip(*new, strict=True))
+            offs[i:j], ends[i:j], moffs[i:j], zeros[i:j], rels[i:j] = cols
 
     def lookup(self, start: int, end: int) -> list[Mapping]:
-        """Mappings overlapping ``[start, end)``, cut to it, tagged with :attr:`tag`."""
-        out: list[Mapping] = []
+        """Mappings overlapping ``[start, end)``, cut to it, tagged ``tag + relative tag``."""
         with self._lock:
-            offs, ends = self._off, self._end
-            i = bisect_right(ends, start)
-            n = len(offs)
-            while i < n:
-                o = offs[i]
-                if o >= end:
-                    break
-                e = ends[i]
-                m = self._moff[i]
-                z = self._zero[i]
-                if o < start:
-                    if not z:
-                        m += start - o
-                    o = start
-                if e > end:
-                    e = end
-                out.append((o, e - o, m, z, self.tag))
-                i += 1
-        return out
+            return _scan(self._off, self._end, self._moff, self._zero, self._rel, self.tag, start, end)
 
-    def dump(self) -> list[Mapping]:
-        """All mappings in order (a snapshot)."""
+    def dump(self, *, relative: bool = False) -> list[Mapping]:
+        """All mappings in order (a snapshot); tags are ``tag + relative`` unless ``relative``."""
+        base = 0 if relative else self.tag
         with self._lock:
             return [
-                (o, e - o, m, z, self.tag)
-                for o, e, m, z in zip(self._off, self._end, self._moff, self._zero, strict=True)
+                (o, e - o, m, z, base + r)
+                for o, e, m, z, r in zip(self._off, self._end, self._moff, self._zero, self._rel, strict=True)
             ]
 
     def to_index(self) -> Index:
@@ -349,7 +332,7 @@ class MutableIndex:
                     np.array(self._end, _I64) - off,
                     np.array(self._moff, _I64),
                     np.array(self._zero, bool),
-                    np.full(len(off), self.tag, _I64),
+                    np.array(self._rel, _I64) + self.tag,
                 )
             )
 

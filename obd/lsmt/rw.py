@@ -58,7 +58,7 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
-def _check_aligned(offset: int, length: int, what: str) -> None:
+def check_aligned(offset: int, length: int, what: str) -> None:
     if offset % SECTOR or length % SECTOR:
         raise AlignmentError(
             f"{what} at byte {offset}, length {length}: both must be multiples of {SECTOR}",
@@ -66,7 +66,7 @@ def _check_aligned(offset: int, length: int, what: str) -> None:
         )
 
 
-def _open_rw(path: str, *, create: bool, readonly: bool = False) -> int:
+def open_layer_fd(path: str, *, create: bool, readonly: bool = False) -> int:
     flags = (
         (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC | (os.O_CREAT | os.O_EXCL if create else 0)
     )
@@ -127,7 +127,7 @@ class RWLayer:
     def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
         """Write sector-aligned ``data`` at byte ``offset``; splits at 4 MiB as overlaybd does."""
         view = memoryview(data).cast("B")
-        _check_aligned(offset, len(view), "write")
+        check_aligned(offset, len(view), "write")
         self._writable()
         pos = 0
         while pos < len(view):
@@ -137,7 +137,7 @@ class RWLayer:
 
     def trim(self, offset: int, length: int) -> None:
         """Discard ``[offset, offset+length)``: it reads as zeros and hides lower layers."""
-        _check_aligned(offset, length, "trim")
+        check_aligned(offset, length, "trim")
         self._writable()
         pos = 0
         while pos < length:
@@ -220,8 +220,8 @@ class AppendRWLayer(RWLayer):
             user_tag=user_tag,
         )
         index_header = base.with_(flags=FLAGS_RW_INDEX, index_offset=HT_SPACE, index_size=0)
-        dfd = _open_rw(data_path, create=True)
-        ifd = _open_rw(index_path, create=True)
+        dfd = open_layer_fd(data_path, create=True)
+        ifd = open_layer_fd(index_path, create=True)
         os.pwrite(dfd, base.pack(), 0)
         os.pwrite(ifd, index_header.pack(), 0)
         os.fsync(dfd)
@@ -233,11 +233,11 @@ class AppendRWLayer(RWLayer):
         cls, data_path: str, index_path: str, header: HeaderTrailer | None = None, *, readonly: bool = False
     ) -> AppendRWLayer:
         """Reopen a layer, replaying its index records (later records win)."""
-        dfd = _open_rw(data_path, create=False, readonly=readonly)
+        dfd = open_layer_fd(data_path, create=False, readonly=readonly)
         try:
             if header is None:
                 header = read_header(dfd, data_path)
-            ifd = _open_rw(index_path, create=False, readonly=readonly)
+            ifd = open_layer_fd(index_path, create=False, readonly=readonly)
         except BaseException:
             os.close(dfd)
             raise
@@ -403,19 +403,19 @@ class SparseRWLayer(RWLayer):
             parent_uuid=format_uuid(parent_uuid),
             user_tag=user_tag,
         )
-        dfd = _open_rw(data_path, create=True)
+        dfd = open_layer_fd(data_path, create=True)
         os.pwrite(dfd, header.pack(), 0)
         os.ftruncate(dfd, virtual_size + HT_SPACE)
         os.fsync(dfd)
         if index_path:
-            os.close(_open_rw(index_path, create=True))
+            os.close(open_layer_fd(index_path, create=True))
         return cls(data_path, dfd, header)
 
     @classmethod
     def open(
         cls, data_path: str, header: HeaderTrailer | None = None, *, readonly: bool = False
     ) -> SparseRWLayer:
-        dfd = _open_rw(data_path, create=False, readonly=readonly)
+        dfd = open_layer_fd(data_path, create=False, readonly=readonly)
         try:
             if header is None:
                 header = read_header(dfd, data_path)
@@ -494,7 +494,7 @@ def read_header(fd: int, path: str) -> HeaderTrailer:
 
 def open_rw(data_path: str, index_path: str | None = None, *, readonly: bool = False) -> RWLayer:
     """Open an RW layer of either flavour (the sparse bit of the data header decides)."""
-    fd = _open_rw(data_path, create=False, readonly=True)
+    fd = open_layer_fd(data_path, create=False, readonly=True)
     try:
         header = read_header(fd, data_path)
     finally:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import os
-from bisect import bisect_left, bisect_right
 from collections.abc import Callable
 
 import numpy as np
@@ -46,114 +45,18 @@ from obd.lsmt.format import (
     MAX_RW_INDEX_SIZE,
     SECTOR,
     HeaderTrailer,
-    MappingColumns,
     decode_mappings,
     encode_mapping,
     format_uuid,
 )
-from obd.lsmt.index import Index, Mapping, MutableIndex
-from obd.lsmt.rw import RWLayer, _check_aligned, _open_rw, read_header
+from obd.lsmt.index import Mapping, MutableIndex
+from obd.lsmt.rw import RWLayer, check_aligned, open_layer_fd, read_header
 
 log = logging.getLogger(__name__)
 
 #: Relative tags (overlaybd's ``SegmentType``).
 FS_META = 0
 REMOTE_DATA = 1
-
-
-class WarpIndex(MutableIndex):
-    """overlaybd's level-0 index where every entry carries its own relative tag (0 fs-meta, 1 target).
-
-    Inserts cut, split or remove what they overlap exactly as :class:`MutableIndex` does; the
-    pieces keep their tags. Lookups report ``tag + relative tag``, so that a stack can point
-    :attr:`tag` at the slot of the fs-meta file (the target is the next slot).
-    """
-
-    def __init__(self, tag: int = 0):
-        super().__init__(tag)
-        self._rel: list[int] = []
-
-    def insert(self, offset: int, length: int, moffset: int, zeroed: bool = False, rel: int = 0) -> None:
-        """Insert one mapping with relative tag ``rel``; whatever it overlaps is cut, split or removed."""
-        if length <= 0:
-            return
-        end = offset + length
-        with self._lock:
-            offs, ends, moffs, zeros, rels = self._off, self._end, self._moff, self._zero, self._rel
-            i = bisect_right(ends, offset)
-            j = bisect_left(offs, end, lo=i)
-            new_off = [offset]
-            new_end = [end]
-            new_moff = [moffset]
-            new_zero = [zeroed]
-            new_rel = [rel]
-            if i < j:
-                if offs[i] < offset:
-                    new_off.insert(0, offs[i])
-                    new_end.insert(0, offset)
-                    new_moff.insert(0, moffs[i])
-                    new_zero.insert(0, zeros[i])
-                    new_rel.insert(0, rels[i])
-                last = j - 1
-                if ends[last] > end:
-                    z = zeros[last]
-                    new_off.append(end)
-                    new_end.append(ends[last])
-                    new_moff.append(moffs[last] if z else moffs[last] + (end - offs[last]))
-                    new_zero.append(z)
-                    new_rel.append(rels[last])
-            offs[i:j] = new_off
-            ends[i:j] = new_end
-            moffs[i:j] = new_moff
-            zeros[i:j] = new_zero
-            rels[i:j] = new_rel
-
-    def lookup(self, start: int, end: int) -> list[Mapping]:
-        """Mappings overlapping ``[start, end)``, cut to it, tagged ``tag + relative tag``."""
-        out: list[Mapping] = []
-        base = self.tag
-        with self._lock:
-            offs, ends = self._off, self._end
-            i = bisect_right(ends, start)
-            n = len(offs)
-            while i < n:
-                o = offs[i]
-                if o >= end:
-                    break
-                e = ends[i]
-                m = self._moff[i]
-                z = self._zero[i]
-                if o < start:
-                    if not z:
-                        m += start - o
-                    o = start
-                if e > end:
-                    e = end
-                out.append((o, e - o, m, z, base + self._rel[i]))
-                i += 1
-        return out
-
-    def dump(self, *, relative: bool = False) -> list[Mapping]:
-        """All mappings in order; tags are ``tag + relative`` unless ``relative`` is asked for."""
-        base = 0 if relative else self.tag
-        with self._lock:
-            return [
-                (o, e - o, m, z, base + r)
-                for o, e, m, z, r in zip(self._off, self._end, self._moff, self._zero, self._rel, strict=True)
-            ]
-
-    def to_index(self) -> Index:
-        with self._lock:
-            off = np.array(self._off, np.int64)
-            return Index(
-                MappingColumns(
-                    off,
-                    np.array(self._end, np.int64) - off,
-                    np.array(self._moff, np.int64),
-                    np.array(self._zero, bool),
-                    np.array(self._rel, np.int64) + self.tag,
-                )
-            )
 
 
 class MissingTarget(Source):
@@ -192,7 +95,7 @@ class WarpRWLayer(RWLayer):
         readonly: bool = False,
     ):
         super().__init__(fsmeta_path, fsmeta_fd, index_header, readonly=readonly)
-        self.index: WarpIndex = WarpIndex()
+        self.index = MutableIndex()
         self.index_path = index_path
         self._index_fd = index_fd
         self.index_header = index_header
@@ -231,9 +134,9 @@ class WarpRWLayer(RWLayer):
             virtual_size=virtual_size,
             uuid=format_uuid(uuid or _uuid.uuid4()),
         )
-        ifd = _open_rw(index_path, create=True)
+        ifd = open_layer_fd(index_path, create=True)
         try:
-            mfd = _open_rw(fsmeta_path, create=True)
+            mfd = open_layer_fd(fsmeta_path, create=True)
         except BaseException:
             os.close(ifd)
             raise
@@ -262,9 +165,9 @@ class WarpRWLayer(RWLayer):
         The layer takes ownership of ``target`` (closed with it, also when opening fails).
         """
         try:
-            ifd = _open_rw(index_path, create=False, readonly=readonly)
+            ifd = open_layer_fd(index_path, create=False, readonly=readonly)
             try:
-                mfd = _open_rw(fsmeta_path, create=False, readonly=readonly)
+                mfd = open_layer_fd(fsmeta_path, create=False, readonly=readonly)
             except BaseException:
                 os.close(ifd)
                 raise
@@ -398,7 +301,7 @@ class WarpRWLayer(RWLayer):
         self._writable()
         if offset < 0 or count < 0 or roffset < 0:
             raise ObdError("negative offset or count", field="remote", value=(offset, count, roffset))
-        _check_aligned(offset, count, "remote")
+        check_aligned(offset, count, "remote")
         if roffset % SECTOR:
             raise AlignmentError(
                 f"remote data offset {roffset} is not a multiple of {SECTOR}", field="roffset", value=roffset
