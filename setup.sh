@@ -15,6 +15,15 @@ PACKAGES=(
     python3-venv    # /usr/bin/python3 -m venv: Debian's Python 3.11, the interpreter nbdkit's plugin embeds
     e2fsprogs       # debugfs, e2fsck, mke2fs: read and check ext4 images in tests
     bzip2           # bzip2 for fixtures stored as .bz2 (Python's bz2 module reads them too)
+    docker-registry # distribution 2.8: the real registry the registry client tests push to and read from
+    apache2-utils   # htpasswd -Bbn: bcrypt password file for the registry's htpasswd-auth tests
+    nbdkit          # the NBD server obd's Python plugin runs in
+    nbdkit-plugin-python  # nbdkit's Python plugin (embeds Debian's Python 3.11)
+    libnbd-bin      # nbdcopy, nbdinfo: NBD clients for tests and benchmarks
+    python3-libnbd  # libnbd's Python binding, the NBD client of the tests
+    qemu-utils      # qemu-img, qemu-io: more NBD clients for tests
+    qemu-system-x86 # the microVMs (-M microvm, TCG where KVM is unusable)
+    busybox-static  # the shell and tools of obd's initramfs
 )
 # Optional dependency groups of pyproject.toml installed into .venv.
 EXTRAS="test,plot"
