@@ -1,0 +1,233 @@
+"""``obd nbd``: serve an image as an NBD disk through nbdkit's Python plugin (docs/nbd.md)."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import shlex
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+from obd.errors import ConfigError, ObdError
+
+DESCRIPTION = """\
+Serve a layer stack as a network block device: start nbdkit with obd's Python plugin.
+
+Without --upper the disk is read-only. With --upper DIR writes go to an RW layer in DIR (created
+on first use over the image, reopened later; --sparse picks the sparse flavour when creating);
+`obd snapshot DIR` commits them into a layer, `obd fork` starts new uppers over committed states.
+A config.v1.json with an upper is served read-write through that upper.
+
+The server listens on a Unix socket (--socket) or on TCP (--port, on 127.0.0.1 unless --bind),
+and goes into the background once it is ready unless --foreground. A stale socket left by a
+killed server is removed, so the same command restarts it and QEMU clients started with
+reconnect-delay carry on. Arguments after `--` go to nbdkit: options before the plugin name,
+key=value parameters (of filters) after it.
+
+examples:
+  obd nbd oci:layout:app --socket /tmp/app.sock
+  obd nbd base.commit app.commit --upper vm1.upper --socket /tmp/vm1.sock
+  obd nbd --upper vm1.upper --port 10809 --foreground -- --filter=stats statsfile=/dev/stderr
+  qemu-system-x86_64 ... -blockdev driver=nbd,server.type=unix,server.path=/tmp/vm1.sock,\\
+      node-name=d0,reconnect-delay=10 -device virtio-blk-pci,drive=d0
+"""
+
+#: Where nbdkit is looked for when it is not on PATH (sbin dirs are missing from some PATHs).
+_EXTRA_PATH = ("/usr/sbin", "/usr/local/sbin", "/usr/bin", "/sbin")
+
+
+class _SplitAtDashDash(argparse.ArgumentParser):
+    """Sub-parser that keeps everything after ``--`` for nbdkit instead of parsing it."""
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def]
+        args = list(sys.argv[1:] if args is None else args)
+        extra: list[str] = []
+        if "--" in args:
+            i = args.index("--")
+            args, extra = args[:i], args[i + 1 :]
+        ns, rest = super().parse_known_args(args, namespace)
+        ns.nbdkit_args = extra
+        return ns, rest
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    saved = sub._parser_class
+    sub._parser_class = _SplitAtDashDash
+    try:
+        p = sub.add_parser(
+            "nbd",
+            help="serve an image as an NBD disk (nbdkit python plugin)",
+            description=DESCRIPTION,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    finally:
+        sub._parser_class = saved
+    p.add_argument(
+        "image",
+        nargs="*",
+        metavar="IMAGE",
+        help="layer files lowest first, a config.v1.json, or oci:DIR[:TAG] (optional with an existing "
+        "--upper)",
+    )
+    p.add_argument("-c", "--config", metavar="CONFIG", help="an overlaybd config.v1.json")
+    p.add_argument("--upper", metavar="DIR", help="upper directory for writes (created on first use)")
+    p.add_argument("--sparse", action="store_true", help="create the RW layer sparse (default: append)")
+    p.add_argument("--readonly", action="store_true", help="serve read-only even with an upper")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--socket", metavar="PATH", help="listen on this Unix socket")
+    where.add_argument("--port", type=int, metavar="N", help="listen on this TCP port (default 10809)")
+    p.add_argument("--bind", metavar="ADDR", default="127.0.0.1", help="TCP address (default 127.0.0.1)")
+    p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
+    p.add_argument("--threads", type=int, default=16, metavar="N", help="nbdkit worker threads (default 16)")
+    p.add_argument("--pidfile", metavar="FILE", help="write the server's pid here once it is ready")
+    p.add_argument("--platform", help="platform of a multi-platform oci: image")
+    p.add_argument("--no-extents", action="store_true", help="do not report holes and zeros")
+    p.add_argument("--nbdkit", metavar="PROGRAM", help="the nbdkit binary (default: from PATH)")
+    p.add_argument("--nbdkit-verbose", action="store_true", help="nbdkit -v (debug messages)")
+    p.add_argument("--print-command", action="store_true", help="print the nbdkit command and exit")
+    p.set_defaults(func=run, nbdkit_args=[])
+
+
+def plugin_path() -> Path:
+    """The plugin script nbdkit loads: ``frontends/nbd/plugin.py`` of this checkout or install."""
+    here = Path(__file__).resolve().parent.parent.parent / "frontends" / "nbd" / "plugin.py"
+    if here.is_file():
+        return here
+    import importlib.util
+
+    spec = importlib.util.find_spec("frontends")
+    if spec is not None and spec.submodule_search_locations:
+        for loc in spec.submodule_search_locations:
+            cand = Path(loc) / "nbd" / "plugin.py"
+            if cand.is_file():
+                return cand
+    raise ConfigError("cannot find frontends/nbd/plugin.py (is obd installed with its frontends?)")
+
+
+def find_nbdkit(explicit: str | None = None) -> str:
+    if explicit:
+        return explicit
+    found = shutil.which("nbdkit") or shutil.which("nbdkit", path=os.pathsep.join(_EXTRA_PATH))
+    if not found:
+        raise ObdError("nbdkit not found: install the Debian packages nbdkit and nbdkit-plugin-python")
+    return found
+
+
+def nbdkit_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """nbdkit's environment: no active venv (its embedded Python would adopt it), ``OBD_VENV`` set.
+
+    The embedded interpreter is Debian's; it finds the engine through the plugin script's own
+    path logic and the venv's site-packages through ``OBD_VENV`` (this interpreter's venv).
+    """
+    env = dict(os.environ if base is None else base)
+    for key in ("VIRTUAL_ENV", "PYTHONHOME", "PYTHONSTARTUP", "__PYVENV_LAUNCHER__"):
+        env.pop(key, None)
+    parts = [p for p in env.get("PATH", "/usr/bin:/bin").split(os.pathsep) if p]
+    env["PATH"] = os.pathsep.join(p for p in parts if not (Path(p).parent / "pyvenv.cfg").is_file())
+    if sys.prefix != sys.base_prefix:
+        env["OBD_VENV"] = sys.prefix
+    return env
+
+
+def build_command(args: argparse.Namespace) -> list[str]:
+    """The nbdkit command line for parsed ``obd nbd`` arguments (every path absolute)."""
+    if args.config and args.image:
+        raise ObdError("give IMAGE arguments or --config, not both")
+    if not (args.image or args.config or args.upper):
+        raise ObdError("no image: give IMAGE..., --config CONFIG, or an existing --upper DIR")
+    if args.threads < 1:
+        raise ObdError("--threads must be at least 1", value=args.threads)
+    cmd = [find_nbdkit(args.nbdkit)]
+    if args.foreground:
+        cmd.append("-f")
+    if args.readonly:
+        cmd.append("-r")
+    if args.nbdkit_verbose:
+        cmd.append("-v")
+    if args.socket:
+        cmd += ["-U", os.path.abspath(args.socket)]
+    else:
+        cmd += ["-p", str(args.port or 10809), "-i", args.bind]
+    cmd += ["-t", str(args.threads)]
+    if args.pidfile:
+        cmd += ["-P", os.path.abspath(args.pidfile)]
+    # nbdkit options go before the plugin, key=value parameters (of filters) after it
+    params = [a for a in args.nbdkit_args if "=" in a and not a.startswith("-")]
+    cmd += [a for a in args.nbdkit_args if a not in params]
+    cmd += ["python", str(plugin_path()), *params]
+    for spec in args.image:
+        cmd.append(f"layer={_abs_spec(spec)}" if len(args.image) > 1 else f"image={_abs_spec(spec)}")
+    if args.config:
+        cmd.append(f"config={os.path.abspath(args.config)}")
+    if args.upper:
+        cmd.append(f"upper={os.path.abspath(args.upper)}")
+        if args.sparse:
+            cmd.append("sparse=true")
+    elif args.sparse:
+        raise ObdError("--sparse needs --upper")
+    if args.readonly:
+        cmd.append("readonly=true")
+    if args.platform:
+        cmd.append(f"platform={args.platform}")
+    if args.no_extents:
+        cmd.append("extents=false")
+    return cmd
+
+
+def _abs_spec(spec: str) -> str:
+    if spec.startswith("oci:"):
+        return "oci:" + os.path.abspath(spec[4:])
+    return os.path.abspath(spec) if os.path.exists(spec) else spec
+
+
+def clear_stale_socket(path: str) -> None:
+    """Remove a Unix socket nobody listens on (a killed server's); refuse one that is live."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ObdError("exists and is not a socket", path=path)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)
+        return
+    except OSError as e:
+        if e.errno in (errno.ECONNREFUSED, errno.ENOENT):
+            if os.path.exists(path):
+                os.unlink(path)
+            return
+        raise ObdError(f"cannot probe the socket: {e.strerror}", path=path) from e
+    finally:
+        s.close()
+    raise ObdError("a server is already listening on this socket", path=path)
+
+
+def uri(args: argparse.Namespace) -> str:
+    if args.socket:
+        return f"nbd+unix:///?socket={os.path.abspath(args.socket)}"
+    return f"nbd://{args.bind}:{args.port or 10809}"
+
+
+def run(args: argparse.Namespace) -> int:
+    cmd = build_command(args)
+    env = nbdkit_env()
+    if args.print_command:
+        extra = f"OBD_VENV={shlex.quote(env['OBD_VENV'])} " if "OBD_VENV" in env else ""
+        print(extra + shlex.join(cmd))
+        return 0
+    if args.socket:
+        clear_stale_socket(os.path.abspath(args.socket))
+    print(f"obd: serving {uri(args)}", file=sys.stderr)
+    sys.stderr.flush()
+    if args.foreground:
+        os.execve(cmd[0], cmd, env)
+    # nbdkit forks into the background once it listens; its exit status says whether it got there
+    return subprocess.call(cmd, env=env)
