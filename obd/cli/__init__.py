@@ -25,6 +25,9 @@ COMMAND_MODULES = [
     "commit",
     "merge",
     "zfile",
+    "nbd",
+    "snapshot",
+    "cache",
 ]
 
 EPILOG = """\

@@ -1,0 +1,769 @@
+"""The on-disk block cache: one sparse data file and one page table per blob, LRU-evicted by blob.
+
+Layout under the cache root (``$OBD_CACHE_DIR``, else ``$XDG_CACHE_HOME/obd``, else ``~/.cache/obd``)::
+
+    lock                    flock target: shared while a blob is opened, exclusive while evicting
+    sha256/<hex>.data       sparse, blob-sized: blob byte x lives at file byte x (as overlaybd does)
+    sha256/<hex>.meta       page table: a 128-byte header, then one 8-byte record per page
+    sha512/<hex>.*          the same for sha512 digests
+
+Header (little-endian): ``magic "obdcache"``, ``u32 version``, ``u32 page_size``, ``u64 blob_size``,
+``u64 generation`` (random, fixed when the table is created), ``u32 digest_len`` (32 or 64), the raw
+digest bytes in a 64-byte field, zero padding, and at byte 124 ``u32`` raw CRC32C of bytes 0..123.
+The file is exactly ``128 + 8 × pages`` bytes.
+
+Record of page *i*: ``u32 crc`` (raw CRC32C of the page's bytes, seeded with :data:`PAGE_SEED`; the
+last page is short) and ``u32 tag``. The page is **present** only when ``tag`` equals a value derived
+from ``crc``, *i* and the generation (never 0), so an all-zero record, a torn record, a flipped bit or
+a record left by an earlier table of the same blob all read as absent.
+
+Rules that make the cache crash- and concurrency-safe (docs/cache.md has the long form):
+
+* A page's bytes are written (and ``fdatasync``-ed, unless ``sync=False``) before its record is.
+  Records are single small ``pwrite`` calls; page bytes of one blob are the same whoever writes
+  them, so fills from several threads or processes need no lock.
+* Every read checks the page's CRC; a page that fails (or reads short) is dropped and refetched.
+* Eviction takes the root lock exclusively, truncates the page table and the data file to 0 and
+  unlinks them: a process still holding them sees absent pages, notices the unlinked files
+  (``st_nlink == 0``) and reopens fresh ones. Opening takes the lock shared, so it never races an
+  eviction; a new page table is built under a temporary name and linked in atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import logging
+import os
+import re
+import secrets
+import stat
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import crc32c
+import numpy as np
+
+from obd.crc import crc32c_raw
+from obd.errors import FormatError, ObdError
+from obd.stats import Stats, default_stats
+
+log = logging.getLogger("obd.cache")
+
+#: Default size limit of the whole cache (data and page tables, as allocated on disk).
+DEFAULT_LIMIT = 10 << 30
+#: Default page: the unit of presence, checksums and fetches (overlaybd's cache uses 4 KiB too).
+DEFAULT_PAGE_SIZE = 4096
+MIN_PAGE_SIZE = 512
+MAX_PAGE_SIZE = 1 << 20
+#: Blobs larger than this are refused (the page table would not fit the header's sanity bounds).
+MAX_BLOB_SIZE = 1 << 50
+#: A write that crosses the limit evicts least-recently-used blobs down to this fraction of it.
+LOW_WATER = 0.9
+
+MAGIC = b"obdcache"
+VERSION = 1
+HEADER_SIZE = 128
+RECORD_SIZE = 8
+#: Seed of the per-page CRC, so that an all-zero page does not checksum to 0.
+PAGE_SEED = 0x6F626463
+
+# magic, version, page_size, blob_size, generation, digest_len, digest
+_HEADER = struct.Struct("<8sIIQQI64s")
+_CRC_AT = HEADER_SIZE - 4
+_RECORD_DTYPE = np.dtype("<u4")
+# Records are scanned in slices of this many pages, so a big table never needs one big buffer.
+_SCAN_PAGES = 1 << 17
+
+_DIGEST_RE = re.compile(r"(sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})")
+#: Digest algorithms the cache keys blobs by, and their raw digest length.
+ALGORITHMS = {"sha256": 32, "sha512": 64}
+_ALG_BY_LEN = {n: alg for alg, n in ALGORITHMS.items()}
+_TMP_PREFIX = ".tmp-"
+
+# Counter names this module records into a :class:`obd.stats.Stats`.
+EVICTIONS = "cache_evictions"
+EVICTED_BYTES = "cache_evicted_bytes"
+RESETS = "cache_resets"
+
+
+#: Environment variables that set the cache directory and size limit for every obd process.
+ENV_DIR = "OBD_CACHE_DIR"
+ENV_LIMIT = "OBD_CACHE_LIMIT"
+
+
+def default_cache_dir() -> Path:
+    """``$OBD_CACHE_DIR``; else ``$XDG_CACHE_HOME/obd``; else ``~/.cache/obd``."""
+    own = os.environ.get(ENV_DIR, "")
+    if own:
+        return Path(own)
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache"
+    return base / "obd"
+
+
+def default_limit() -> int:
+    """``$OBD_CACHE_LIMIT`` (a size such as ``20G``), else :data:`DEFAULT_LIMIT`."""
+    text = os.environ.get(ENV_LIMIT, "")
+    if not text:
+        return DEFAULT_LIMIT
+    try:
+        return parse_size(text)
+    except ObdError as e:
+        raise ObdError(e.detail, field=ENV_LIMIT, value=text) from None
+
+
+def check_digest(digest: str) -> str:
+    """``digest`` if it is ``sha256:<64 hex>`` or ``sha512:<128 hex>`` (lowercase); else ObdError."""
+    if not isinstance(digest, str) or not _DIGEST_RE.fullmatch(digest):
+        raise ObdError("a blob digest must be sha256:<64 lowercase hex digits>", field="digest", value=digest)
+    return digest
+
+
+def page_count(blob_size: int, page_size: int) -> int:
+    return (blob_size + page_size - 1) // page_size
+
+
+def _check_page_size(page_size: int) -> None:
+    if not (MIN_PAGE_SIZE <= page_size <= MAX_PAGE_SIZE) or page_size & (page_size - 1):
+        raise ObdError(
+            f"must be a power of two from {MIN_PAGE_SIZE} to {MAX_PAGE_SIZE}",
+            field="page_size",
+            value=page_size,
+        )
+
+
+_MIX = 0x9E3779B97F4A7C15
+_M64 = (1 << 64) - 1
+_M32 = (1 << 32) - 1
+
+
+_crc32c_std = crc32c.crc32c
+_PAGE_SEED_STD = PAGE_SEED ^ 0xFFFFFFFF
+
+
+def page_crcs(data: memoryview, page_size: int) -> list[int]:
+    """The page CRC (raw CRC32C seeded with :data:`PAGE_SEED`) of each page of ``data``."""
+    return [
+        _crc32c_std(data[i : i + page_size], value=_PAGE_SEED_STD) ^ 0xFFFFFFFF
+        for i in range(0, len(data), page_size)
+    ]
+
+
+def expected_tags(first: int, crcs: np.ndarray, generation: int) -> np.ndarray:
+    """The ``tag`` that marks pages ``first, first+1, …`` present with these CRCs.
+
+    ``tag = crc ^ low32(m ^ (m >> 32))`` with ``m = (page × φ64 + generation) mod 2⁶⁴``, and 1 where
+    that is 0. Vectorised; a few pages (one small read) are done in plain integers, which is faster.
+    """
+    if len(crcs) <= 4:
+        tags = []
+        for k, crc in enumerate(crcs.tolist()):
+            mixed = ((first + k) * _MIX + generation) & _M64
+            tags.append(((mixed >> 32) ^ mixed ^ crc) & _M32 or 1)
+        return np.array(tags, dtype=np.uint32)
+    idx = np.arange(first, first + len(crcs), dtype=np.uint64)
+    mixed = idx * np.uint64(_MIX) + np.uint64(generation)
+    key = ((mixed >> np.uint64(32)) ^ mixed).astype(np.uint32)
+    tags = crcs.astype(np.uint32) ^ key
+    tags[tags == 0] = 1
+    return tags
+
+
+@dataclass(frozen=True)
+class MetaHeader:
+    """The page table's header."""
+
+    page_size: int
+    blob_size: int
+    generation: int
+    digest: str  # sha256:<hex>
+
+    @property
+    def pages(self) -> int:
+        return page_count(self.blob_size, self.page_size)
+
+    @property
+    def file_size(self) -> int:
+        return HEADER_SIZE + RECORD_SIZE * self.pages
+
+    def pack(self) -> bytes:
+        raw = bytes.fromhex(self.digest.partition(":")[2])
+        body = _HEADER.pack(MAGIC, VERSION, self.page_size, self.blob_size, self.generation, len(raw), raw)
+        body = body.ljust(_CRC_AT, b"\0")
+        return body + struct.pack("<I", crc32c_raw(body))
+
+    @classmethod
+    def unpack(cls, raw: bytes, *, path: str, file_size: int) -> MetaHeader:
+        """Validate every field before use; raise :class:`FormatError` naming the first bad one."""
+        if len(raw) < HEADER_SIZE:
+            raise FormatError(f"page table holds {len(raw)} bytes, less than its header", path=path)
+        magic, version, page_size, blob_size, generation, digest_len, digest = _HEADER.unpack_from(raw)
+        if magic != MAGIC:
+            raise FormatError("not an obd cache page table", path=path, field="header.magic", value=magic)
+        (crc,) = struct.unpack_from("<I", raw, _CRC_AT)
+        if crc != crc32c_raw(raw[:_CRC_AT]):
+            raise FormatError("header checksum mismatch", path=path, field="header.crc", value=crc)
+        if version != VERSION:
+            raise FormatError("unknown version", path=path, field="header.version", value=version)
+        try:
+            _check_page_size(page_size)
+        except ObdError as e:
+            raise FormatError(e.detail, path=path, field="header.page_size", value=page_size) from None
+        if blob_size > MAX_BLOB_SIZE:
+            raise FormatError("blob size out of range", path=path, field="header.blob_size", value=blob_size)
+        alg = _ALG_BY_LEN.get(digest_len)
+        if alg is None:
+            raise FormatError("not a digest length", path=path, field="header.digest_len", value=digest_len)
+        head = cls(page_size, blob_size, generation, f"{alg}:{digest[:digest_len].hex()}")
+        if file_size != head.file_size:
+            raise FormatError(
+                f"page table is {file_size} bytes, its header implies {head.file_size}",
+                path=path,
+                field="file_size",
+                value=file_size,
+            )
+        return head
+
+
+@dataclass
+class BlobEntry:
+    """One blob in the cache, as :meth:`CacheStore.entries` reports it."""
+
+    digest: str
+    #: Bytes the blob's files occupy on disk (allocated blocks, so holes do not count).
+    disk_bytes: int
+    #: Last use (open, read or fill), seconds since the epoch: the page table's mtime.
+    last_used: float
+    #: From the page table header; ``None`` when the header is unreadable (``problem`` says why).
+    blob_size: int | None = None
+    page_size: int | None = None
+    pages: int | None = None
+    present_bytes: int | None = None
+    problem: str | None = None
+    #: ``(path, inode)`` of each file, so eviction removes exactly what it scanned.
+    files: tuple[tuple[str, int], ...] = ()
+
+    def as_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        del out["files"]
+        return out
+
+
+def _preadv_full(fd: int, bufs: list[memoryview], offset: int) -> int:
+    """``preadv`` until ``bufs`` are full or EOF; returns the bytes read."""
+    want = sum(len(b) for b in bufs)
+    got = os.preadv(fd, bufs, offset)
+    if got >= want or got <= 0:
+        return max(got, 0)
+    while got < want:
+        rest: list[memoryview] = []
+        skip = got
+        for b in bufs:
+            if skip >= len(b):
+                skip -= len(b)
+                continue
+            rest.append(b[skip:])
+            skip = 0
+        n = os.preadv(fd, rest, offset + got)
+        if n <= 0:
+            break
+        got += n
+    return got
+
+
+def _pwrite_full(fd: int, data: memoryview | bytes, offset: int) -> None:
+    view = memoryview(data)
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
+
+
+def read_records(meta_fd: int, first: int, count: int, generation: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(crcs, present)`` of ``count`` pages from ``first``; records past the end read as absent."""
+    raw = bytearray(count * RECORD_SIZE)
+    got = _preadv_full(meta_fd, [memoryview(raw)], HEADER_SIZE + first * RECORD_SIZE)
+    if got < len(raw):
+        raw[got:] = bytes(len(raw) - got)
+    rec = np.frombuffer(raw, dtype=_RECORD_DTYPE).reshape(count, 2)
+    crcs = rec[:, 0]
+    return crcs, rec[:, 1] == expected_tags(first, crcs, generation)
+
+
+def present_bytes(meta_fd: int, header: MetaHeader) -> int:
+    """Bytes of the blob whose pages are present, reading the table in bounded slices."""
+    total = 0
+    pages, ps = header.pages, header.page_size
+    for first in range(0, pages, _SCAN_PAGES):
+        count = min(_SCAN_PAGES, pages - first)
+        _, present = read_records(meta_fd, first, count, header.generation)
+        total += int(np.count_nonzero(present)) * ps
+        if first + count == pages and present[-1]:
+            total -= pages * ps - header.blob_size  # the last page is short
+    return total
+
+
+def _disk_bytes(st: os.stat_result) -> int:
+    return st.st_blocks * 512
+
+
+class BlobCache:
+    """An open blob of the cache: its data file and page table. Thread-safe (pread/pwrite only).
+
+    Made by :meth:`CacheStore.open_blob`; :class:`obd.cache.source.CachedSource` is its user.
+    """
+
+    def __init__(self, store: CacheStore, digest: str, header: MetaHeader, data_fd: int, meta_fd: int):
+        self.store = store
+        self.digest = digest
+        self.header = header
+        self.size = header.blob_size
+        self.page_size = header.page_size
+        self.pages = header.pages
+        self.generation = header.generation
+        self.data_fd = data_fd
+        self.meta_fd = meta_fd
+        self.data_path, self.meta_path = store.paths(digest)
+        self._last_touch = time.monotonic()
+
+    # -- page table ----------------------------------------------------------------------------
+
+    def records(self, first: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(crcs, present)`` of pages ``first .. first+count-1``; a short table reads as absent."""
+        return read_records(self.meta_fd, first, count, self.generation)
+
+    def mark_present(self, first: int, crcs: np.ndarray) -> None:
+        """Write the records of pages ``first ..`` (their bytes must already be written)."""
+        rec = np.empty((len(crcs), 2), dtype=_RECORD_DTYPE)
+        rec[:, 0] = crcs
+        rec[:, 1] = expected_tags(first, crcs, self.generation)
+        _pwrite_full(self.meta_fd, rec.tobytes(), HEADER_SIZE + first * RECORD_SIZE)
+
+    def drop(self, pages: list[int]) -> None:
+        """Mark pages absent (a failed checksum); their bytes stay until refetched over."""
+        for p in pages:
+            _pwrite_full(self.meta_fd, bytes(RECORD_SIZE), HEADER_SIZE + p * RECORD_SIZE)
+
+    def present_bytes(self) -> int:
+        """Bytes of the blob present in the cache (scanned in bounded slices)."""
+        return present_bytes(self.meta_fd, self.header)
+
+    # -- page bytes ----------------------------------------------------------------------------
+
+    def read_data(self, bufs: list[memoryview], offset: int) -> int:
+        return _preadv_full(self.data_fd, bufs, offset)
+
+    def write_data(self, data: memoryview, offset: int) -> None:
+        _pwrite_full(self.data_fd, data, offset)
+
+    def sync_data(self) -> None:
+        if self.store.sync:
+            os.fdatasync(self.data_fd)
+
+    # -- lifetime ------------------------------------------------------------------------------
+
+    def stale(self) -> bool:
+        """True once eviction or a reset unlinked this blob's files (reopen to keep caching)."""
+        try:
+            return os.fstat(self.meta_fd).st_nlink == 0 or os.fstat(self.data_fd).st_nlink == 0
+        except OSError:
+            return True
+
+    def touch(self) -> None:
+        """Record a use for LRU (the page table's mtime), at most once per ``store.touch_interval``."""
+        now = time.monotonic()
+        if now - self._last_touch < self.store.touch_interval:
+            return
+        self._last_touch = now
+        with contextlib.suppress(OSError):
+            os.utime(self.meta_fd)
+
+    def close(self) -> None:
+        for fd in (self.data_fd, self.meta_fd):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.data_fd = self.meta_fd = -1
+
+    def __repr__(self) -> str:
+        return f"<BlobCache {self.digest[:19]}… size={self.size} pages={self.pages}>"
+
+
+class CacheStore:
+    """A cache directory shared by every process that uses it, with a size limit.
+
+    ``root`` defaults to :func:`default_cache_dir` and ``limit_bytes`` to :func:`default_limit`.
+    The limit bounds what the cache occupies on disk (allocated blocks of all data files and page
+    tables). A fill that would cross it first evicts whole blobs, least recently used first,
+    down to :data:`LOW_WATER` of the limit; if that is impossible (the blob being filled is alone
+    bigger than the limit) the fill is not stored and :meth:`reserve` says so. Other processes'
+    fills are seen by rescanning the directory each time this process has written ``limit / 32``
+    bytes (between 256 KiB and 64 MiB), so several processes overshoot by at most that much each.
+
+    ``sync`` (default on): ``fdatasync`` the data file before writing the records of newly
+    filled pages, so a present page survives power loss. Off, a page lost with the page cache
+    still cannot be served wrong (its CRC fails and it is refetched).
+    """
+
+    #: Seconds between two LRU touches of one open blob (reads are frequent; utime is a syscall).
+    touch_interval = 2.0
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str] | None = None,
+        *,
+        limit_bytes: int | None = None,
+        page_size: int = DEFAULT_PAGE_SIZE,
+        sync: bool = True,
+        stats: Stats | None = None,
+    ):
+        _check_page_size(page_size)
+        if limit_bytes is None:
+            limit_bytes = default_limit()
+        if limit_bytes < 0:
+            raise ObdError("must not be negative", field="limit_bytes", value=limit_bytes)
+        self.root = Path(root) if root is not None else default_cache_dir()
+        self.limit_bytes = int(limit_bytes)
+        self.page_size = page_size
+        self.sync = sync
+        self.stats = stats if stats is not None else default_stats()
+        self.lock_path = self.root / "lock"
+        self._acct = threading.Lock()
+        self._estimate: int | None = None  # bytes on disk, as of the last scan plus what we added since
+        self._since_scan = 0
+        self._rescan_every = max(256 << 10, min(self.limit_bytes // 32, 64 << 20))
+
+    def __repr__(self) -> str:
+        return f"<CacheStore {str(self.root)!r} limit={self.limit_bytes}>"
+
+    # -- paths and locking ---------------------------------------------------------------------
+
+    def paths(self, digest: str) -> tuple[Path, Path]:
+        """``(data, meta)`` paths of blob ``digest`` (``sha256:<hex>``)."""
+        alg, _, hexd = check_digest(digest).partition(":")
+        return self.root / alg / f"{hexd}.data", self.root / alg / f"{hexd}.meta"
+
+    def _ensure_dir(self, path: Path) -> None:
+        try:
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as e:
+            raise ObdError(f"cannot create the cache directory: {e.strerror}", path=path) from e
+
+    @contextlib.contextmanager
+    def _locked(self, exclusive: bool) -> Iterator[None]:
+        # A fresh descriptor per acquisition: flock locks belong to the open file description, so
+        # sharing one between threads would turn a conflict into a silent lock conversion.
+        self._ensure_dir(self.root)
+        try:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise ObdError(f"cannot open the cache lock: {e.strerror}", path=self.lock_path) from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)
+
+    # -- opening -------------------------------------------------------------------------------
+
+    def open_blob(self, digest: str, size: int) -> BlobCache:
+        """Open (creating or resetting as needed) the cache of blob ``digest`` of ``size`` bytes.
+
+        A page table that is unreadable, of another page size or of another blob size is replaced by
+        an empty one (its pages will be fetched again); nothing in it is trusted.
+        """
+        data_path, meta_path = self.paths(digest)
+        if not isinstance(size, int) or size < 0 or size > MAX_BLOB_SIZE:
+            raise ObdError("blob size out of range", path=digest, field="size", value=size)
+        with self._locked(exclusive=False):
+            self._ensure_dir(data_path.parent)
+            flags = os.O_RDWR | os.O_CLOEXEC
+            try:
+                try:
+                    data_fd, new_data = os.open(data_path, flags | os.O_CREAT | os.O_EXCL, 0o600), True
+                except FileExistsError:
+                    data_fd, new_data = os.open(data_path, flags), False
+            except OSError as e:
+                raise ObdError(f"cannot open the cache files: {e.strerror}", path=data_path) from e
+            try:
+                meta_fd, header = self._open_meta(digest, size, meta_path, new_data)
+                try:
+                    if os.fstat(data_fd).st_size != size:
+                        os.ftruncate(data_fd, size)
+                except BaseException:
+                    os.close(meta_fd)
+                    raise
+            except OSError as e:
+                os.close(data_fd)
+                raise ObdError(f"cannot open the cache files: {e.strerror}", path=meta_path) from e
+            except BaseException:
+                os.close(data_fd)
+                raise
+        blob = BlobCache(self, digest, header, data_fd, meta_fd)
+        with contextlib.suppress(OSError):
+            os.utime(meta_fd)
+        return blob
+
+    def _open_meta(self, digest: str, size: int, meta_path: Path, new_data: bool) -> tuple[int, MetaHeader]:
+        for _ in range(8):
+            try:
+                fd = os.open(meta_path, os.O_RDWR | os.O_CLOEXEC)
+            except FileNotFoundError:
+                self._create_meta(digest, size, meta_path, replace=False)
+                new_data = False  # a table made now has no records to distrust
+                continue
+            try:
+                header = self._validate_meta(fd, digest, size, meta_path)
+                if new_data:
+                    raise FormatError("its data file was missing", path=meta_path)
+            except FormatError as e:
+                os.close(fd)
+                log.warning("%s; starting this blob's cache afresh", e)
+                self.stats.incr(RESETS)
+                self._create_meta(digest, size, meta_path, replace=True)
+                new_data = False
+                continue
+            except BaseException:
+                os.close(fd)
+                raise
+            return fd, header
+        raise ObdError("page table keeps changing under us", path=meta_path)
+
+    def _validate_meta(self, fd: int, digest: str, size: int, meta_path: Path) -> MetaHeader:
+        raw = os.pread(fd, HEADER_SIZE, 0)
+        header = MetaHeader.unpack(raw, path=str(meta_path), file_size=os.fstat(fd).st_size)
+        if header.digest != digest:
+            raise FormatError(
+                "belongs to another blob", path=meta_path, field="header.digest", value=header.digest
+            )
+        if header.page_size != self.page_size:
+            raise FormatError(
+                f"page size differs from the store's {self.page_size}",
+                path=meta_path,
+                field="header.page_size",
+                value=header.page_size,
+            )
+        if header.blob_size != size:
+            raise FormatError(
+                f"blob size differs from the {size} bytes the source reports",
+                path=meta_path,
+                field="header.blob_size",
+                value=header.blob_size,
+            )
+        return header
+
+    def _create_meta(self, digest: str, size: int, meta_path: Path, *, replace: bool) -> None:
+        """Build an empty page table under a temporary name, then link it in (or rename over)."""
+        header = MetaHeader(self.page_size, size, secrets.randbits(64) | 1, digest)
+        tmp = meta_path.parent / f"{_TMP_PREFIX}{meta_path.stem[:16]}-{os.getpid()}-{secrets.token_hex(4)}"
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.pwrite(fd, header.pack(), 0)
+            os.ftruncate(fd, header.file_size)
+            if replace:
+                os.rename(tmp, meta_path)
+            else:
+                with contextlib.suppress(FileExistsError):
+                    os.link(tmp, meta_path)
+        finally:
+            os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+    # -- size accounting and eviction ----------------------------------------------------------
+
+    def reserve(self, blob: BlobCache, nbytes: int) -> bool:
+        """Account for ``nbytes`` about to be written to ``blob``; evict if that crosses the limit.
+
+        Returns False when the bytes do not fit even after evicting every other blob: the caller
+        then serves them without storing them.
+        """
+        with self._acct:
+            if self._estimate is not None:
+                self._estimate += nbytes
+                self._since_scan += nbytes
+                if self._estimate <= self.limit_bytes and self._since_scan < self._rescan_every:
+                    return True
+            total = self.usage()
+            if total + nbytes > self.limit_bytes:
+                target = max(0, int(self.limit_bytes * LOW_WATER) - nbytes)
+                self._evict_lru(target, keep=blob.digest)
+                total = self.usage()
+            self._estimate = total + nbytes
+            self._since_scan = 0
+            return total + nbytes <= self.limit_bytes
+
+    def _scan(self) -> dict[str, list[tuple[Path, os.stat_result]]]:
+        """``digest → [(path, stat)]`` of every blob file (temporary and foreign files left out)."""
+        found: dict[str, list[tuple[Path, os.stat_result]]] = {}
+        for alg in ALGORITHMS:
+            folder = self.root / alg
+            try:
+                names = os.listdir(folder)
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                raise ObdError(f"cannot list the cache directory: {e.strerror}", path=folder) from e
+            for name in names:
+                hexd, dot, ext = name.partition(".")
+                digest = f"{alg}:{hexd}"
+                if not dot or ext not in ("data", "meta") or not _DIGEST_RE.fullmatch(digest):
+                    continue
+                path = folder / name
+                try:
+                    st = os.stat(path)
+                except FileNotFoundError:
+                    continue
+                if stat.S_ISREG(st.st_mode):
+                    found.setdefault(digest, []).append((path, st))
+        return found
+
+    def usage(self) -> int:
+        """Bytes the cache occupies on disk now (allocated blocks of every blob file)."""
+        return sum(_disk_bytes(st) for files in self._scan().values() for _, st in files)
+
+    def entries(self, *, detail: bool = True) -> list[BlobEntry]:
+        """Every blob in the cache, least recently used first.
+
+        With ``detail`` the page tables are read (blob size, pages present); a table that fails
+        validation is reported through ``problem`` rather than raised.
+        """
+        out = []
+        for digest, files in self._scan().items():
+            meta = next((st for p, st in files if p.suffix == ".meta"), None)
+            last = (meta or files[0][1]).st_mtime
+            entry = BlobEntry(
+                digest=digest,
+                disk_bytes=sum(_disk_bytes(st) for _, st in files),
+                last_used=last,
+                files=tuple((str(p), st.st_ino) for p, st in files),
+            )
+            if meta is None:
+                entry.problem = "no page table"
+            elif detail:
+                self._describe(entry)
+            out.append(entry)
+        out.sort(key=lambda e: (e.last_used, e.digest))
+        return out
+
+    def _describe(self, entry: BlobEntry) -> None:
+        _, meta_path = self.paths(entry.digest)
+        try:
+            fd = os.open(meta_path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            entry.problem = f"cannot open the page table: {e.strerror}"
+            return
+        try:
+            raw = os.pread(fd, HEADER_SIZE, 0)
+            header = MetaHeader.unpack(raw, path=str(meta_path), file_size=os.fstat(fd).st_size)
+            if header.digest != entry.digest:
+                raise FormatError("belongs to another blob", path=meta_path, field="header.digest")
+            entry.blob_size, entry.page_size, entry.pages = header.blob_size, header.page_size, header.pages
+            entry.present_bytes = present_bytes(fd, header)
+        except FormatError as e:
+            entry.problem = e.detail if e.field is None else f"{e.field}: {e.detail}"
+        finally:
+            os.close(fd)
+
+    def _remove(self, entry: BlobEntry) -> int:
+        """Truncate and unlink the files of ``entry`` that are still the ones scanned; bytes freed."""
+        freed = 0
+        # the page table first: a reader elsewhere then sees absent pages before vanished bytes
+        for path, ino in sorted(entry.files, key=lambda f: not f[0].endswith(".meta")):
+            try:
+                st = os.stat(path)
+                if st.st_ino != ino:
+                    continue
+                os.truncate(path, 0)
+                os.unlink(path)
+                freed += _disk_bytes(st)
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                log.warning("cannot remove %s: %s", path, e.strerror)
+        self.stats.incr(EVICTIONS)
+        self.stats.incr(EVICTED_BYTES, freed)
+        return freed
+
+    def _clean_tmp(self) -> None:
+        """Remove temporary files left by killed processes (only call under the exclusive lock)."""
+        for alg in ALGORITHMS:
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                for name in os.listdir(self.root / alg):
+                    if name.startswith(_TMP_PREFIX):
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(self.root / alg / name)
+
+    def _evict_lru(
+        self, target: int, *, keep: str | None = None, broken_first: bool = False
+    ) -> list[BlobEntry]:
+        with self._locked(exclusive=True):
+            self._clean_tmp()
+            entries = self.entries(detail=broken_first)
+            total = sum(e.disk_bytes for e in entries)
+            if broken_first:
+                entries.sort(key=lambda e: (e.problem is None, e.last_used, e.digest))
+            evicted = []
+            for entry in entries:
+                if total <= target and not (broken_first and entry.problem is not None):
+                    break
+                if entry.digest == keep:
+                    continue
+                log.info("evicting %s (%d bytes on disk)", entry.digest, entry.disk_bytes)
+                self._remove(entry)
+                total -= entry.disk_bytes
+                evicted.append(entry)
+            return evicted
+
+    def prune(self, target: int | None = None) -> list[BlobEntry]:
+        """Evict broken entries, then least-recently-used blobs until the cache fits ``target``.
+
+        ``target`` defaults to the limit. Returns what was removed.
+        """
+        target = self.limit_bytes if target is None else target
+        if target < 0:
+            raise ObdError("must not be negative", field="target", value=target)
+        evicted = self._evict_lru(target, broken_first=True)
+        with self._acct:
+            self._estimate = None
+        return evicted
+
+    def clear(self, digest: str | None = None) -> list[BlobEntry]:
+        """Remove every blob, or only ``digest``. Processes using them refetch what they read next."""
+        want = None if digest is None else check_digest(digest)
+        with self._locked(exclusive=True):
+            self._clean_tmp()
+            removed = [e for e in self.entries(detail=False) if want is None or e.digest == want]
+            for entry in removed:
+                self._remove(entry)
+        with self._acct:
+            self._estimate = None
+        return removed
+
+
+def parse_size(text: str) -> int:
+    """``"10G"``, ``"512MiB"``, ``"1.5g"``, ``"4096"`` → bytes (binary units; ``k``/``m``/``g``/``t``)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(?:i?b)?\s*", text.lower())
+    if not m:
+        raise ObdError("not a size (examples: 4096, 512M, 10G, 1.5TiB)", field="size", value=text)
+    scale = 1 << (10 * " kmgtp".index(m.group(2) or " "))
+    return int(float(m.group(1)) * scale)
+
+
+__all__ = [
+    "DEFAULT_LIMIT",
+    "DEFAULT_PAGE_SIZE",
+    "BlobCache",
+    "BlobEntry",
+    "CacheStore",
+    "MetaHeader",
+    "check_digest",
+    "default_cache_dir",
+    "default_limit",
+    "parse_size",
+]
