@@ -19,6 +19,7 @@ from obd.lsmt.format import (
     HT_SPACE,
     INVALID_OFFSET,
     MAGIC0,
+    MAX_OFFSET,
     MAX_RO_INDEX_SIZE,
     SECTOR,
     HeaderTrailer,
@@ -125,6 +126,13 @@ class SealedLayer:
                 path=self.name,
                 field="trailer.flags",
                 value=t.flags,
+            )
+        if t.virtual_size > MAX_OFFSET * SECTOR:
+            raise FormatError(
+                f"larger than the {MAX_OFFSET * SECTOR} bytes an LSMT index can address",
+                path=self.name,
+                field="trailer.virtual_size",
+                value=t.virtual_size,
             )
         if t.index_size > MAX_RO_INDEX_SIZE:
             raise FormatError(
