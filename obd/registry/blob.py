@@ -1,0 +1,282 @@
+"""A registry blob as an :class:`obd.io.Source`: ranged GETs, shared and merged while in flight.
+
+:class:`RemoteBlob` is what a remote layer reads through (directly, or wrapped by the block cache).
+Its synchronous methods may be called from any number of threads; the work happens on the
+:class:`~obd.registry.loop.AsyncRunner`'s loop, where all state lives, so no locks are needed.
+
+How a read becomes GETs:
+
+1. The range is split against the *flights* the blob knows about — byte ranges that are being
+   fetched, or were fetched recently and kept for readahead. Pieces already covered wait on those
+   flights (``shared`` in the stats); only the gaps become new flights.
+2. New flights wait ``coalesce_window`` seconds (default 1 ms) for neighbours. Then adjacent ones —
+   or ones at most ``merge_gap`` bytes apart — are merged into one GET of at most ``max_merge``
+   bytes (``coalesced`` counts the flights that rode along in another's GET).
+3. With ``readahead`` > 0, a read whose following bytes are not already (mostly) in flight also
+   fetches the next ``readahead`` bytes, and completed flights are kept (up to ``keep_bytes``) to
+   serve the reads that follow. With the default of 0 nothing is kept: caching is the block
+   cache's job.
+
+The contract the cache relies on is ``name``, ``size`` and ``fetch_many(ranges)`` returning exactly
+the bytes of each ``(offset, length)`` or raising.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+from collections import deque
+from collections.abc import Iterable, Sequence
+
+from obd import stats as st
+from obd.errors import RegistryError
+from obd.io import Source
+from obd.registry.client import RegistryClient
+from obd.registry.loop import AsyncRunner
+from obd.registry.reference import Reference, parse_reference, validate_digest
+
+DEFAULT_COALESCE_WINDOW = 0.001
+DEFAULT_MAX_MERGE = 4 << 20
+DEFAULT_TIMEOUT = 300.0
+
+
+class _Flight:
+    """Bytes ``[start, end)`` of the blob, being fetched (``future`` unresolved) or fetched."""
+
+    __slots__ = ("end", "future", "start")
+
+    def __init__(self, start: int, end: int, future: asyncio.Future[memoryview]):
+        self.start = start
+        self.end = end
+        self.future = future
+
+
+class RemoteBlob(Source):
+    """Blob ``digest`` of repository ``repo`` read with ranged GETs; see the module docstring."""
+
+    def __init__(
+        self,
+        client: RegistryClient,
+        runner: AsyncRunner,
+        repo: Reference | str,
+        digest: str,
+        size: int | None = None,
+        name: str | None = None,
+        *,
+        coalesce_window: float = DEFAULT_COALESCE_WINDOW,
+        max_merge: int = DEFAULT_MAX_MERGE,
+        merge_gap: int = 0,
+        readahead: int = 0,
+        keep_bytes: int | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        stats: st.Stats | None = None,
+    ):
+        self.client = client
+        self.runner = runner
+        self.ref = repo if isinstance(repo, Reference) else parse_reference(repo)
+        self.digest = validate_digest(digest)
+        self.name = name or f"{self.ref.name}@{digest}"
+        if max_merge < 1 or merge_gap < 0 or readahead < 0 or coalesce_window < 0:
+            raise RegistryError(
+                "max_merge must be positive; merge_gap, readahead and coalesce_window not negative",
+                path=self.name,
+            )
+        self.coalesce_window = coalesce_window
+        self.max_merge = max_merge
+        self.merge_gap = merge_gap
+        self.readahead = readahead
+        self.keep_bytes = keep_bytes if keep_bytes is not None else 4 * readahead
+        self.timeout = timeout
+        self.stats = stats if stats is not None else client.stats
+        # loop-thread state
+        self._flights: list[_Flight] = []  # sorted by start, never overlapping
+        self._pending: list[_Flight] = []
+        self._flush_handle: asyncio.Handle | None = None
+        self._kept: deque[_Flight] = deque()
+        self._kept_bytes = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._generation = -1
+        if size is None:
+            size = runner.run(client.blob_size(self.ref, digest), timeout)
+        if size < 0:
+            raise RegistryError("negative blob size", path=self.name, value=size)
+        self.size = size
+
+    # -- synchronous API (any thread) ----------------------------------------------------------
+
+    def fetch(self, offset: int, length: int) -> bytes:
+        """Exactly ``length`` bytes at ``offset`` (which must lie inside the blob), or an error."""
+        self._check(offset, length)
+        if length == 0:
+            return b""
+        return self.runner.run(self._read(offset, offset + length), self.timeout)
+
+    def fetch_many(self, ranges: Sequence[tuple[int, int]] | Iterable[tuple[int, int]]) -> list[bytes]:
+        """The bytes of every ``(offset, length)``, fetched concurrently (and merged where adjacent)."""
+        ranges = list(ranges)
+        for offset, length in ranges:
+            self._check(offset, length)
+        if not ranges:
+            return []
+        return self.runner.run(self._read_many(ranges), self.timeout)
+
+    def readinto(self, buf: memoryview, offset: int) -> int:
+        if offset >= self.size or len(buf) == 0:
+            return 0
+        n = min(len(buf), self.size - offset)
+        data = self.fetch(offset, n)
+        buf[:n] = data
+        return n
+
+    def _check(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise RegistryError(
+                f"range [{offset}, {offset + length}) is outside the blob's {self.size} bytes", path=self.name
+            )
+
+    # -- loop side -----------------------------------------------------------------------------
+
+    async def _read_many(self, ranges: list[tuple[int, int]]) -> list[bytes]:
+        return list(await asyncio.gather(*(self._read(o, o + n) for o, n in ranges)))
+
+    def _reset_if_new_loop(self) -> None:
+        if self._generation != self.runner.generation:
+            # first use, or the runner was restarted (after fork): old futures belong to a dead loop
+            self._flights, self._pending, self._kept = [], [], deque()
+            self._kept_bytes = 0
+            self._flush_handle = None
+            self._tasks = set()
+            self._generation = self.runner.generation
+
+    async def _read(self, start: int, end: int) -> bytes:
+        self._reset_if_new_loop()
+        self.stats.incr(st.READS)
+        plan_end = end
+        if self.readahead and end < self.size:
+            ahead = self._covered_to(end)
+            if ahead - end < self.readahead // 2 and ahead < self.size:
+                plan_end = min(self.size, ahead + self.readahead)
+                self.stats.incr(st.READAHEAD_BYTES, plan_end - ahead)
+        pieces = self._cover(start, plan_end, end)
+        need = [f for f in pieces if f.start < end]
+        results = await asyncio.gather(*(asyncio.shield(f.future) for f in need))
+        if len(need) == 1 and need[0].start == start and need[0].end == end:
+            return bytes(results[0])
+        out = bytearray(end - start)
+        for f, data in zip(need, results, strict=True):
+            lo, hi = max(start, f.start), min(end, f.end)
+            out[lo - start : hi - start] = data[lo - f.start : hi - f.start]
+        return bytes(out)
+
+    def _covered_to(self, pos: int) -> int:
+        """The end of the run of flights that starts exactly at ``pos`` (``pos`` if none does)."""
+        i = bisect.bisect_right(self._flights, pos, key=lambda f: f.start) - 1
+        i = max(i, 0)
+        while i < len(self._flights):
+            f = self._flights[i]
+            if f.start > pos:
+                break
+            if f.end > pos:
+                pos = f.end
+            i += 1
+        return pos
+
+    def _cover(self, start: int, end: int, wanted_end: int) -> list[_Flight]:
+        """Flights covering ``[start, end)`` in order: existing ones, plus new ones for the gaps."""
+        out: list[_Flight] = []
+        pos = start
+        i = max(0, bisect.bisect_right(self._flights, start, key=lambda f: f.start) - 1)
+        existing = self._flights[i:]
+        for f in existing:
+            if f.start >= end:
+                break
+            if f.end <= pos:
+                continue
+            if f.start > pos:
+                out.extend(self._new_flights(pos, f.start))
+            out.append(f)
+            if f.start < wanted_end:
+                self.stats.incr(st.SHARED)
+            pos = f.end
+            if pos >= end:
+                break
+        if pos < end:
+            out.extend(self._new_flights(pos, end))
+        return out
+
+    def _new_flights(self, start: int, end: int) -> list[_Flight]:
+        loop = asyncio.get_running_loop()
+        made = []
+        while start < end:
+            stop = min(end, start + self.max_merge)
+            flight = _Flight(start, stop, loop.create_future())
+            bisect.insort(self._flights, flight, key=lambda f: f.start)
+            self._pending.append(flight)
+            made.append(flight)
+            start = stop
+        if self._flush_handle is None:
+            if self.coalesce_window > 0:
+                self._flush_handle = loop.call_later(self.coalesce_window, self._flush)
+            else:
+                self._flush_handle = loop.call_soon(self._flush)
+        return made
+
+    def _flush(self) -> None:
+        self._flush_handle = None
+        pending = sorted(self._pending, key=lambda f: f.start)
+        self._pending = []
+        groups: list[list[_Flight]] = []
+        for f in pending:
+            if groups:
+                g = groups[-1]
+                if f.start - g[-1].end <= self.merge_gap and f.end - g[0].start <= self.max_merge:
+                    g.append(f)
+                    continue
+            groups.append([f])
+        loop = asyncio.get_running_loop()
+        for g in groups:
+            self.stats.incr(st.FETCHES)
+            if len(g) > 1:
+                self.stats.incr(st.COALESCED, len(g) - 1)
+            task = loop.create_task(self._fetch_group(g))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _fetch_group(self, group: list[_Flight]) -> None:
+        lo, hi = group[0].start, group[-1].end
+        try:
+            data = await self.client.read_range(self.ref, self.digest, lo, hi - lo, size=self.size)
+        except BaseException as e:
+            for f in group:
+                self._drop(f)
+                if not f.future.done():
+                    f.future.set_exception(
+                        e if isinstance(e, Exception) else RegistryError("fetch cancelled")
+                    )
+                    f.future.exception()  # marked retrieved: readahead flights may have no waiter
+            if not isinstance(e, Exception):
+                raise
+            return
+        view = memoryview(data)
+        for f in group:
+            if not f.future.done():
+                f.future.set_result(view[f.start - lo : f.end - lo])
+        if self.keep_bytes <= 0:
+            for f in group:
+                self._drop(f)
+            return
+        for f in group:
+            self._kept.append(f)
+            self._kept_bytes += f.end - f.start
+        while self._kept_bytes > self.keep_bytes and self._kept:
+            old = self._kept.popleft()
+            self._kept_bytes -= old.end - old.start
+            self._drop(old)
+
+    def _drop(self, flight: _Flight) -> None:
+        i = bisect.bisect_left(self._flights, flight.start, key=lambda f: f.start)
+        if i < len(self._flights) and self._flights[i] is flight:
+            del self._flights[i]
+
+
+__all__ = ["RemoteBlob"]
