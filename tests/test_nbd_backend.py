@@ -16,9 +16,10 @@ import pytest
 
 import frontends.nbd.backend as be
 from fixtures import materialize, stack
-from obd.cli.snapshot import UpperDir, image_config, open_upper
 from obd.errors import ConfigError, LayerStateError, ObdError, UnsupportedError
 from obd.image.local import open_config, open_layers
+from obd.image.resolve import image_config
+from obd.image.upper import UpperDir, open_upper
 
 L0L1L2 = stack("L0L1L2/plain")
 HOLE = be.nbdkit.EXTENT_HOLE | be.nbdkit.EXTENT_ZERO

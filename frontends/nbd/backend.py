@@ -11,7 +11,7 @@ connection. Each connection's handle is a small :class:`Handle` over it.
 
 * **Reads** fill the buffer nbdkit hands in with :meth:`Stack.readinto` (no copies).
 * **Writes** go to the stack's RW upper: an upper directory (``upper=DIR``, created on first use,
-  see :mod:`obd.cli.snapshot`) or the upper of a ``config.v1.json``. Append-mode uppers take any
+  see :mod:`obd.image.upper`) or the upper of a ``config.v1.json``. Append-mode uppers take any
   alignment (the stack read-modify-writes partial sectors). Sparse uppers are written in whole
   filesystem blocks: their holes *are* their index, so a partly written block would hide the lower
   layers' bytes in the rest of that block after a reopen.
@@ -178,9 +178,10 @@ def _abs(path: str) -> str:
 # --- the device -----------------------------------------------------------------------------------
 def open_device(opts: Options) -> Device:
     """Resolve the image and open the stack (the one place images are resolved; registry refs plug in
-    through :func:`obd.cli.snapshot.image_config`)."""
-    from obd.cli.snapshot import image_config, open_upper
+    through :func:`obd.image.resolve.image_config`)."""
     from obd.image.local import open_config
+    from obd.image.resolve import image_config
+    from obd.image.upper import open_upper
 
     upper_dir = None
     if opts.upper:
