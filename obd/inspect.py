@@ -25,7 +25,7 @@ import os
 import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -47,6 +47,10 @@ from obd.lsmt.index import Index, MutableIndex, merge_indexes
 from obd.lsmt.rw import AppendRWLayer, RWLayer, SparseRWLayer
 from obd.lsmt.sealed import SealedLayer
 from obd.lsmt.stack import Stack
+
+if TYPE_CHECKING:
+    from obd.image.config import ImageConfig
+    from obd.image.remote import RemoteOptions
 
 SCHEMA_VERSION = 1
 #: Mapping lengths are 14-bit sector counts, so ``floor(log2(length))`` is 0..13.
@@ -950,8 +954,9 @@ def _extent_of(item: _Item, idx: Index) -> int:
 def inspect_files(
     paths: Sequence[str | os.PathLike[str]] = (),
     *,
-    config: str | os.PathLike[str] | None = None,
+    config: str | os.PathLike[str] | ImageConfig | None = None,
     upper: Sequence[str] | None = None,
+    remote: RemoteOptions | None = None,
 ) -> Inspection:
     """Describe ``paths`` (lowest layer first), or the layers of ``config``, plus an RW ``upper``.
 
@@ -960,7 +965,8 @@ def inspect_files(
     ``writable_index``, ``L2.data`` → ``L2.index``) and carries the same uuid.
 
     The files form a stack when there are at least two layers (read-only layers, then at most one
-    RW data file as the last, or ``upper``) and nothing else; ``config`` is always a stack.
+    RW data file as the last, or ``upper``) and nothing else; ``config`` (a path or an
+    :class:`~obd.image.config.ImageConfig`, e.g. of a registry image) is always a stack.
     """
     if config is not None and paths:
         raise ObdError("give either FILE arguments or --config, not both")
@@ -986,7 +992,7 @@ def inspect_files(
         if config is not None:
             from obd.image.local import open_config
 
-            owned_stack = open_config(config, readonly=True)
+            owned_stack = open_config(config, readonly=True, remote=remote)
             lowers = list(owned_stack.lowers)
             if upper_item is not None and owned_stack.upper is not None:
                 raise ObdError("the config already has an upper; drop --upper", path=str(config))

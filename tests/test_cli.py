@@ -228,7 +228,7 @@ def test_zfile_decompress_of_a_tar_wrapped_overlaybd_file(tmp_path):
 
 def test_bad_arguments_are_clear(tmp_path, capsys):
     assert main(["export", "-o", str(tmp_path / "x")]) == 1
-    assert "no layers given" in capsys.readouterr().err
+    assert "no image given" in capsys.readouterr().err
     assert main(["commit", "a", "b", "c", "d"]) == 1
     assert "expected DATA INDEX OUT" in capsys.readouterr().err
     assert main(["commit", str(tmp_path / "nope"), str(tmp_path / "n2"), str(tmp_path / "o")]) == 1

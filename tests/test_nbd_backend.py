@@ -16,7 +16,7 @@ import pytest
 
 import frontends.nbd.backend as be
 from fixtures import materialize, stack
-from obd.errors import ConfigError, LayerStateError, ObdError, UnsupportedError
+from obd.errors import ConfigError, LayerStateError, ObdError
 from obd.image.local import open_config, open_layers
 from obd.image.resolve import image_config
 from obd.image.upper import UpperDir, open_upper
@@ -97,9 +97,7 @@ def test_config_complete_needs_an_image():
         be.config("imgae", "x")
 
 
-def test_registry_reference_is_a_clear_unsupported_error():
-    with pytest.raises(UnsupportedError, match="registry images"):
-        image_config("docker.io/library/busybox:latest")
+def test_a_missing_layer_file_is_a_clear_error():
     with pytest.raises(ConfigError, match="no such file"):
         image_config("/nonexistent/layer.commit")
 

@@ -121,6 +121,12 @@ class Options:
     readonly: bool = False
     platform: str | None = None
     cache_dir: str | None = None
+    cache_limit: str | None = None
+    no_cache: bool = False
+    insecure: list[str] = field(default_factory=list)
+    tls_verify: bool = True
+    ca_file: str | None = None
+    readahead: int = 0
     extents: bool = True
     multi_conn: bool = True
     venv: str | None = None
@@ -145,6 +151,20 @@ class Options:
             self.platform = value
         elif key in ("cache-dir", "cache_dir"):
             self.cache_dir = _abs(value)
+        elif key in ("cache-limit", "cache_limit"):
+            self.cache_limit = value
+        elif key in ("no-cache", "no_cache"):
+            self.no_cache = parse_bool(key, value)
+        elif key in ("insecure-registry", "insecure_registry"):
+            self.insecure.append(value)
+        elif key in ("tls-verify", "tls_verify"):
+            self.tls_verify = parse_bool(key, value)
+        elif key in ("ca-file", "ca_file"):
+            self.ca_file = _abs(value)
+        elif key == "readahead":
+            from obd.cache.store import parse_size
+
+            self.readahead = parse_size(value)
         elif key == "extents":
             self.extents = parse_bool(key, value)
         elif key in ("multi-conn", "multi_conn"):
@@ -154,7 +174,8 @@ class Options:
         else:
             raise ObdError(
                 "unknown parameter (known: image, layer, config, upper, sparse, readonly, platform, "
-                "cache-dir, extents, multi-conn, venv)",
+                "cache-dir, cache-limit, no-cache, insecure-registry, tls-verify, ca-file, readahead, "
+                "extents, multi-conn, venv)",
                 field=key,
             )
 
@@ -165,6 +186,28 @@ class Options:
             raise ObdError("no image: give image=IMAGE, layer=FILE..., config=FILE or upper=DIR")
         if len(self.image) > 1 and any(s.startswith("oci:") for s in self.image):
             raise ObdError("an oci:DIR[:TAG] image is a whole stack; give it alone", field="image")
+
+    def remote(self):  # type: ignore[no-untyped-def]
+        """Registry options for registry images (made the process default; credentials come from
+        $OBD_REGISTRY_USER/_PASSWORD or ~/.docker/config.json, never from the command line)."""
+        from obd.cache.store import parse_size
+        from obd.image.remote import RemoteOptions, set_default_remote_options
+
+        insecure: bool | tuple[str, ...] = (
+            True if "true" in self.insecure or "*" in self.insecure else (tuple(self.insecure))
+        )
+        opts = RemoteOptions(
+            insecure=insecure,
+            tls_verify=self.tls_verify,
+            ca_file=self.ca_file,
+            cache_dir=self.cache_dir,
+            cache_limit=parse_size(self.cache_limit) if self.cache_limit else None,
+            no_cache=self.no_cache,
+            platform=self.platform,
+            readahead=self.readahead,
+        )
+        set_default_remote_options(opts)
+        return opts
 
     @property
     def specs(self) -> list[str]:
@@ -183,16 +226,17 @@ def open_device(opts: Options) -> Device:
     from obd.image.resolve import image_config
     from obd.image.upper import open_upper
 
+    remote = opts.remote()
     upper_dir = None
     if opts.upper:
         upper_dir, cfg = open_upper(
             opts.upper, opts.specs or None, sparse=opts.sparse, platform=opts.platform
         )
     else:
-        cfg = image_config(opts.specs, platform=opts.platform)
+        cfg = image_config(opts.specs, platform=opts.platform, remote=remote)
     stack = None
     try:
-        stack = open_config(cfg, readonly=opts.readonly)
+        stack = open_config(cfg, readonly=opts.readonly, remote=remote)
         return Device(stack, upper_dir=upper_dir, readonly=opts.readonly)
     except BaseException:
         if stack is not None:

@@ -28,6 +28,8 @@ COMMAND_MODULES = [
     "nbd",
     "snapshot",
     "cache",
+    "push",
+    "pull",
 ]
 
 EPILOG = """\

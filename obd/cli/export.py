@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from obd.cli.common import add_progress_arg, add_stack_args, open_stack_from_args, progress
+from obd.cli.common import add_progress_arg, add_stack_args, open_stack_from_args, print_stats, progress
 from obd.export import export_stack, stream_stack
 from obd.progress import human_bytes
 
@@ -53,4 +53,5 @@ def run(args: argparse.Namespace) -> int:
             f"{human_bytes(res.zero_bytes)} trimmed, the rest unmapped (holes)",
             file=sys.stderr,
         )
+    print_stats(args)
     return 0

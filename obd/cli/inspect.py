@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Iterable
 from typing import Any
 
+from obd.cli.common import add_remote_args, print_stats, remote_options
 from obd.inspect import inspect_files
 from obd.progress import human_bytes
 
@@ -72,11 +74,25 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="also draw where each layer's mappings lie across the device into a PNG "
         "(needs matplotlib: the 'plot' extra); e.g. --plot layers.png",
     )
+    add_remote_args(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    inspection = inspect_files(args.files, config=args.config, upper=args.upper)
+    files, config, remote = list(args.files), args.config, None
+    from obd.image.resolve import image_config, looks_like_reference
+
+    if (
+        len(files) == 1
+        and not os.path.exists(files[0])
+        and (files[0].startswith("oci:") or looks_like_reference(files[0]))
+    ):
+        # an image name rather than a file: oci:DIR[:TAG] or a registry reference
+        remote = remote_options(args)
+        config = image_config(files[0], platform=remote.platform, remote=remote)
+        files = []
+    inspection = inspect_files(files, config=config, upper=args.upper, remote=remote)
+    print_stats(args)
     if args.plot:
         from obd.errors import ObdError
         from obd.plot import plot_layout

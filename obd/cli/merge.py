@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from obd.cli.common import add_stack_args, open_stack_from_args, progress
+from obd.cli.common import add_stack_args, open_stack_from_args, print_stats, progress
 from obd.cli.output_args import add_output_args, output_options
 from obd.progress import human_bytes
 from obd.tools import merge_stack
@@ -58,4 +58,5 @@ def run(args: argparse.Namespace) -> int:
             f"{human_bytes(res.info.data_bytes)} of data",
             file=sys.stderr,
         )
+    print_stats(args)
     return 0

@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from obd.blob import GZIP_MAGIC, open_blob
-from obd.errors import ConfigError, FormatError
+from obd.blob import GZIP_MAGIC, Blob, open_blob, open_source
+from obd.errors import ConfigError, FormatError, UnsupportedError
 from obd.image.config import ImageConfig, LowerConfig
 from obd.io import FileSource, Source
 from obd.lsmt.rw import RWLayer, open_rw
 from obd.lsmt.sealed import SealedLayer
 from obd.lsmt.stack import Stack
 from obd.lsmt.warp import WarpRWLayer, open_warp_rw
+
+if TYPE_CHECKING:
+    from obd.image.remote import RemoteOptions
 
 
 def open_target(path: str, gzip_index: str | None = None) -> Source:
@@ -42,7 +46,21 @@ def open_layer(
     path: str | os.PathLike[str], *, target: str | None = None, gzip_index: str | None = None
 ) -> SealedLayer:
     """Open one read-only layer blob; with ``target`` it is a turboOCI warp layer."""
-    blob = open_blob(path)
+    return layer_from_blob(open_blob(path), target=target, gzip_index=gzip_index)
+
+
+def layer_from_source(source: Source, name: str | None = None) -> SealedLayer:
+    """A read-only layer from an already-open source (a remote blob, say): wrappers peeled as usual."""
+    try:
+        blob = open_source(source, name)
+    except BaseException:
+        source.close()
+        raise
+    return layer_from_blob(blob)
+
+
+def layer_from_blob(blob: Blob, *, target: str | None = None, gzip_index: str | None = None) -> SealedLayer:
+    """The sealed layer inside a peeled blob; closes the blob on failure."""
     try:
         if "lsmt" not in blob.kinds:
             raise FormatError(
@@ -71,16 +89,18 @@ def open_layers(paths: Sequence[str | os.PathLike[str]], *, upper: RWLayer | Non
         raise
 
 
-def _lower_path(cfg: ImageConfig, lower: LowerConfig, i: int) -> str:
+def _lower_path(cfg: ImageConfig, lower: LowerConfig, i: int) -> str | None:
+    """The local file of a lower, or None when it is to be read from the registry."""
     tried = lower.local_candidates()
     for name in tried:
         found = cfg.resolve(name)
         if found:
             return found
     if lower.digest:
+        if cfg.repoBlobUrl:
+            return None
         raise ConfigError(
-            f"no local file for this layer; it names registry blob {lower.digest}, which needs "
-            "a registry (obd export REF)",
+            f"no local file for this layer and no repoBlobUrl to fetch registry blob {lower.digest} from",
             path=cfg.path,
             field=f"lowers[{i}]",
         )
@@ -112,8 +132,17 @@ def _open_warp_upper(cfg: ImageConfig, data: str, index: str | None, *, readonly
     return open_warp_rw(index, data, target=open_target(target, gz), readonly=readonly)
 
 
-def open_config(config: str | os.PathLike[str] | ImageConfig, *, readonly: bool = False) -> Stack:
-    """The device a ``config.v1.json`` describes: its lowers, plus its upper unless ``readonly``."""
+def open_config(
+    config: str | os.PathLike[str] | ImageConfig,
+    *,
+    readonly: bool = False,
+    remote: RemoteOptions | None = None,
+) -> Stack:
+    """The device a ``config.v1.json`` describes: its lowers, plus its upper unless ``readonly``.
+
+    Lowers with no local file but a ``digest`` are read lazily from ``repoBlobUrl`` through the
+    persistent cache, with ``remote`` (default: :func:`~obd.image.remote.default_remote_options`).
+    """
     cfg = config if isinstance(config, ImageConfig) else ImageConfig.load(config)
     lowers = list(cfg.lowers)
     if cfg.accelerationLayer and lowers:
@@ -123,6 +152,19 @@ def open_config(config: str | os.PathLike[str] | ImageConfig, *, readonly: bool 
     try:
         for i, lower in enumerate(lowers):
             path = _lower_path(cfg, lower, i)
+            if path is None:
+                if lower.is_warp:
+                    raise UnsupportedError(
+                        "turboOCI layers are not read from registries yet",
+                        path=cfg.path,
+                        field=f"lowers[{i}]",
+                    )
+                from obd.image.remote import default_remote_options, open_remote_blob
+
+                remote = remote or default_remote_options()
+                src = open_remote_blob(cfg.repoBlobUrl, lower.digest, lower.size, remote, path=cfg.path)
+                layers.append(layer_from_source(src, src.name))
+                continue
             target = None
             gz = None
             if lower.targetFile:

@@ -19,7 +19,8 @@ from obd.errors import ConfigError, FormatError, ObdError, UnsupportedError
 from obd.image.config import ImageConfig, LowerConfig, UpperConfig
 
 if TYPE_CHECKING:
-    pass
+    from obd.image.remote import RemoteOptions
+    from obd.lsmt.stack import Stack
 
 
 def abs_path(path: str) -> str:
@@ -38,12 +39,15 @@ def _is_config_file(path: str) -> bool:
     return head.startswith(b"{")
 
 
-def image_config(image: str | Sequence[str], *, platform: str | None = None) -> ImageConfig:
-    """The config of a local image, every path in it absolute.
+def image_config(
+    image: str | Sequence[str], *, platform: str | None = None, remote: RemoteOptions | None = None
+) -> ImageConfig:
+    """The config of an image, every local path in it absolute.
 
     ``image`` is one of: layer files, lowest first (a list, or one path); a ``config.v1.json`` (its
-    upper, if any, is kept); ``oci:DIR[:TAG]``. This is the one place an image name is turned into
-    files: registry references (``image=REF``) plug in here.
+    upper, if any, is kept); ``oci:DIR[:TAG]``; a registry reference (resolved with ``remote``,
+    default :func:`~obd.image.remote.default_remote_options`, into ``digest`` lowers under a
+    ``repoBlobUrl``). This is the one place an image name is turned into a config.
     """
     specs = [image] if isinstance(image, str) else list(image)
     if not specs:
@@ -57,22 +61,41 @@ def image_config(image: str | Sequence[str], *, platform: str | None = None) -> 
         if spec.startswith("oci:"):
             raise ConfigError("an oci:DIR[:TAG] image is a whole stack; give it alone", field=f"image[{i}]")
         if not os.path.exists(spec):
-            if _looks_like_registry_reference(spec):
-                raise UnsupportedError(
-                    "registry images are not served yet: give local layer files, a config.v1.json or "
-                    "oci:DIR[:TAG]",
-                    path=spec,
-                    field="image",
-                )
-            raise ConfigError("no such file", path=spec, field="image")
+            if looks_like_reference(spec):
+                if len(specs) != 1:
+                    raise ConfigError(
+                        "a registry image is a whole stack; give it alone", path=spec, field="image"
+                    )
+                from obd.image.remote import default_remote_options, registry_config
+
+                remote = remote or default_remote_options()
+                if platform and platform != remote.platform:
+                    remote = replace(remote, platform=platform)
+                return registry_config(spec, remote)
+            raise ConfigError("no such file (nor a registry reference)", path=spec, field="image")
         lowers.append(LowerConfig(file=abs_path(spec)))
     return ImageConfig(lowers=lowers, path=None)
 
 
-def _looks_like_registry_reference(spec: str) -> bool:
-    try:
-        from obd.registry.reference import parse_reference
-    except ImportError:  # pragma: no cover - the registry package is optional here
+def open_image(
+    image: str | Sequence[str],
+    *,
+    readonly: bool = True,
+    platform: str | None = None,
+    remote: RemoteOptions | None = None,
+) -> Stack:
+    """The device of any image :func:`image_config` understands (read-only unless asked otherwise)."""
+    from obd.image.local import open_config
+
+    cfg = image_config(image, platform=platform, remote=remote)
+    return open_config(cfg, readonly=readonly, remote=remote)
+
+
+def looks_like_reference(spec: str) -> bool:
+    """A name that parses as an image reference and does not look like a file path."""
+    from obd.registry.reference import parse_reference
+
+    if spec.startswith(("/", "./", "../", "~")) or spec.endswith((".commit", ".json", ".sealed", ".zfile")):
         return False
     try:
         parse_reference(spec)

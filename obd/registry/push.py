@@ -195,35 +195,38 @@ async def push_layout(
     return pusher.result
 
 
-def single_layer_image(
-    layer_digest: str,
-    layer_size: int,
+def layers_image(
+    layers: list[tuple[str, int]],
     *,
     overlaybd: bool = True,
     layer_media_type: str = OCI_LAYER_TAR,
     annotations: dict[str, str] | None = None,
     platform: tuple[str, str] = ("linux", "amd64"),
 ) -> tuple[bytes, bytes]:
-    """``(manifest, config)`` bytes of a one-layer OCI image around an existing blob.
+    """``(manifest, config)`` bytes of an OCI image around existing blobs ``(digest, size)``, lowest first.
 
-    With ``overlaybd`` the layer carries the annotations overlaybd's convertor writes (blob-digest,
-    blob-size, version; FORMATS.md §7.1) so the image is recognised as an overlaybd image.
+    With ``overlaybd`` each layer carries the annotations overlaybd's convertor writes (blob-digest,
+    blob-size, version; FORMATS.md §7.1) so the image is recognised as an overlaybd image; the layer
+    media type says "uncompressed tar", so the config's ``diff_ids`` are the blob digests.
     """
     config = {
         "architecture": platform[1],
         "os": platform[0],
-        "rootfs": {"type": "layers", "diff_ids": [layer_digest]},
+        "rootfs": {"type": "layers", "diff_ids": [d for d, _ in layers]},
         "config": {},
     }
     config_bytes = json.dumps(config, separators=(",", ":"), sort_keys=True).encode()
-    layer: dict[str, Any] = {"mediaType": layer_media_type, "digest": layer_digest, "size": layer_size}
-    ann = dict(annotations or {})
-    if overlaybd:
-        ann.setdefault(BLOB_DIGEST, layer_digest)
-        ann.setdefault(BLOB_SIZE, str(layer_size))
-        ann.setdefault(VERSION, OVERLAYBD_VERSION)
-    if ann:
-        layer["annotations"] = ann
+    descs = []
+    for digest, size in layers:
+        layer: dict[str, Any] = {"mediaType": layer_media_type, "digest": digest, "size": size}
+        ann = dict(annotations or {})
+        if overlaybd:
+            ann.setdefault(BLOB_DIGEST, digest)
+            ann.setdefault(BLOB_SIZE, str(size))
+            ann.setdefault(VERSION, OVERLAYBD_VERSION)
+        if ann:
+            layer["annotations"] = ann
+        descs.append(layer)
     manifest = {
         "schemaVersion": 2,
         "mediaType": OCI_MANIFEST,
@@ -232,36 +235,44 @@ def single_layer_image(
             "digest": "sha256:" + hashlib.sha256(config_bytes).hexdigest(),
             "size": len(config_bytes),
         },
-        "layers": [layer],
+        "layers": descs,
     }
     return json.dumps(manifest, separators=(",", ":")).encode(), config_bytes
 
 
-async def push_file_image(
-    client: RegistryClient,
-    path: str | os.PathLike[str],
-    dest: Reference | str,
-    *,
-    overlaybd: bool = True,
-    annotations: dict[str, str] | None = None,
-    mount_from: str | None = None,
-) -> PushResult:
-    """Push a local layer file (an overlaybd blob, byte for byte) as a one-layer image; see above."""
-    path = os.fspath(path)
+def single_layer_image(layer_digest: str, layer_size: int, **kw: Any) -> tuple[bytes, bytes]:
+    """:func:`layers_image` of one blob."""
+    return layers_image([(layer_digest, layer_size)], **kw)
+
+
+def _file_digest(path: str) -> tuple[str, int]:
     h = hashlib.sha256()
     size = 0
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
             h.update(chunk)
             size += len(chunk)
-    digest = "sha256:" + h.hexdigest()
-    manifest, config = single_layer_image(digest, size, overlaybd=overlaybd, annotations=annotations)
+    return "sha256:" + h.hexdigest(), size
+
+
+async def push_files_image(
+    client: RegistryClient,
+    paths: list[str | os.PathLike[str]],
+    dest: Reference | str,
+    *,
+    overlaybd: bool = True,
+    annotations: dict[str, str] | None = None,
+    mount_from: str | None = None,
+) -> PushResult:
+    """Push local layer files (overlaybd blobs, byte for byte; lowest first) as one image."""
+    files = [os.fspath(p) for p in paths]
+    layers = [_file_digest(p) for p in files]
+    manifest, config = layers_image(layers, overlaybd=overlaybd, annotations=annotations)
     ref = dest if isinstance(dest, Reference) else parse_reference(dest)
     result = PushResult(str(ref), "", OCI_MANIFEST)
-    for blob_digest, data in (
-        (digest, path),
-        ("sha256:" + hashlib.sha256(config).hexdigest(), config),
-    ):
+    blobs: list[tuple[str, bytes | str]] = [(d, p) for (d, _), p in zip(layers, files, strict=True)]
+    blobs.append(("sha256:" + hashlib.sha256(config).hexdigest(), config))
+    for blob_digest, data in blobs:
         fate = await push_blob(client, ref, blob_digest, data, mount_from=mount_from)
         {"exists": result.existing, "mounted": result.mounted, "uploaded": result.uploaded}[fate].append(
             blob_digest
@@ -271,12 +282,21 @@ async def push_file_image(
     return result
 
 
+async def push_file_image(
+    client: RegistryClient, path: str | os.PathLike[str], dest: Reference | str, **kw: Any
+) -> PushResult:
+    """Push one local layer file as a one-layer image (see :func:`push_files_image`)."""
+    return await push_files_image(client, [path], dest, **kw)
+
+
 __all__ = [
     "OCI_CONFIG",
     "OCI_LAYER_TAR",
     "PushResult",
+    "layers_image",
     "push_blob",
     "push_file_image",
+    "push_files_image",
     "push_layout",
     "push_manifest",
     "single_layer_image",

@@ -1,0 +1,285 @@
+"""Overlaybd images read lazily from registries: layer blobs as cached, ranged-GET sources.
+
+A registry layer becomes ``RemoteBlob`` (ranged GETs, coalesced) → ``CachedSource`` (the persistent
+page cache, shared by every process) → the usual blob peeling (tar envelope, ZFile, LSMT). Opening a
+layer reads only what its readers need: the ZFile trailer and jump table and the LSMT trailer and
+index; every later read fetches just the compressed blocks behind it.
+
+:class:`RemoteOptions` carries everything remote reads need (credentials, plain-HTTP hosts, TLS,
+the cache, the platform, the statistics) and owns the registry clients, one per setting, on the
+process-wide event-loop thread.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from obd.errors import ChecksumError, ConfigError, UnsupportedError
+from obd.image.config import ImageConfig, LowerConfig
+from obd.image.oci import Image
+from obd.io import Source
+from obd.registry.auth import CredentialResolver, Credentials
+from obd.registry.blob import RemoteBlob
+from obd.registry.client import RegistryClient
+from obd.registry.loop import AsyncRunner, default_runner
+from obd.registry.reference import DOCKER_HUB_API, Reference, parse_reference
+from obd.stats import Stats, default_stats
+
+#: How long resolving a manifest and config may take, in seconds.
+RESOLVE_TIMEOUT = 120.0
+
+
+@dataclass
+class RemoteOptions:
+    """How to reach registries. ``insecure`` is True (all plain HTTP) or the hosts to reach over HTTP."""
+
+    credentials: Credentials | None = None
+    insecure: bool | tuple[str, ...] = False
+    tls_verify: bool = True
+    ca_file: str | None = None
+    cache_dir: str | None = None
+    cache_limit: int | None = None
+    no_cache: bool = False
+    platform: str | None = None
+    readahead: int = 0
+    stats: Stats = field(default_factory=default_stats)
+    _clients: dict[frozenset[str] | bool, RegistryClient] = field(default_factory=dict, repr=False)
+    _store: object = field(default=None, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def runner(self) -> AsyncRunner:
+        return default_runner()
+
+    def client(self, http_host: str | None = None) -> RegistryClient:
+        """The client for these options; ``http_host`` adds a host reached over plain HTTP."""
+        if self.insecure is True:
+            key: frozenset[str] | bool = True
+        else:
+            hosts = set(self.insecure or ())
+            if http_host:
+                hosts.add(http_host.lower())
+            key = frozenset(hosts)
+        with self._lock:
+            client = self._clients.get(key)
+            if client is None:
+                client = RegistryClient(
+                    credentials=CredentialResolver(self.credentials),
+                    insecure=key,
+                    tls_verify=self.tls_verify,
+                    ca_file=self.ca_file,
+                    stats=self.stats,
+                )
+                self._clients[key] = client
+                _live.append(self)
+            return client
+
+    def store(self) -> object | None:
+        """The persistent block cache (None with ``no_cache``)."""
+        if self.no_cache:
+            return None
+        with self._lock:
+            if self._store is None:
+                from obd.cache import CacheStore
+
+                self._store = CacheStore(self.cache_dir, limit_bytes=self.cache_limit, stats=self.stats)
+            return self._store
+
+    def is_http(self, host: str) -> bool:
+        return self.insecure is True or host.lower() in {h.lower() for h in (self.insecure or ())}
+
+    def close(self) -> None:
+        """Close the registry clients' HTTP sessions."""
+        with self._lock:
+            clients = list(self._clients.values())
+            self._clients.clear()
+        for c in clients:
+            try:
+                self.runner.run(c.aclose(), 10)
+            except Exception:
+                pass
+
+
+_live: list[RemoteOptions] = []
+_default: RemoteOptions | None = None
+
+
+def default_remote_options() -> RemoteOptions:
+    """The process-wide options used wherever none are passed (set by the CLI or the nbd plugin)."""
+    global _default
+    if _default is None:
+        _default = RemoteOptions()
+    return _default
+
+
+def set_default_remote_options(opts: RemoteOptions) -> None:
+    """Make ``opts`` what :func:`default_remote_options` returns (e.g. ``--insecure-registry`` for a run)."""
+    global _default
+    _default = opts
+
+
+@atexit.register
+def _close_all() -> None:
+    for opts in list(_live):
+        opts.close()
+
+
+def repo_blob_url(ref: Reference, opts: RemoteOptions) -> str:
+    """overlaybd's ``repoBlobUrl``: ``https://<api host>/v2/<repository>/blobs``."""
+    return f"{ref.base_url(opts.is_http(ref.api_host))}{ref.repository}/blobs"
+
+
+def parse_repo_blob_url(url: str, *, path: object = None) -> tuple[Reference, bool]:
+    """The repository a ``repoBlobUrl`` names, and whether it is plain HTTP."""
+    parts = urlsplit(url)
+    segs = [s for s in parts.path.split("/") if s]
+    if parts.scheme not in ("http", "https") or not parts.netloc or len(segs) < 3 or segs[0] != "v2":
+        raise ConfigError(
+            "expected http(s)://HOST/v2/REPOSITORY/blobs", path=path, field="repoBlobUrl", value=url
+        )
+    if segs[-1] == "blobs":
+        segs = segs[:-1]
+    host = parts.netloc
+    registry = "docker.io" if host == DOCKER_HUB_API else host
+    return Reference(registry, "/".join(segs[1:]), "latest", None), parts.scheme == "http"
+
+
+def resolve_image(reference: str, opts: RemoteOptions) -> tuple[Reference, Image]:
+    """The manifest, config and layers of a registry image (platform-resolved, digest-verified)."""
+    ref = parse_reference(reference)
+    client = opts.client()
+    image = opts.runner.run(client.get_image(ref, opts.platform), RESOLVE_TIMEOUT)
+    return ref, image
+
+
+def registry_config(reference: str, opts: RemoteOptions) -> ImageConfig:
+    """The ``config.v1.json`` overlaybd's snapshotter would write for a registry image."""
+    ref, image = resolve_image(reference, opts)
+    lowers = []
+    for i, layer in enumerate(image.overlaybd_layers()):
+        if layer.is_acceleration:
+            continue
+        if layer.is_turbo:
+            raise UnsupportedError(
+                "turboOCI images are not read from registries yet", path=reference, field=f"layers[{i}]"
+            )
+        lowers.append(LowerConfig(digest=layer.digest, size=layer.size))
+    cfg = ImageConfig(lowers=lowers, repoBlobUrl=repo_blob_url(ref, opts))
+    cfg.extra["obd"] = {"image": reference, "manifest": image.manifest_digest}
+    return cfg
+
+
+def open_remote_blob(
+    url: str, digest: str, size: int | None, opts: RemoteOptions, *, path: object = None
+) -> Source:
+    """Blob ``digest`` under ``repoBlobUrl`` ``url``: ranged GETs through the persistent cache."""
+    ref, http = parse_repo_blob_url(url, path=path)
+    client = opts.client(ref.api_host if http else None)
+    remote = RemoteBlob(
+        client,
+        opts.runner,
+        ref,
+        digest,
+        size or None,
+        name=f"{ref.registry}/{ref.repository}@{digest}",
+        readahead=opts.readahead,
+        stats=opts.stats,
+    )
+    store = opts.store()
+    if store is None:
+        return remote
+    from obd.cache import CachedSource
+
+    return CachedSource(remote, store, digest=digest, stats=opts.stats)
+
+
+@dataclass(frozen=True)
+class PullResult:
+    reference: str
+    manifest_digest: str
+    layers: int
+    total_bytes: int
+    fetched_bytes: int
+    seconds: float
+
+
+def pull_image(
+    reference: str,
+    opts: RemoteOptions,
+    *,
+    parallel: int = 4,
+    piece: int = 4 << 20,
+    max_rate: float | None = None,
+    verify: bool = True,
+    progress: Callable[[int, int], None] | None = None,
+) -> PullResult:
+    """Download every layer blob of an image into the persistent cache.
+
+    ``parallel`` ranged GETs of ``piece`` bytes are in flight at once; ``max_rate`` (bytes/s) caps
+    the average rate; ``progress(done, total)`` is called as pieces land. Each blob, once complete,
+    is read back from the cache and its SHA-256 checked against its digest.
+    """
+    store = opts.store()
+    if store is None:
+        raise ConfigError("pull fills the cache; it cannot run with no_cache")
+    ref, image = resolve_image(reference, opts)
+    url = repo_blob_url(ref, opts)
+    layers = image.overlaybd_layers()
+    sources = [open_remote_blob(url, layer.digest, layer.size, opts) for layer in layers]
+    total = sum(layer.size for layer in layers)
+    start = time.monotonic()
+    done = 0
+    fetched = 0
+    lock = threading.Lock()
+    jobs = [(src, off, min(piece, src.size - off)) for src in sources for off in range(0, src.size, piece)]
+
+    def one(job: tuple[Source, int, int]) -> None:
+        nonlocal done, fetched
+        src, off, n = job
+        got = src.prefetch([(off, n)])  # type: ignore[attr-defined]
+        with lock:
+            done += n
+            fetched += got
+            now_done = done
+        if progress:
+            progress(now_done, total)
+        if max_rate:
+            ahead = now_done / max_rate - (time.monotonic() - start)
+            if ahead > 0:
+                time.sleep(ahead)
+
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+            for f in [pool.submit(one, j) for j in jobs]:
+                f.result()
+        if verify:
+            for src, layer in zip(sources, layers, strict=True):
+                _verify_digest(src, layer.digest)
+    finally:
+        for src in sources:
+            src.close()
+    return PullResult(str(ref), image.manifest_digest, len(layers), total, fetched, time.monotonic() - start)
+
+
+def _verify_digest(src: Source, digest: str) -> None:
+    alg, _, want = digest.partition(":")
+    h = hashlib.new(alg)
+    buf = memoryview(bytearray(4 << 20))
+    pos = 0
+    while pos < src.size:
+        n = src.readinto(buf, pos)
+        if n <= 0:
+            break
+        h.update(buf[:n])
+        pos += n
+    if h.hexdigest() != want:
+        raise ChecksumError(
+            f"downloaded blob has {alg}:{h.hexdigest()}", path=src.name, field="digest", value=digest
+        )
