@@ -127,6 +127,8 @@ class Options:
     tls_verify: bool = True
     ca_file: str | None = None
     readahead: int = 0
+    trace: str | None = None
+    record_trace: str | None = None
     extents: bool = True
     multi_conn: bool = True
     venv: str | None = None
@@ -161,6 +163,10 @@ class Options:
             self.tls_verify = parse_bool(key, value)
         elif key in ("ca-file", "ca_file"):
             self.ca_file = _abs(value)
+        elif key == "trace":
+            self.trace = _abs(value)
+        elif key in ("record-trace", "record_trace"):
+            self.record_trace = _abs(value)
         elif key == "readahead":
             from obd.cache.store import parse_size
 
@@ -175,7 +181,7 @@ class Options:
             raise ObdError(
                 "unknown parameter (known: image, layer, config, upper, sparse, readonly, platform, "
                 "cache-dir, cache-limit, no-cache, insecure-registry, tls-verify, ca-file, readahead, "
-                "extents, multi-conn, venv)",
+                "trace, record-trace, extents, multi-conn, venv)",
                 field=key,
             )
 
@@ -237,7 +243,14 @@ def open_device(opts: Options) -> Device:
     stack = None
     try:
         stack = open_config(cfg, readonly=opts.readonly, remote=remote)
-        return Device(stack, upper_dir=upper_dir, readonly=opts.readonly)
+        dev = Device(stack, upper_dir=upper_dir, readonly=opts.readonly)
+        dev.needs_io_loop = bool(cfg.repoBlobUrl)
+        if opts.record_trace:
+            from obd.trace import TraceRecorder
+
+            dev.recorder = TraceRecorder(stack)
+            dev.trace_path = opts.record_trace
+        return dev
     except BaseException:
         if stack is not None:
             stack.close()
@@ -271,6 +284,9 @@ class Device:
         self._lock_fd: int | None = None
         #: remote layers (registry images) need the I/O loop started after nbdkit forks
         self.needs_io_loop = False
+        #: a prefetch trace being recorded (``record-trace=``), saved on flush and close
+        self.recorder: Any = None
+        self.trace_path: str | None = None
         if upper is not None and not self.readonly:
             self._lock_upper(upper.data_path)
 
@@ -427,6 +443,7 @@ class Device:
     def flush(self) -> None:
         if not self.readonly:
             self.stack.flush()
+        self.save_trace()  # a guest's sync is a good moment: a trace survives a later kill
 
     def extents(self, count: int, offset: int, *, req_one: bool = False) -> list[tuple[int, int, int]]:
         """``(offset, length, type)`` runs from ``offset``: data 0, discarded ZERO, unmapped HOLE|ZERO."""
@@ -463,8 +480,14 @@ class Device:
             self.stack.readinto(scratch[:k], pos)
             pos += k
 
+    def save_trace(self) -> None:
+        if self.recorder is not None and self.trace_path:
+            n = self.recorder.save(self.trace_path)
+            nbdkit.debug(f"obd: recorded {n} trace records in {self.trace_path}")
+
     def close(self) -> None:
         try:
+            self.save_trace()
             self.stack.close()
         finally:
             if self._lock_fd is not None:
@@ -583,6 +606,21 @@ def after_fork() -> None:
         from obd.registry.loop import default_runner
 
         default_runner().loop  # noqa: B018 - starts the loop thread
+    if dev is not None and _STATE.options.trace:
+        threading.Thread(
+            target=_replay, args=(dev, _STATE.options.trace), name="obd-trace-replay", daemon=True
+        ).start()
+
+
+def _replay(dev: Device, path: str) -> None:
+    """Prefetch a recorded trace in the background while clients already read."""
+    from obd.trace import load, replay
+
+    try:
+        res = replay(dev.stack, load(path))
+        nbdkit.debug(f"obd: replayed {res.records} trace records ({res.bytes} bytes) in {res.seconds:.2f} s")
+    except Exception as e:  # prefetch is best effort; reads still work without it
+        nbdkit.debug(f"obd: trace replay failed: {e}")
 
 
 def cleanup() -> None:
