@@ -215,36 +215,7 @@ def open_config(
 
 def open_oci_layout(reference: str, *, platform: str | None = None, upper: RWLayer | None = None) -> Stack:
     """The device of an overlaybd image stored in an OCI layout, ``oci:DIR[:TAG]``."""
-    from obd.image.oci import OCILayout, parse_oci_reference
+    from obd.image.resolve import image_config
 
-    root, tag = parse_oci_reference(reference)
-    image = OCILayout(root).resolve(tag, platform=platform)
-    layout = OCILayout(root)
-    layers: list[SealedLayer] = []
-    try:
-        for i, layer in enumerate(image.overlaybd_layers()):
-            if layer.is_acceleration:
-                continue
-            if layer.is_turbo:
-                raise ConfigError(
-                    "turboOCI images are not supported from OCI layouts yet",
-                    path=reference,
-                    field=f"layers[{i}]",
-                )
-            path = layout.blob_path(layer.digest)
-            if not os.path.exists(path):
-                raise ConfigError("layer blob missing from the layout", path=path, field=f"layers[{i}]")
-            size = os.path.getsize(path)
-            if size != layer.size:
-                raise FormatError(
-                    f"blob is {size} bytes, the manifest says {layer.size}",
-                    path=path,
-                    field=f"layers[{i}].size",
-                    value=layer.size,
-                )
-            layers.append(open_layer(path))
-        return Stack(layers, upper, name=reference)
-    except BaseException:
-        for ly in layers:
-            ly.close()
-        raise
+    stack = open_config(image_config(reference, platform=platform), readonly=True)
+    return Stack(stack.lowers, upper, name=reference)

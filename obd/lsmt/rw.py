@@ -37,6 +37,7 @@ from obd.lsmt.format import (
     MAX_RW_INDEX_SIZE,
     SECTOR,
     HeaderTrailer,
+    MappingColumns,
     decode_mappings,
     encode_mapping,
     format_uuid,
@@ -259,25 +260,7 @@ class AppendRWLayer(RWLayer):
         return layer
 
     def _replay(self) -> None:
-        size = os.fstat(self._index_fd).st_size
-        count = (size - HT_SPACE) // 16
-        if count > MAX_RW_INDEX_SIZE:
-            raise FormatError(
-                f"more than {MAX_RW_INDEX_SIZE} records",
-                path=self.index_path,
-                field="index.count",
-                value=count,
-            )
-        if (size - HT_SPACE) % 16:
-            log.warning(
-                "%s: ignoring a partial record of %d bytes at the end",
-                self.index_path,
-                (size - HT_SPACE) % 16,
-            )
-        raw = os.pread(self._index_fd, count * 16, HT_SPACE) if count else b""
-        if len(raw) != count * 16:
-            raise TruncatedError("index file shrank while reading", path=self.index_path, field="index")
-        cols = decode_mappings(raw)
+        cols, count, partial = read_index_records(self._index_fd, self.index_path)
         data_end = self._data_end // SECTOR
         data_begin = HT_SPACE // SECTOR
         real = cols.offset != INVALID_OFFSET
@@ -319,7 +302,7 @@ class AppendRWLayer(RWLayer):
                 ins(o, ln, m, z)
         # new records go after the last good one, overwriting any torn tail
         self._index_end = HT_SPACE + keep_upto * 16
-        if (keep_upto != count or (size - HT_SPACE) % 16) and not self.readonly:
+        if (keep_upto != count or partial) and not self.readonly:
             os.ftruncate(self._index_fd, self._index_end)
 
     # --- writes -----------------------------------------------------------------------------------
@@ -476,6 +459,26 @@ class SparseRWLayer(RWLayer):
             os.ftruncate(self._data_fd, virtual_size + HT_SPACE)
             self.data_source.size = virtual_size + HT_SPACE
         self.flush()
+
+
+def read_index_records(fd: int, path: str) -> tuple[MappingColumns, int, int]:
+    """The records of an RW index file: (decoded columns, whole-record count, bytes of a torn partial record).
+
+    Refuses absurd counts before reading; a partial trailing record is ignored with a warning.
+    """
+    size = os.fstat(fd).st_size
+    count = max(0, (size - HT_SPACE) // 16)
+    if count > MAX_RW_INDEX_SIZE:
+        raise FormatError(
+            f"more than {MAX_RW_INDEX_SIZE} records", path=path, field="index.count", value=count
+        )
+    partial = max(0, size - HT_SPACE) % 16
+    if partial:
+        log.warning("%s: ignoring a partial record of %d bytes at the end", path, partial)
+    raw = os.pread(fd, count * 16, HT_SPACE) if count else b""
+    if len(raw) != count * 16:
+        raise TruncatedError("index file shrank while reading", path=path, field="index")
+    return decode_mappings(raw), count, partial
 
 
 def read_header(fd: int, path: str) -> HeaderTrailer:

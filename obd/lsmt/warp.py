@@ -32,7 +32,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from obd.errors import AlignmentError, FormatError, ObdError, TruncatedError
+from obd.errors import AlignmentError, FormatError, ObdError
 from obd.io import Source
 from obd.lsmt.commit import SealedInfo, Writable, layer_info, write_sealed
 from obd.lsmt.format import (
@@ -42,15 +42,13 @@ from obd.lsmt.format import (
     MAX_LENGTH,
     MAX_MOFFSET,
     MAX_OFFSET,
-    MAX_RW_INDEX_SIZE,
     SECTOR,
     HeaderTrailer,
-    decode_mappings,
     encode_mapping,
     format_uuid,
 )
 from obd.lsmt.index import Mapping, MutableIndex
-from obd.lsmt.rw import RWLayer, check_aligned, open_layer_fd, read_header
+from obd.lsmt.rw import RWLayer, check_aligned, open_layer_fd, read_header, read_index_records
 
 log = logging.getLogger(__name__)
 
@@ -195,22 +193,7 @@ class WarpRWLayer(RWLayer):
         return layer
 
     def _replay(self) -> None:
-        size = os.fstat(self._index_fd).st_size
-        count = (size - HT_SPACE) // 16
-        if count > MAX_RW_INDEX_SIZE:
-            raise FormatError(
-                f"more than {MAX_RW_INDEX_SIZE} records",
-                path=self.index_path,
-                field="index.count",
-                value=count,
-            )
-        partial = (size - HT_SPACE) % 16
-        if partial:
-            log.warning("%s: ignoring a partial record of %d bytes at the end", self.index_path, partial)
-        raw = os.pread(self._index_fd, count * 16, HT_SPACE) if count else b""
-        if len(raw) != count * 16:
-            raise TruncatedError("index file shrank while reading", path=self.index_path, field="index")
-        cols = decode_mappings(raw)
+        cols, count, partial = read_index_records(self._index_fd, self.index_path)
         real = cols.offset != INVALID_OFFSET
         self.skipped_records = int(count - real.sum())
         cols = cols.take(real)
