@@ -24,6 +24,7 @@ PACKAGES=(
     qemu-utils      # qemu-img, qemu-io: more NBD clients for tests
     qemu-system-x86 # the microVMs (-M microvm, TCG where KVM is unusable)
     busybox-static  # the shell and tools of obd's initramfs
+    debootstrap     # bench/images.py: the Debian + python3 image of the convert benchmark and the launcher
 )
 # Optional dependency groups of pyproject.toml installed into .venv.
 EXTRAS="test,plot"

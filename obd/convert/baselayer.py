@@ -1,0 +1,130 @@
+"""overlaybd's stock base layer, shipped in ``obd/data``, and the blob the convertor pushes for it.
+
+The convertor without ``--mkfs`` stacks every image on ``/opt/overlaybd/baselayers/ext4_64`` and
+pushes that file as the image's first layer, wrapped by Go's ``archive/tar`` (FORMATS.md §7.1,
+``uploadBaseLayer``): one USTAR header for ``overlaybd.commit`` (mode 0444, owner 0:0, mtime 0, no
+user or group names), the file, zero padding to 512 bytes and the two zero blocks ``Close`` adds.
+:func:`go_tar_header` writes that header the way Go formats it (zero-padded octal fields, a
+NUL-terminated checksum followed by a space), so the blob — and its digest — match the convertor's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tarfile
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+from obd.errors import ChecksumError, ObdError
+
+BASE_NAME = "ext4_64"
+BASE_SHA256 = "c3a417552a6cf9ffa959b541850bab7d7f08f4255425bf8b48c85f7b36b378d9"
+BASE_SIZE = 4737695
+COMMIT_NAME = "overlaybd.commit"
+BLOCK = 512
+
+
+def _go_octal(value: int, width: int) -> bytes:
+    """Go ``formatOctal``: octal zero-padded to ``width - 1`` digits, then NUL."""
+    digits = f"{value:o}".encode()
+    if len(digits) > width - 1:
+        raise ValueError(f"{value} does not fit a {width}-byte tar field")
+    return digits.rjust(width - 1, b"0") + b"\x00"
+
+
+def go_tar_header(name: str, size: int, *, mode: int = 0o444) -> bytes:
+    """The USTAR header Go's ``tar.Writer.WriteHeader`` writes for a plain regular file."""
+    raw = name.encode()
+    if len(raw) > 100:
+        raise ValueError("name longer than a USTAR name field")
+    block = bytearray(BLOCK)
+    block[0 : len(raw)] = raw
+    block[100:108] = _go_octal(mode, 8)
+    block[108:116] = _go_octal(0, 8)  # uid
+    block[116:124] = _go_octal(0, 8)  # gid
+    block[124:136] = _go_octal(size, 12)
+    block[136:148] = _go_octal(0, 12)  # mtime: Go writes the zero time as the Unix epoch
+    block[156:157] = b"0"
+    block[257:263] = b"ustar\x00"
+    block[263:265] = b"00"
+    block[329:337] = _go_octal(0, 8)  # devmajor
+    block[337:345] = _go_octal(0, 8)  # devminor
+    block[148:156] = b" " * 8
+    checksum = sum(block)
+    block[148:155] = _go_octal(checksum, 7)
+    block[155] = 0x20
+    return bytes(block)
+
+
+def _cache_root(cache_dir: str | os.PathLike[str] | None) -> Path:
+    if cache_dir is None:
+        from obd.cache.store import default_cache_dir
+
+        cache_dir = default_cache_dir()
+    root = Path(cache_dir) / "convert" / "base"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def base_layer_path(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The base layer file ``ext4_64``, unpacked from the package once and checked (SHA-256)."""
+    root = _cache_root(cache_dir)
+    out = root / BASE_NAME
+    if out.is_file() and out.stat().st_size == BASE_SIZE:
+        return out
+    fd, tmp = tempfile.mkstemp(dir=root, prefix=".part-")
+    try:
+        h = hashlib.sha256()
+        with (
+            os.fdopen(fd, "wb") as dst,
+            resources.files("obd.data").joinpath("ext4_64.tar.gz").open("rb") as packed,
+            tarfile.open(fileobj=packed, mode="r:gz") as tar,
+        ):
+            member = tar.getmember(BASE_NAME)
+            src = tar.extractfile(member)
+            if src is None:
+                raise ObdError("the packaged base layer archive holds no regular ext4_64")
+            while chunk := src.read(1 << 20):
+                h.update(chunk)
+                dst.write(chunk)
+        if h.hexdigest() != BASE_SHA256:
+            raise ChecksumError(
+                f"packaged base layer has sha256 {h.hexdigest()}", path=BASE_NAME, value=BASE_SHA256
+            )
+        os.replace(tmp, out)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return out
+
+
+def base_layer_blob(cache_dir: str | os.PathLike[str] | None = None) -> tuple[Path, str, int]:
+    """``(path, digest, size)`` of the base layer as the convertor pushes it (Go-tar wrapped)."""
+    src = base_layer_path(cache_dir)
+    root = src.parent
+    out = root / "ext4_64.go.tar"
+    size = BLOCK + BASE_SIZE + (-BASE_SIZE % BLOCK) + 2 * BLOCK
+    if not (out.is_file() and out.stat().st_size == size):
+        fd, tmp = tempfile.mkstemp(dir=root, prefix=".part-")
+        try:
+            with os.fdopen(fd, "wb") as dst, open(src, "rb") as f:
+                dst.write(go_tar_header(COMMIT_NAME, BASE_SIZE))
+                while chunk := f.read(1 << 20):
+                    dst.write(chunk)
+                dst.write(bytes(-BASE_SIZE % BLOCK + 2 * BLOCK))
+            os.replace(tmp, out)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+    h = hashlib.sha256()
+    with open(out, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return out, "sha256:" + h.hexdigest(), size
+
+
+__all__ = ["BASE_SHA256", "base_layer_blob", "base_layer_path", "go_tar_header"]
