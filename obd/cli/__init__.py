@@ -30,6 +30,7 @@ COMMAND_MODULES = [
     "cache",
     "push",
     "pull",
+    "convert",
     "trace",
 ]
 
