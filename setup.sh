@@ -24,7 +24,12 @@ PACKAGES=(
     qemu-utils      # qemu-img, qemu-io: more NBD clients for tests
     qemu-system-x86 # the microVMs (-M microvm, TCG where KVM is unusable)
     busybox-static  # the shell and tools of obd's initramfs
-    debootstrap     # bench/images.py: the Debian + python3 image of the convert benchmark and the launcher
+    debootstrap     # the Debian + python3 image of obd demo, the launcher tests and the benchmarks
+    fuse3           # fusermount3 and /dev/fuse setup: obd mount
+    libfuse3-dev    # headers pip needs to build pyfuse3 (it ships no wheels)
+    pkg-config      # how pyfuse3's build finds libfuse3
+    gcc             # compiles pyfuse3's C extension
+    python3-dev     # Python.h for the same
 )
 # Optional dependency groups of pyproject.toml installed into .venv.
 EXTRAS="test,plot"

@@ -26,6 +26,7 @@ COMMAND_MODULES = [
     "merge",
     "zfile",
     "nbd",
+    "mount",
     "snapshot",
     "cache",
     "push",
