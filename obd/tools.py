@@ -7,8 +7,12 @@ Each mirrors its overlaybd counterpart byte for byte where the format allows (FO
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+
+import numpy as np
 
 from obd.blob_writer import BlobWriter
 from obd.errors import ObdError
@@ -186,3 +190,108 @@ def merge_stack(
 
 def gib(n: float) -> int:
     return int(n * GiB)
+
+
+def import_raw(
+    raw_path: str,
+    out_path: str,
+    *,
+    options: OutputOptions = OutputOptions(compress="lz4"),
+    virtual_size: int | None = None,
+    uuid: str | None = None,
+    parent_uuid: str | None = None,
+    message: str = "",
+    skip_zero_blocks: bool = True,
+    progress: Callable[[int], None] | None = None,
+) -> WriteResult:
+    """A raw disk image (an ext4 file system made with ``mke2fs -d``, say) as one sealed layer.
+
+    Only the file's data extents (``SEEK_DATA``/``SEEK_HOLE``) are copied, into a temporary append
+    RW layer next to ``out_path`` that is then committed with ``options``; with ``skip_zero_blocks``
+    4 KiB blocks of zeros inside the extents are left unmapped too (they read as zeros either way,
+    and a mapping costs index space and fetches). ``virtual_size`` defaults to the file size
+    rounded up to a sector; it may be larger (overlaybd images are usually 64 GiB devices).
+    """
+    size = os.path.getsize(raw_path)
+    vsize = virtual_size if virtual_size is not None else size + (-size % 512)
+    if vsize < size or vsize % 512:
+        raise ObdError(
+            f"virtual size must be a multiple of 512 and at least the file's {size} bytes",
+            path=raw_path,
+            field="virtual_size",
+            value=vsize,
+        )
+    out_dir = os.path.dirname(os.path.abspath(out_path))
+    chunk = 4 << 20
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    with tempfile.TemporaryDirectory(prefix=".obd-import-", dir=out_dir) as tmp:
+        layer = create_rw(
+            os.path.join(tmp, "data"), os.path.join(tmp, "index"), vsize, parent_uuid=parent_uuid
+        )
+        try:
+            fd = os.open(raw_path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                copied = 0
+                for start, end in _data_extents(fd, size):
+                    pos = start
+                    while pos < end:
+                        n = os.preadv(fd, [view[: min(chunk, end - pos)]], pos)
+                        if n <= 0:
+                            raise ObdError("file shrank while being read", path=raw_path, value=pos)
+                        for a, b in _nonzero_runs(view[:n], skip_zero_blocks):
+                            layer.pwrite(_padded(view[a:b]), pos + a)
+                        pos += n
+                        copied += n
+                        if progress is not None:
+                            progress(copied)
+            finally:
+                os.close(fd)
+            layer.flush()
+            return commit_layer(layer, out_path, uuid=uuid, message=message, options=options)
+        finally:
+            layer.close()
+
+
+def _data_extents(fd: int, size: int) -> list[tuple[int, int]]:
+    """``[start, end)`` byte ranges of a file's data (holes left out), sector-aligned outwards."""
+    out: list[tuple[int, int]] = []
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:  # ENXIO: only a hole is left
+            break
+        end = os.lseek(fd, start, os.SEEK_HOLE)
+        start -= start % 512
+        end = min(end + (-end % 512), size)
+        if out and start <= out[-1][1]:
+            out[-1] = (out[-1][0], end)
+        else:
+            out.append((start, end))
+        pos = end
+    return out
+
+
+def _nonzero_runs(data: memoryview, skip: bool) -> list[tuple[int, int]]:
+    """Runs of ``data`` (offsets) that are not 4 KiB blocks of zeros (the whole of it unless ``skip``)."""
+    n = len(data)
+    if not skip or n < 4096:
+        return [(0, n)] if n else []
+    whole = n - n % 4096
+    blocks = np.frombuffer(data[:whole], dtype=np.uint64).reshape(-1, 512)
+    nonzero = blocks.any(axis=1)
+    edges = np.flatnonzero(np.diff(np.concatenate(([False], nonzero, [False])).astype(np.int8)))
+    runs = [(int(a) * 4096, int(b) * 4096) for a, b in zip(edges[::2], edges[1::2], strict=True)]
+    if whole < n:
+        if runs and runs[-1][1] == whole:
+            runs[-1] = (runs[-1][0], n)
+        else:
+            runs.append((whole, n))
+    return runs
+
+
+def _padded(data: memoryview) -> bytes | memoryview:
+    """``data`` zero-padded to a whole sector (only the file's last bytes can be short)."""
+    tail = len(data) % 512
+    return data if not tail else bytes(data) + bytes(512 - tail)

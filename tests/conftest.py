@@ -60,3 +60,13 @@ def materialized() -> Callable[[str], Path]:
     every test of the session and by later sessions.
     """
     return fixtures.materialize
+
+
+@pytest.fixture(scope="session")
+def assets():  # type: ignore[no-untyped-def]
+    """The microVM kernel + initramfs (``frontends.vm.ensure_assets``), built once per machine."""
+    from frontends.vm import ensure_assets
+
+    fixtures.require_tool("qemu-system-x86_64")
+    fixtures.require_tool("busybox")
+    return ensure_assets(fixtures.vm_cache_dir())

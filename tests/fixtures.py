@@ -168,6 +168,13 @@ def setup_packages() -> list[str]:
     return names
 
 
+def vm_cache_dir() -> Path:
+    """Where the VM tests keep the microVM kernel and initramfs: shared between sessions like the
+    fixture cache, so the kernel is downloaded once per machine (``$OBD_VM_TEST_CACHE`` overrides)."""
+    env = os.environ.get("OBD_VM_TEST_CACHE")
+    return Path(env) if env else Path(tempfile.gettempdir()) / f"obd-vm-cache-{os.getuid()}"
+
+
 def find_tool(name: str) -> str | None:
     """Full path of program ``name`` on PATH or in the sbin directories, or None."""
     path = os.pathsep.join([os.environ.get("PATH", ""), *_EXTRA_PATH])

@@ -24,13 +24,10 @@ import datetime
 import fnmatch
 import ipaddress
 import secrets
-import socket
 import ssl
 import subprocess
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,17 +41,10 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
 from fixtures import require_tool
+from frontends.run.registry import LocalRegistry, free_port
 
 SERVICE = "obd-test-registry"
 ISSUER = "obd-test-issuer"
-START_TIMEOUT = 20.0
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ServerThread:
@@ -257,7 +247,7 @@ def _now_iso() -> str:
 # -- the registry ------------------------------------------------------------------------------
 
 
-class RegistryServer:
+class RegistryServer(LocalRegistry):
     """Debian's ``docker-registry`` on 127.0.0.1, in ``noauth``, ``htpasswd`` or ``token`` mode."""
 
     def __init__(
@@ -272,41 +262,13 @@ class RegistryServer:
             raise ValueError(mode)
         if mode == "token" and token_server is None:
             raise ValueError("token mode needs a TokenServer")
-        self.binary = require_tool("docker-registry")
-        self.workdir = workdir
+        super().__init__(workdir, binary=require_tool("docker-registry"))
+        self.workdir = Path(workdir)
         self.mode = mode
         self.users = users or {}
         self.token_server = token_server
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log_path = workdir / "registry.log"
 
-    @property
-    def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}"
-
-    def _config(self) -> str:
-        storage = self.workdir / "storage"
-        storage.mkdir(parents=True, exist_ok=True)
-        lines = [
-            "version: 0.1",
-            "log:",
-            "  level: error",
-            "  accesslog:",
-            "    disabled: true",
-            "storage:",
-            "  filesystem:",
-            f"    rootdirectory: {storage}",
-            "  delete:",
-            "    enabled: true",
-            "http:",
-            f"  addr: 127.0.0.1:{self.port}",
-            f"  secret: {secrets.token_hex(16)}",
-        ]
+    def _auth_config(self) -> list[str]:
         if self.mode == "htpasswd":
             htpasswd = require_tool("htpasswd")
             entries = []
@@ -317,10 +279,10 @@ class RegistryServer:
                 entries.append(out.stdout.decode().strip())
             path = self.workdir / "htpasswd"
             path.write_text("\n".join(entries) + "\n")
-            lines += ["auth:", "  htpasswd:", "    realm: obd-test", f"    path: {path}"]
-        elif self.mode == "token":
+            return ["auth:", "  htpasswd:", "    realm: obd-test", f"    path: {path}"]
+        if self.mode == "token":
             assert self.token_server is not None
-            lines += [
+            return [
                 "auth:",
                 "  token:",
                 f"    realm: {self.token_server.realm}",
@@ -328,48 +290,7 @@ class RegistryServer:
                 f"    issuer: {ISSUER}",
                 f"    rootcertbundle: {self.token_server.cert_path}",
             ]
-        return "\n".join(lines) + "\n"
-
-    def start(self) -> RegistryServer:
-        config = self.workdir / "config.yml"
-        config.write_text(self._config())
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                [self.binary, "serve", str(config)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"docker-registry exited with {self.proc.returncode}: {self._log_tail()}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/v2/", timeout=1) as resp:
-                    resp.read()
-                return self
-            except urllib.error.HTTPError:
-                return self  # 401: up, and wants auth
-            except (urllib.error.URLError, OSError):
-                time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"docker-registry did not answer within {START_TIMEOUT} s: {self._log_tail()}")
-
-    def _log_tail(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-2000:]
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.proc = None
+        return []
 
 
 # -- object storage stand-in -------------------------------------------------------------------

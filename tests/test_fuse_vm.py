@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from test_fuse_mount import Mounted, _no_mount_left_behind  # noqa: F401
-from test_vm_boot import assets, root_image  # noqa: F401
+from test_vm_boot import root_image  # noqa: F401
 
 from frontends.vm import boot
 from obd.lsmt.rw import create_rw
@@ -43,13 +43,13 @@ def import_as_layer(image: Path, out: Path) -> Path:
     return out
 
 
-def run(assets, disk, argv, **kwargs):  # noqa: F811
+def run(assets, disk, argv, **kwargs):
     kwargs.setdefault("timeout", 120)
     kwargs.setdefault("accel", "tcg")
     return boot(assets, str(disk), argv, **kwargs)
 
 
-def test_qemu_boots_from_the_mounted_file_and_writes_persist(assets, root_image, tmp_path):  # noqa: F811
+def test_qemu_boots_from_the_mounted_file_and_writes_persist(assets, root_image, tmp_path):  # noqa: F811 (root_image)
     layer = import_as_layer(root_image, tmp_path / "root.commit")
     upper = str(tmp_path / "up")
     with Mounted(tmp_path / "mnt", str(layer)) as m:

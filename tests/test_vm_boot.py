@@ -20,26 +20,13 @@ import pytest
 from ext4tree import e2fsck_clean, mke2fs_from_dir, read_file
 
 from fixtures import require_tool
-from frontends.vm import GuestError, NbdDisk, VMError, VMTimeoutError, boot, ensure_assets, resolve_accel
+from frontends.vm import GuestError, NbdDisk, VMError, VMTimeoutError, boot, resolve_accel
 from frontends.vm import qemu as vm_qemu
 
 APPLETS = ("sh", "echo", "cat", "printf", "env", "id", "pwd", "sleep", "ls", "true", "mkdir", "rm")
 ARGS_SCRIPT = '#!/bin/sh\nfor a in "$@"; do printf "[%s]\\n" "$a"; done\n'
 # Binary output the console must pass unchanged: CR/LF, NUL, 0xff, text that looks like a marker.
 BLOB = bytes(random.Random(5).randbytes(60_000)) + b"\r\n\n\r\0\xffOBD-EXIT-0: 1\nOBD-START-x\n" * 50
-
-
-def vm_cache_dir() -> Path:
-    """Shared between sessions like the fixture cache, so the kernel is downloaded once per machine."""
-    env = os.environ.get("OBD_VM_TEST_CACHE")
-    return Path(env) if env else Path(tempfile.gettempdir()) / f"obd-vm-cache-{os.getuid()}"
-
-
-@pytest.fixture(scope="module")
-def assets():
-    require_tool("qemu-system-x86_64")
-    require_tool("busybox")
-    return ensure_assets(vm_cache_dir())
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ from obd.errors import ObdError
 #: Sub-command modules, in the order ``obd --help`` lists them.
 COMMAND_MODULES = [
     "demo",
+    "run",
     "export",
     "inspect",
     "create",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Any
 
 from obd.errors import ObdError
 from obd.progress import Progress
@@ -15,6 +16,33 @@ LAYERS_HELP = (
     "envelope); or one overlaybd image in an OCI layout, oci:DIR[:TAG]; or a registry reference such as "
     "registry.example.com/app:1.0 (read lazily)"
 )
+
+
+class _SplitAtDashDash(argparse.ArgumentParser):
+    """Sub-parser that keeps everything after ``--`` in ``args.after_dashdash`` instead of parsing it."""
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def]
+        args = list(sys.argv[1:] if args is None else args)
+        after: list[str] = []
+        if "--" in args:
+            i = args.index("--")
+            args, after = args[:i], args[i + 1 :]
+        ns, rest = super().parse_known_args(args, namespace)
+        ns.after_dashdash = after
+        return ns, rest
+
+
+def add_dashdash_parser(sub: argparse._SubParsersAction, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+    """``sub.add_parser(name, **kwargs)`` whose words after ``--`` are kept unparsed in
+    ``args.after_dashdash`` (the command ``obd run`` starts, extra arguments ``obd nbd`` gives nbdkit)."""
+    saved = sub._parser_class
+    sub._parser_class = _SplitAtDashDash
+    try:
+        parser = sub.add_parser(name, **kwargs)
+    finally:
+        sub._parser_class = saved
+    parser.set_defaults(after_dashdash=[])
+    return parser
 
 
 def add_stack_args(parser: argparse.ArgumentParser, *, layers_required: bool = False) -> None:

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from obd.cli.common import add_dashdash_parser
 from obd.errors import ConfigError, ObdError
 
 DESCRIPTION = """\
@@ -41,32 +42,14 @@ examples:
 _EXTRA_PATH = ("/usr/sbin", "/usr/local/sbin", "/usr/bin", "/sbin")
 
 
-class _SplitAtDashDash(argparse.ArgumentParser):
-    """Sub-parser that keeps everything after ``--`` for nbdkit instead of parsing it."""
-
-    def parse_known_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def]
-        args = list(sys.argv[1:] if args is None else args)
-        extra: list[str] = []
-        if "--" in args:
-            i = args.index("--")
-            args, extra = args[:i], args[i + 1 :]
-        ns, rest = super().parse_known_args(args, namespace)
-        ns.nbdkit_args = extra
-        return ns, rest
-
-
 def register(sub: argparse._SubParsersAction) -> None:
-    saved = sub._parser_class
-    sub._parser_class = _SplitAtDashDash
-    try:
-        p = sub.add_parser(
-            "nbd",
-            help="serve an image as an NBD disk (nbdkit python plugin)",
-            description=DESCRIPTION,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-    finally:
-        sub._parser_class = saved
+    p = add_dashdash_parser(
+        sub,
+        "nbd",
+        help="serve an image as an NBD disk (nbdkit python plugin)",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument(
         "image",
         nargs="*",
@@ -90,7 +73,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nbdkit", metavar="PROGRAM", help="the nbdkit binary (default: from PATH)")
     p.add_argument("--nbdkit-verbose", action="store_true", help="nbdkit -v (debug messages)")
     p.add_argument("--print-command", action="store_true", help="print the nbdkit command and exit")
-    p.set_defaults(func=run, nbdkit_args=[])
+    p.set_defaults(func=run)
 
 
 def plugin_path() -> Path:
@@ -157,8 +140,8 @@ def build_command(args: argparse.Namespace) -> list[str]:
     if args.pidfile:
         cmd += ["-P", os.path.abspath(args.pidfile)]
     # nbdkit options go before the plugin, key=value parameters (of filters) after it
-    params = [a for a in args.nbdkit_args if "=" in a and not a.startswith("-")]
-    cmd += [a for a in args.nbdkit_args if a not in params]
+    params = [a for a in args.after_dashdash if "=" in a and not a.startswith("-")]
+    cmd += [a for a in args.after_dashdash if a not in params]
     cmd += ["python", str(plugin_path()), *params]
     for spec in args.image:
         cmd.append(f"layer={_abs_spec(spec)}" if len(args.image) > 1 else f"image={_abs_spec(spec)}")

@@ -163,17 +163,24 @@ class UpperDir:
             "snapshots": [],
             **(extra or {}),
         }
-        cfg = self._new_config(base.lowers, 1, meta)
+        cfg = self._new_config(base.lowers, 1, meta, repo_blob_url=base.repoBlobUrl)
         self._fresh_rw(1, vsize, sparse=sparse, parent_uuid=parent)
         cfg.save(self.config_path)
         _fsync_dir(self.path)
         return cfg
 
-    def _new_config(self, lowers: list[LowerConfig], generation: int, meta: dict[str, Any]) -> ImageConfig:
+    def _new_config(
+        self, lowers: list[LowerConfig], generation: int, meta: dict[str, Any], *, repo_blob_url: str = ""
+    ) -> ImageConfig:
         data, index = self.rw_paths(generation)
         meta = {**meta, "generation": generation}
+        # repoBlobUrl: lowers of a registry image are digests read from there
         return ImageConfig(
-            lowers=list(lowers), upper=UpperConfig(index=index, data=data), extra={"obd": meta}, path=None
+            lowers=list(lowers),
+            upper=UpperConfig(index=index, data=data),
+            extra={"obd": meta},
+            path=None,
+            repoBlobUrl=repo_blob_url,
         )
 
     def _fresh_rw(self, generation: int, vsize: int, *, sparse: bool, parent_uuid: str | None) -> None:
@@ -254,7 +261,9 @@ class UpperDir:
             "data_bytes": res.info.data_bytes,
         }
         meta["snapshots"] = [*meta.get("snapshots", []), entry]
-        new = self._new_config([*cfg.lowers, LowerConfig(file=out)], gen + 1, meta)
+        new = self._new_config(
+            [*cfg.lowers, LowerConfig(file=out)], gen + 1, meta, repo_blob_url=cfg.repoBlobUrl
+        )
         new.save(self.config_path)
         _fsync_dir(self.path)
         for old in (data, index):
@@ -268,7 +277,7 @@ class UpperDir:
         cfg = self.load()
         meta = self.meta(cfg)
         new = UpperDir(new_path)
-        base = ImageConfig(lowers=list(cfg.lowers))
+        base = ImageConfig(lowers=list(cfg.lowers), repoBlobUrl=cfg.repoBlobUrl)
         with new.locked():
             new.create(
                 base,

@@ -202,20 +202,23 @@ def layers_image(
     layer_media_type: str = OCI_LAYER_TAR,
     annotations: dict[str, str] | None = None,
     platform: tuple[str, str] = ("linux", "amd64"),
+    config: dict[str, Any] | None = None,
 ) -> tuple[bytes, bytes]:
     """``(manifest, config)`` bytes of an OCI image around existing blobs ``(digest, size)``, lowest first.
 
     With ``overlaybd`` each layer carries the annotations overlaybd's convertor writes (blob-digest,
     blob-size, version; FORMATS.md §7.1) so the image is recognised as an overlaybd image; the layer
     media type says "uncompressed tar", so the config's ``diff_ids`` are the blob digests.
+    ``config`` is the image config's ``config`` object (how to run it: ``Entrypoint``, ``Cmd``,
+    ``Env``, ``WorkingDir``, ``User``...); empty by default.
     """
-    config = {
+    image_config = {
         "architecture": platform[1],
         "os": platform[0],
         "rootfs": {"type": "layers", "diff_ids": [d for d, _ in layers]},
-        "config": {},
+        "config": dict(config or {}),
     }
-    config_bytes = json.dumps(config, separators=(",", ":"), sort_keys=True).encode()
+    config_bytes = json.dumps(image_config, separators=(",", ":"), sort_keys=True).encode()
     descs = []
     for digest, size in layers:
         layer: dict[str, Any] = {"mediaType": layer_media_type, "digest": digest, "size": size}
@@ -263,15 +266,20 @@ async def push_files_image(
     overlaybd: bool = True,
     annotations: dict[str, str] | None = None,
     mount_from: str | None = None,
+    config: dict[str, Any] | None = None,
 ) -> PushResult:
-    """Push local layer files (overlaybd blobs, byte for byte; lowest first) as one image."""
+    """Push local layer files (overlaybd blobs, byte for byte; lowest first) as one image.
+
+    ``config`` becomes the image config's ``config`` object (``Entrypoint``, ``Cmd``, ``Env``,
+    ``WorkingDir``, ``User``): what ``obd run`` and container runtimes start by default.
+    """
     files = [os.fspath(p) for p in paths]
     layers = [_file_digest(p) for p in files]
-    manifest, config = layers_image(layers, overlaybd=overlaybd, annotations=annotations)
+    manifest, config_bytes = layers_image(layers, overlaybd=overlaybd, annotations=annotations, config=config)
     ref = dest if isinstance(dest, Reference) else parse_reference(dest)
     result = PushResult(str(ref), "", OCI_MANIFEST)
     blobs: list[tuple[str, bytes | str]] = [(d, p) for (d, _), p in zip(layers, files, strict=True)]
-    blobs.append(("sha256:" + hashlib.sha256(config).hexdigest(), config))
+    blobs.append(("sha256:" + hashlib.sha256(config_bytes).hexdigest(), config_bytes))
     for blob_digest, data in blobs:
         fate = await push_blob(client, ref, blob_digest, data, mount_from=mount_from)
         {"exists": result.existing, "mounted": result.mounted, "uploaded": result.uploaded}[fate].append(

@@ -1,0 +1,324 @@
+#!/usr/bin/env python3
+"""Cold start of ``python3 -c 'print("hello world!")'`` in a microVM, from a registry far away.
+
+One image — a Debian bookworm minbase root with python3 (``bench/images.py``) — is pushed to a
+local registry twice: as a plain OCI image (five gzip tar layers) and as an overlaybd image (one
+layer: ext4, zstd ZFile of 32 KiB blocks, tar envelope; see ``--compress``, ``--block-size``).
+The registry sits behind ``bench/slow_proxy.py``, which adds a delay to every request and caps the
+bandwidth (no tc netem on our machines). For each link the time from "go" to the command's first
+output byte is measured for:
+
+(a) what a user does today: pull every layer of the plain image (in parallel), extract them with
+    GNU tar, ``mke2fs -d`` an ext4 root, boot it, run the command;
+(b) ``obd run`` lazily, cold block cache (it also records a prefetch trace);
+(c) ``obd run`` with the trace recorded by (b) replayed from the start, cold block cache;
+(d) the floor: boot and run from a ready local ext4 disk file (no network at all).
+
+Bytes and requests are the proxy's own counts (everything that crossed the "link"). Targets
+(issue 7): at 50 ms + 20 Mbit/s (c) ≥ 5× faster than (a) and (b) ≥ 3×; at 25 ms + 100 Mbit/s (c)
+within 1 s of (d).
+
+Usage: .venv/bin/python bench/coldstart.py [--links 25ms:100Mbit,50ms:20Mbit] [--runs N]
+       [--cache-dir DIR] [--ablation] [--json OUT]
+Needs root the first time (debootstrap) and the apt mirror; afterwards everything is cached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+import slow_proxy  # noqa: E402
+from images import (  # noqa: E402
+    debian_python_rootfs,
+    default_cache_dir,
+    overlaybd_layer,
+    plain_oci_layout,
+    python_config,
+    raw_ext4,
+)
+
+from frontends.run.images import mkfs_ext4, push_image  # noqa: E402
+from frontends.run.launcher import RunOptions, run_image  # noqa: E402
+from frontends.run.registry import LocalRegistry  # noqa: E402
+from frontends.vm import boot, ensure_assets, resolve_accel  # noqa: E402
+from obd.image.remote import RemoteOptions  # noqa: E402
+from obd.registry.client import RegistryClient  # noqa: E402
+from obd.registry.loop import default_runner  # noqa: E402
+from obd.registry.push import push_layout  # noqa: E402
+from obd.stats import Stats  # noqa: E402
+
+COMMAND = ["python3", "-c", 'print("hello world!")']
+EXPECTED = b"hello world!\n"
+MB = 1e6
+
+
+class FirstOutput:
+    """An ``on_output`` callback that notes when the first byte arrived."""
+
+    def __init__(self, t0: float):
+        self.t0 = t0
+        self.at: float | None = None
+        self.data = bytearray()
+
+    def __call__(self, chunk: bytes) -> None:
+        if self.at is None:
+            self.at = time.monotonic() - self.t0
+        self.data += chunk
+
+
+def floor(assets, raw: Path, accel: str) -> float:
+    t0 = time.monotonic()
+    seen = FirstOutput(t0)
+    res = boot(assets, str(raw), COMMAND, accel=accel, on_output=seen, timeout=300)
+    assert res.exit_code == 0 and res.output == EXPECTED, res.output
+    return seen.at or res.timings["total"]
+
+
+def full_pull(assets, host: str, repo: str, work: Path, accel: str) -> dict:
+    """(a): pull every layer in parallel, tar -x, mke2fs -d, boot, run; seconds per step."""
+    work.mkdir(parents=True)
+    runner = default_runner()
+    client = RegistryClient(insecure=True)
+    t0 = time.monotonic()
+    steps: dict[str, float] = {}
+    try:
+        image = runner.run(client.get_image(f"{host}/{repo}"), 120)
+
+        async def pull_all() -> list[int]:
+            return await asyncio.gather(
+                *(
+                    client.download_blob(image.reference, d.digest, work / f"layer{i}")
+                    for i, d in enumerate(image.layers)
+                )
+            )
+
+        sizes = runner.run(pull_all(), 1800)
+    finally:
+        runner.run(client.aclose(), 10)
+    steps["pull"] = time.monotonic() - t0
+    root = work / "rootfs"
+    root.mkdir()
+    t = time.monotonic()
+    tar = shutil.which("tar") or "/bin/tar"
+    for i in range(len(sizes)):
+        subprocess.run([tar, "-xzf", str(work / f"layer{i}"), "-C", str(root)], check=True)
+    steps["extract"] = time.monotonic() - t
+    t = time.monotonic()
+    raw = mkfs_ext4(root, work / "root.ext4")
+    steps["mkfs"] = time.monotonic() - t
+    t = time.monotonic()
+    seen = FirstOutput(t)
+    res = boot(assets, str(raw), COMMAND, accel=accel, on_output=seen, timeout=300)
+    assert res.exit_code == 0 and res.output == EXPECTED, res.output
+    steps["boot+run"] = seen.at or res.timings["total"]
+    steps["total"] = steps["pull"] + steps["extract"] + steps["mkfs"] + steps["boot+run"]
+    shutil.rmtree(work, ignore_errors=True)
+    return steps
+
+
+def lazy(host: str, repo: str, cache: Path, accel: str, **kw) -> dict:
+    """(b)/(c): ``obd run`` of the overlaybd image with a cold block cache."""
+    shutil.rmtree(cache, ignore_errors=True)
+    remote = RemoteOptions(insecure=True, cache_dir=str(cache), stats=Stats())
+    out = bytearray()
+    res = run_image(
+        f"{host}/{repo}", COMMAND, RunOptions(remote=remote, accel=accel, on_output=out.extend, **kw)
+    )
+    assert res.exit_code == 0 and bytes(out) == EXPECTED, bytes(out)
+    shutil.rmtree(cache, ignore_errors=True)
+    t = res.timings
+    return {
+        "total": t["first_output"],
+        "resolve": t["resolve"],
+        "server": t["server"] - t["resolve"],
+        "boot+run": t["first_output"] - t["server"],
+        "server_requests": res.stats.get("requests", 0),
+        "server_bytes": res.stats.get("bytes_fetched", 0),
+    }
+
+
+def through_proxy(upstream: str, delay: str, rate: str, fn) -> dict:
+    proc, host = slow_proxy.start(upstream, delay=delay, rate=rate)
+    try:
+        result = fn(host)
+    finally:
+        counts = slow_proxy.stop(proc).split()
+    # "requests N bytes M"
+    result["requests"] = int(counts[counts.index("requests") + 1])
+    result["bytes"] = int(counts[counts.index("bytes") + 1])
+    return result
+
+
+def median(runs: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in runs)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument(
+        "--links", default="25ms:100Mbit,50ms:20Mbit", help="DELAY:RATE,... (default: both targets)"
+    )
+    ap.add_argument("--runs", type=int, default=1, help="runs per case (medians are reported)")
+    ap.add_argument("--cache-dir", default=str(default_cache_dir()), help="where built images are cached")
+    ap.add_argument(
+        "--compress", default="zstd", choices=("lz4", "zstd"), help="ZFile codec of the overlaybd layer"
+    )
+    ap.add_argument("--block-size", type=int, default=32, metavar="KIB", help="ZFile block size (default 32)")
+    ap.add_argument("--ablation", action="store_true", help="also (b) without the ext4 metadata prefetch")
+    ap.add_argument("--accel", default="auto", choices=("auto", "kvm", "tcg"))
+    ap.add_argument("--json", metavar="OUT", help="write the results as JSON here")
+    args = ap.parse_args()
+
+    say = lambda m: print(f"# {m}", flush=True)  # noqa: E731
+    cache = Path(args.cache_dir)
+    root = debian_python_rootfs(cache, progress=say)
+    layer = overlaybd_layer(
+        root, cache, name="debian-python", compress=args.compress, block_size=args.block_size << 10
+    )
+    layout = plain_oci_layout(root, cache, name="debian-python", layers=5, config=python_config())
+    raw = raw_ext4(root, cache, name="debian-python")
+    plain_bytes = sum(
+        d["size"]
+        for d in json.loads(
+            (
+                layout
+                / "blobs"
+                / "sha256"
+                / json.loads((layout / "index.json").read_text())["manifests"][0]["digest"][7:]
+            ).read_bytes()
+        )["layers"]
+    )
+    say(f"overlaybd layer {layer.stat().st_size / MB:.1f} MB; plain OCI layers {plain_bytes / MB:.1f} MB")
+    assets = ensure_assets(progress=say)
+    accel = resolve_accel(assets, args.accel)
+    work = Path(tempfile.mkdtemp(prefix="obd-coldstart-"))
+    results: dict = {"accel": accel, "links": {}}
+    try:
+        with LocalRegistry(work / "registry") as reg:
+            push_image([layer], f"{reg.host}/bench/python:obd", config=python_config(), insecure=True)
+            runner = default_runner()
+            client = RegistryClient(insecure=True)
+            runner.run(push_layout(client, f"oci:{layout}:latest", f"{reg.host}/bench/python:oci"), 600)
+            runner.run(client.aclose(), 10)
+            say(f"images pushed to {reg.url}; accelerator {accel}")
+
+            floors = [floor(assets, raw, accel) for _ in range(max(1, args.runs))]
+            results["floor"] = floors
+            d = statistics.median(floors)
+            print(
+                f"\n(d) floor, boot + run from a local ext4 file: {d:.2f} s "
+                f"(runs: {', '.join(f'{x:.2f}' for x in floors)})"
+            )
+
+            for link in args.links.split(","):
+                delay, rate = link.split(":")
+                runs: dict[str, list[dict]] = {"a": [], "b": [], "c": [], "b-nometa": []}
+                for i in range(max(1, args.runs)):
+                    trace = work / f"boot-{i}.trace"
+                    runs["a"].append(
+                        through_proxy(
+                            reg.url,
+                            delay,
+                            rate,
+                            lambda h, i=i: full_pull(assets, h, "bench/python:oci", work / f"pull{i}", accel),
+                        )
+                    )
+                    runs["b"].append(
+                        through_proxy(
+                            reg.url,
+                            delay,
+                            rate,
+                            lambda h, trace=trace: lazy(
+                                h, "bench/python:obd", work / "cache", accel, record_trace=str(trace)
+                            ),
+                        )
+                    )
+                    runs["c"].append(
+                        through_proxy(
+                            reg.url,
+                            delay,
+                            rate,
+                            lambda h, trace=trace: lazy(
+                                h, "bench/python:obd", work / "cache", accel, trace=str(trace)
+                            ),
+                        )
+                    )
+                    if args.ablation:
+                        runs["b-nometa"].append(
+                            through_proxy(
+                                reg.url,
+                                delay,
+                                rate,
+                                lambda h: lazy(
+                                    h, "bench/python:obd", work / "cache", accel, prefetch_meta=False
+                                ),
+                            )
+                        )
+                results["links"][link] = runs
+                report(link, runs, d)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+def report(link: str, runs: dict[str, list[dict]], d: float) -> None:
+    a = median(runs["a"], "total")
+    print(f"\nlink {link.replace(':', ' + ')}/s  (medians of {len(runs['a'])} run(s))")
+    print(f"  {'case':<46} {'first output':>12} {'vs (a)':>7} {'fetched':>10} {'requests':>9}")
+    rows = [
+        ("a", "(a) pull + extract + mke2fs + boot + run"),
+        ("b", "(b) obd run, lazy, cold cache"),
+        ("b-nometa", "(b') obd run, lazy, no metadata prefetch"),
+        ("c", "(c) obd run + recorded trace, cold cache"),
+    ]
+    for key, label in rows:
+        if not runs[key]:
+            continue
+        t = median(runs[key], "total")
+        print(
+            f"  {label:<46} {t:>10.2f} s {a / t:>6.1f}× {median(runs[key], 'bytes') / MB:>7.1f} MB "
+            f"{median(runs[key], 'requests'):>9.0f}"
+        )
+    print(f"  {'(d) floor: boot + run from a local disk':<46} {d:>10.2f} s {a / d:>6.1f}×")
+    steps = runs["a"][0]
+    print(
+        "  (a) steps: " + ", ".join(f"{k} {steps[k]:.2f} s" for k in ("pull", "extract", "mkfs", "boot+run"))
+    )
+    for key in ("b", "c"):
+        r = runs[key][0]
+        print(
+            f"  ({key}) steps: resolve {r['resolve']:.2f} s, nbd server {r['server']:.2f} s, "
+            f"boot to output {r['boot+run']:.2f} s"
+        )
+    b, c = median(runs["b"], "total"), median(runs["c"], "total")
+    # issue 7 sets speed-up targets on the slow link and a distance-to-floor target on the fast one
+    speedups = f"(b) {a / b:.1f}× (a), (c) {a / c:.1f}× (a)"
+    floor = f"(c) - (d) = {c - d:+.2f} s"
+    if link == "50ms:20Mbit":
+        print(
+            f"  targets on this link: (b) ≥ 3× (a): {'met' if a / b >= 3 else 'MISSED'}, "
+            f"(c) ≥ 5× (a): {'met' if a / c >= 5 else 'MISSED'} — {speedups}"
+        )
+    elif link == "25ms:100Mbit":
+        print(f"  target on this link: (c) within 1 s of (d): {'met' if c - d <= 1 else 'MISSED'} — {floor}")
+    else:
+        print(f"  {speedups}; {floor}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,281 @@
+"""``obd run``: run a command in a fresh microVM booted straight from an overlaybd image (docs/run.md)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from obd.cli.common import add_dashdash_parser, add_remote_args, remote_options
+from obd.errors import ConfigError, ObdError
+
+DESCRIPTION = """\
+Run a command in a fresh microVM (QEMU -M microvm; KVM when it works, else TCG) whose root disk is
+an overlaybd image read lazily: from a registry only the blocks the command touches are fetched
+(through the block cache), with no pull, no extraction and no kernel module. The command runs as
+the image's config says (Entrypoint, Cmd, Env, WorkingDir, User; arguments after `--` replace
+Cmd); its output (stdout and stderr, one stream) is streamed here and obd exits with its exit code
+(125: obd could not run it; 124: --timeout ran out). Ctrl-C stops everything.
+
+The root is read-only (with a tmpfs on /tmp) unless --rw or --snapshot: then the writes land in
+an upper directory (an overlaybd RW layer) that outlives the run; `obd snapshot DIR` (or --commit)
+seals them into a layer, `obd fork DIR NEW` branches off, and later runs of DIR see them.
+
+A Sandboxfile (YAML; docs/sandboxfile.md) names repeatable settings: `obd run -f Sandboxfile NAME`
+runs sandbox NAME's start script (NAME~SCRIPT or --script SCRIPT for another one).
+
+examples:
+  obd run registry.example.com/python:3.11 -- python3 -c 'print("hello world!")'
+  obd run --insecure-registry 127.0.0.1:5000 127.0.0.1:5000/app:1 --env DEBUG=1 -- ./serve --once
+  obd run IMAGE --snapshot dev -- sh -c 'pip install x'    # state kept as sandbox "dev"
+  obd run --snapshot dev -- python3 -c 'import x'          # ... and used again
+  obd run IMAGE --rw ./vm1 --commit -- sh -c 'echo hi > /f' && obd fork ./vm1 ./vm2
+  obd run IMAGE --record-trace boot.trace -- true && obd run IMAGE --trace boot.trace -- true
+  obd run -f Sandboxfile hello
+"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = add_dashdash_parser(
+        sub,
+        "run",
+        help="run a command in a microVM booted from an overlaybd image (lazily, from a registry)",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "image",
+        nargs="*",
+        metavar="IMAGE",
+        help="a registry reference, oci:DIR[:TAG], layer files lowest first, or a config.v1.json; "
+        "with -f: the sandbox NAME[~SCRIPT]",
+    )
+    p.add_argument(
+        "-f", "--file", metavar="SANDBOXFILE", help="take the settings of sandbox NAME from this file"
+    )
+    p.add_argument(
+        "--script", metavar="NAME", help="with -f: run this script of the sandbox (default: start)"
+    )
+    p.add_argument("-m", "--memory", metavar="MiB", help="guest memory in MiB (or 1G, 512M; default 512)")
+    p.add_argument("--cpus", type=int, metavar="N", help="virtual CPUs (default 1)")
+    p.add_argument(
+        "-e",
+        "--env",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="set a variable (K alone: this shell's)",
+    )
+    p.add_argument("-w", "--workdir", metavar="DIR", help="working directory (default: the image's, else /)")
+    p.add_argument("-u", "--user", metavar="USER[:GROUP]", help="run as this user (default: the image's)")
+    p.add_argument(
+        "--entrypoint", metavar="CMD", help="replace the image's entrypoint (a command line; '' for none)"
+    )
+    state = p.add_mutually_exclusive_group()
+    state.add_argument(
+        "--rw",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="DIR",
+        help="writable root; the writes go to upper directory DIR (created on first use; default: a new one "
+        "under the state directory, printed at the end)",
+    )
+    state.add_argument(
+        "--snapshot",
+        metavar="NAME",
+        help="writable root kept as named sandbox state NAME (created on first use; IMAGE optional later)",
+    )
+    p.add_argument("--sparse", action="store_true", help="a new upper's RW layer is sparse (default: append)")
+    p.add_argument(
+        "--commit", action="store_true", help="after the run, seal the writes into a snapshot layer"
+    )
+    p.add_argument("--trace", metavar="FILE", help="replay this prefetch trace into the cache while booting")
+    p.add_argument(
+        "--record-trace", metavar="FILE", help="record the blocks this run reads as a prefetch trace"
+    )
+    p.add_argument("--timeout", type=float, metavar="S", help="stop everything after S seconds (exit 124)")
+    p.add_argument(
+        "--accel", choices=("auto", "kvm", "tcg"), help="QEMU accelerator (default: auto = try KVM)"
+    )
+    p.add_argument(
+        "--readahead", metavar="SIZE", help="registry readahead per miss (e.g. 256K; default: none)"
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress or summary lines on stderr")
+    add_remote_args(p)
+    p.set_defaults(func=run)
+
+
+def _say(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    if args.quiet or not args.verbose:
+        return None
+    return lambda msg: print(f"obd: {msg}", file=sys.stderr, flush=True)
+
+
+def build_options(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """(image, command args, RunOptions) from the parsed arguments and the Sandboxfile, if any."""
+    import shlex
+
+    from frontends.run.launcher import RunOptions, sandbox_dir, state_dir
+    from frontends.run.sandboxfile import memory_setting
+    from frontends.vm import write_stdout
+
+    box = None
+    image: list[str] | None = list(args.image) or None
+    command = list(args.after_dashdash)
+    if args.file:
+        from frontends.run.sandboxfile import load
+
+        if not args.image or len(args.image) != 1:
+            raise ConfigError("with -f SANDBOXFILE give one sandbox NAME[~SCRIPT]", field="image")
+        name, _, script = args.image[0].partition("~")
+        if script and args.script and script != args.script:
+            raise ConfigError("give the script as NAME~SCRIPT or --script, not both", field="script")
+        box = load(args.file).get(name)
+        script = script or args.script
+        image = [box.image] if box.image else None
+        if not command:
+            command = box.script_argv(script) if script else box.default_args()
+        elif script:
+            raise ConfigError("give a script or a command after --, not both", field="script")
+        if box.insecure_registry:
+            args.insecure_registry = [*(args.insecure_registry or []), *box.insecure_registry]
+    elif args.script:
+        raise ConfigError("--script needs -f SANDBOXFILE", field="script")
+
+    if args.readahead:
+        from obd.cache.store import parse_size
+
+        remote = remote_options(args)
+        remote.readahead = parse_size(args.readahead)
+    else:
+        remote = remote_options(args)
+    opts = RunOptions(remote=remote, on_output=write_stdout, say=_say(args))
+    if box is not None:
+        opts.memory_mib = box.memory_mib or opts.memory_mib
+        opts.cpus = box.cpus or opts.cpus
+        opts.env = list(box.env)
+        opts.workdir, opts.user, opts.entrypoint = box.workdir, box.user, box.entrypoint
+        opts.timeout, opts.trace, opts.record_trace = box.timeout, box.trace, box.record_trace
+        opts.sparse, opts.platform = box.sparse, box.platform
+        opts.accel = box.accel or opts.accel
+    opts.memory_mib = memory_setting(args.memory, None, "--memory") or opts.memory_mib
+    if args.cpus is not None:
+        if not 1 <= args.cpus <= 64:
+            raise ConfigError("--cpus must be between 1 and 64", value=args.cpus)
+        opts.cpus = args.cpus
+    opts.env += args.env
+    opts.workdir = args.workdir or opts.workdir
+    if opts.workdir is not None and not opts.workdir.startswith("/"):
+        raise ConfigError(
+            "the working directory must be an absolute path", field="workdir", value=opts.workdir
+        )
+    opts.user = args.user if args.user is not None else opts.user
+    if args.entrypoint is not None:
+        opts.entrypoint = shlex.split(args.entrypoint)
+    opts.timeout = args.timeout if args.timeout is not None else opts.timeout
+    if opts.timeout is not None and opts.timeout <= 0:
+        raise ConfigError("--timeout must be positive", value=opts.timeout)
+    opts.trace = args.trace or opts.trace
+    opts.record_trace = args.record_trace or opts.record_trace
+    opts.sparse = args.sparse or opts.sparse
+    opts.accel = args.accel or opts.accel
+    opts.platform = args.platform or opts.platform
+
+    rw = args.rw
+    snapshot = args.snapshot
+    if box is not None and rw is None and snapshot is None:
+        rw = box.rw or None
+        snapshot = box.snapshot
+    if snapshot:
+        opts.upper = str(sandbox_dir(snapshot))
+    elif isinstance(rw, str):
+        opts.upper = os.path.abspath(rw)
+    elif rw:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        opts.upper = str(state_dir() / "uppers" / f"{stamp}-{os.urandom(3).hex()}")
+    if args.commit and not opts.upper:
+        raise ConfigError("--commit needs --rw or --snapshot (a read-only run has no writes)", field="commit")
+    if not image and not opts.upper:
+        raise ConfigError(
+            "no image: give IMAGE (or -f SANDBOXFILE NAME, or an existing --rw DIR / --snapshot NAME)"
+        )
+    return image, command, opts
+
+
+def run(args: argparse.Namespace) -> int:
+    from frontends.run.launcher import Interrupted, commit_upper, run_image, signals_interrupt
+    from frontends.vm import GuestError, VMTimeoutError
+
+    try:
+        image, command, opts = build_options(args)
+        fresh_upper = opts.upper is not None and not os.path.exists(opts.upper)
+        with signals_interrupt():
+            result = run_image(image, command, opts)
+    except Interrupted as e:
+        print(f"obd: stopped by {e}", file=sys.stderr)
+        return 128 + e.signum
+    except VMTimeoutError as e:
+        first = str(e).splitlines()[0]
+        print(f"obd: error: {first}", file=sys.stderr)
+        return 124
+    except GuestError as e:
+        print(f"obd: error: {e}", file=sys.stderr)
+        return 125
+    except ObdError as e:
+        if args.debug:
+            raise
+        print(f"obd: error: {e}", file=sys.stderr)
+        return 125
+    finally:
+        sys.stdout.flush()
+    if args.commit and opts.upper:
+        entry = commit_upper(opts.upper)
+        if not args.quiet:
+            print(f"obd: committed the writes as {os.path.join(opts.upper, entry['file'])}", file=sys.stderr)
+    if not args.quiet:
+        if fresh_upper and opts.upper:
+            again = f"--snapshot {args.snapshot}" if args.snapshot else f"--rw {opts.upper}"
+            print(
+                f"obd: the writes are in {opts.upper} (`obd snapshot {opts.upper}` commits them; "
+                f"`obd run {again} -- ...` runs it again)",
+                file=sys.stderr,
+            )
+        if args.stats or args.verbose:
+            print(summary(result), file=sys.stderr)
+    return result.exit_code
+
+
+def summary(result) -> str:  # type: ignore[no-untyped-def]
+    """The ``--stats`` block: where the time went and what was fetched."""
+    from obd.progress import human_bytes
+
+    t = result.timings
+    s = result.stats
+    r = result.resolve_stats
+    lines = [
+        f"obd: {result.accel} VM; exit code {result.exit_code}",
+        "obd: time: "
+        + ", ".join(
+            f"{label} {t[key]:.2f} s"
+            for label, key in (
+                ("resolve", "resolve"),
+                ("disk served", "server"),
+                ("first output", "first_output"),
+                ("exit", "exit"),
+                ("total", "total"),
+            )
+            if key in t
+        ),
+        f"obd: fetched {human_bytes(s.get('bytes_fetched', 0))} in {s.get('requests', 0)} requests while "
+        f"running (+{r.get('requests', 0)} to resolve the image); cache hits {s.get('cache_hits', 0)}, "
+        f"misses {s.get('cache_misses', 0)}",
+    ]
+    lat = s.get("latency") or {}
+    if lat.get("count"):
+        lines.append(
+            f"obd: request latency: n={lat['count']} p50={lat['p50'] * 1000:.0f} ms "
+            f"p90={lat['p90'] * 1000:.0f} ms max={lat['max'] * 1000:.0f} ms"
+        )
+    return "\n".join(lines)
