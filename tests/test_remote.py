@@ -4,6 +4,7 @@ fetched per block, pull, prefetch traces, and the nbd plugin serving a registry 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import subprocess
@@ -16,6 +17,7 @@ from fixtures import FIXTURES, materialize, require_tool
 from obd.cli import main
 from obd.image.local import open_config, open_layers
 from obd.image.remote import RemoteOptions, pull_image, registry_config
+from obd.image.resolve import open_image
 from obd.registry.auth import Credentials
 from obd.stats import Stats
 from obd.trace import TraceRecorder, load, replay
@@ -190,6 +192,31 @@ def test_pull_fills_the_cache_and_reads_then_need_no_registry(tmp_path):
         assert o2.stats["requests"] == 0
     finally:
         stack.close()
+
+
+def test_pull_into_a_layout_keeps_the_image_byte_for_byte(registry, tmp_path, capsys):
+    """`obd pull REF oci:DIR:TAG`: same manifest digest, reads offline, pushes back unchanged."""
+    host = registry.host
+    layout = tmp_path / "layout"
+    args = ("--insecure-registry", host, "--cache-dir", str(tmp_path / "cache"), "-q")
+    assert obd("pull", f"{host}/obd/l012:v1", f"oci:{layout}:mine", *args) == 0
+    index = json.loads((layout / "index.json").read_text())
+    (entry,) = index["manifests"]
+    assert entry["annotations"]["org.opencontainers.image.ref.name"] == "mine"
+    o = opts(registry, tmp_path)
+    assert entry["digest"] == pull_image(f"{host}/obd/l012:v1", o).manifest_digest
+    for blob in (layout / "blobs" / "sha256").iterdir():
+        assert hashlib.sha256(blob.read_bytes()).hexdigest() == blob.name
+    stack = open_image(f"oci:{layout}:mine")
+    try:
+        assert hashlib.sha256(stack.pread(0, stack.size)).hexdigest() == L012_SHA
+    finally:
+        stack.close()
+    assert obd("push", f"oci:{layout}:mine", f"{host}/obd/l012-copy:v1", *args[:2]) == 0
+    again = pull_image(f"{host}/obd/l012-copy:v1", o)
+    assert again.manifest_digest == entry["digest"]
+    assert obd("pull", f"{host}/obd/l012:v1", str(layout), *args) == 1
+    assert "oci:DIR[:TAG]" in capsys.readouterr().err
 
 
 def test_recorded_trace_replays_into_a_cold_cache(registry, tmp_path):

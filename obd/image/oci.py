@@ -147,6 +147,14 @@ class Image:
         return out
 
 
+def layout_blob_path(root: str, digest: str) -> str:
+    """Where blob ``digest`` lives in the layout at ``root`` (the digest validated first)."""
+    alg, _, hexpart = digest.partition(":")
+    if alg != "sha256" or len(hexpart) != 64 or not all(c in "0123456789abcdef" for c in hexpart):
+        raise FormatError("unsupported or malformed digest", path=root, field="digest", value=digest)
+    return os.path.join(root, "blobs", alg, hexpart)
+
+
 class OCILayout:
     """A local OCI image layout directory."""
 
@@ -158,10 +166,7 @@ class OCILayout:
         self.index = self._json(os.path.join(self.root, "index.json"), None)
 
     def blob_path(self, digest: str) -> str:
-        alg, _, hexpart = digest.partition(":")
-        if alg != "sha256" or len(hexpart) != 64 or not all(c in "0123456789abcdef" for c in hexpart):
-            raise FormatError("unsupported or malformed digest", path=self.root, field="digest", value=digest)
-        return os.path.join(self.root, "blobs", alg, hexpart)
+        return layout_blob_path(self.root, digest)
 
     def _json(self, path: str, digest: str | None) -> dict[str, Any]:
         try:

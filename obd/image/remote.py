@@ -13,7 +13,9 @@ process-wide event-loop thread.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import hashlib
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -268,7 +270,78 @@ def pull_image(
     return PullResult(str(ref), image.manifest_digest, len(layers), total, fetched, time.monotonic() - start)
 
 
-def _verify_digest(src: Source, digest: str) -> None:
+def pull_to_layout(
+    reference: str,
+    opts: RemoteOptions,
+    layout: str,
+    *,
+    tag: str | None = None,
+    parallel: int = 4,
+    max_rate: float | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> PullResult:
+    """Pull an image (as :func:`pull_image`) and write it into the OCI layout ``layout``, unchanged.
+
+    The manifest, config and layer blobs land byte for byte, so the layout's image has the
+    registry's manifest digest and ``obd push oci:DIR:TAG`` gives back the same image. ``tag``
+    (default: the reference's tag, else ``latest``) names it in ``index.json``; an entry with the
+    same tag is replaced. Layers are copied out of the block cache, their digests checked again on
+    the way.
+    """
+    from obd.image.oci import OCILayout, layout_blob_path, write_layout
+
+    result = pull_image(reference, opts, parallel=parallel, max_rate=max_rate, progress=progress)
+    ref = parse_reference(reference)
+    client = opts.client()
+    raw = opts.runner.run(client.fetch_manifest(ref, result.manifest_digest), RESOLVE_TIMEOUT)
+    manifest = raw.json()
+    config_digest = manifest["config"]["digest"]
+    config = opts.runner.run(client.get_blob(ref, config_digest), RESOLVE_TIMEOUT)
+    _, image = resolve_image(str(ref.with_target(digest=result.manifest_digest)), opts)
+    os.makedirs(os.path.join(layout, "blobs", "sha256"), exist_ok=True)
+    url = repo_blob_url(ref, opts)
+    blobs: list[tuple[str, str | bytes]] = [(config_digest, config)]
+    for layer in image.overlaybd_layers():
+        dest = layout_blob_path(layout, layer.digest)
+        if not (os.path.isfile(dest) and os.path.getsize(dest) == layer.size):
+            src = open_remote_blob(url, layer.digest, layer.size, opts)
+            try:
+                _copy_verified(src, layer.digest, dest)
+            finally:
+                src.close()
+        blobs.append((layer.digest, dest))
+    cfg = image.config
+    platform = {"os": cfg.get("os", "linux"), "architecture": cfg.get("architecture", "amd64")}
+    if cfg.get("variant"):
+        platform["variant"] = cfg["variant"]
+    write_layout(
+        layout,
+        manifest=raw.data,
+        media_type=raw.media_type,
+        blobs=blobs,
+        tag=tag or (ref.tag if ref.tag else "latest"),
+        platform=platform,
+    )
+    OCILayout(layout)  # what was written opens as a layout
+    return result
+
+
+def _copy_verified(src: Source, digest: str, dest: str) -> None:
+    """Copy ``src`` to ``dest`` (via a temporary name, fsynced) if its content has ``digest``."""
+    tmp = f"{dest}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as out:
+            _verify_digest(src, digest, out.write)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, dest)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def _verify_digest(src: Source, digest: str, sink: Callable[[memoryview], object] | None = None) -> None:
+    """Read all of ``src`` (passing each piece to ``sink``) and check it has ``digest``."""
     alg, _, want = digest.partition(":")
     h = hashlib.new(alg)
     buf = memoryview(bytearray(4 << 20))
@@ -276,8 +349,10 @@ def _verify_digest(src: Source, digest: str) -> None:
     while pos < src.size:
         n = src.readinto(buf, pos)
         if n <= 0:
-            break
+            raise ChecksumError("blob ended early", path=src.name, field="size", value=pos)
         h.update(buf[:n])
+        if sink is not None:
+            sink(buf[:n])
         pos += n
     if h.hexdigest() != want:
         raise ChecksumError(
