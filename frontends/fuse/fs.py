@@ -113,7 +113,7 @@ class DiskFS(pyfuse3.Operations):
             try:
                 self._blocks = await trio.to_thread.run_sync(self.mapped_blocks, limiter=self.limiter)
             except Exception as e:  # only a statistic: never fail a stat over it
-                log.warning("obd: st_blocks: %s", e)
+                log.warning("st_blocks: %s", e)
 
     def _attrs(self, inode: int) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
@@ -228,7 +228,7 @@ class DiskFS(pyfuse3.Operations):
 
     def _fail(self, where: str, e: Exception) -> pyfuse3.FUSEError:
         err = _errno_of(e, self.readonly)
-        log.error("obd: %s: %s [%s]", where, e, errno.errorcode.get(err, err))
+        log.error("%s: %s [%s]", where, e, errno.errorcode.get(err, err))
         return pyfuse3.FUSEError(err)
 
     async def read(self, fh: int, off: int, size: int) -> memoryview | bytes:
@@ -356,7 +356,7 @@ class DiskFS(pyfuse3.Operations):
                 stopping = False
                 async for signum in signals:
                     if not stopping:
-                        log.info("obd: %s: finishing requests and unmounting", signal.Signals(signum).name)
+                        log.info("%s: finishing requests and unmounting", signal.Signals(signum).name)
                         stopping = True
                         pyfuse3.terminate()
                     else:  # asked again: stop waiting for requests still in progress
@@ -386,7 +386,7 @@ def set_readahead(mountpoint: str, kb: int) -> bool:
             f.write(f"{kb}\n")
         return True
     except OSError as e:
-        log.info("obd: cannot set read_ahead_kb of %s: %s", mountpoint, e.strerror)
+        log.info("cannot set read_ahead_kb of %s: %s", mountpoint, e.strerror)
         return False
 
 

@@ -99,7 +99,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "kernel's default)",
     )
     p.add_argument("--log", metavar="FILE", help="in the background, append messages here (default: dropped)")
-    p.add_argument("--fuse-debug", action="store_true", help="libfuse's request log (with --foreground)")
+    p.add_argument(
+        "--fuse-debug", action="store_true", help="libfuse's request log on stderr (implies --foreground)"
+    )
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)  # the background server's handshake
     add_remote_args(p)
     p.set_defaults(func=run_mount)
@@ -299,7 +301,7 @@ def serve_background(args: argparse.Namespace) -> int:
 
 
 def run_mount(args: argparse.Namespace) -> int:
-    if args.foreground or args.ready_fd is not None:
+    if args.foreground or args.fuse_debug or args.ready_fd is not None:
         return serve_foreground(args)
     return serve_background(args)
 

@@ -20,7 +20,8 @@ SNAPSHOT_DESCRIPTION = """\
 Seal the live RW layer of an upper directory into a new read-only layer (DIR/layers/G.commit) and
 start an empty RW layer on top of it. The device reads the same before and after; later writes go
 to the new RW layer, and the snapshot layer can be stacked, exported, merged or pushed like any
-other layer. The directory must not be in use: stop the nbd server first.
+other layer. The directory must not be in use: stop the nbd server, unmount the FUSE file, or
+let `obd run` end first.
 
 An upper directory is made by the nbd server on first use (obd nbd IMAGE --upper DIR) or by
 `obd fork`; see docs/nbd.md for its layout.

@@ -110,7 +110,7 @@ class UpperDir:
         except BlockingIOError:
             os.close(fd)
             raise LayerStateError(
-                "in use by another process (a running nbd server?); stop it first", path=self.path
+                "in use by another process (a running obd nbd, mount or run?); stop it first", path=self.path
             ) from None
         self._lock_fd = fd
 
