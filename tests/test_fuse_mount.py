@@ -432,7 +432,7 @@ def test_corrupt_block_is_eio_and_the_server_carries_on(tmp_path, capfd):
         assert failed and ok
         assert os.stat(m.disk).st_size == 64 << 20  # still serving
     text = log.read_text()
-    assert "obd: read" in text and "[EIO]" in text and "Traceback" not in text
+    assert "obd: ERROR: read" in text and "[EIO]" in text and "Traceback" not in text
 
 
 # --- errors -----------------------------------------------------------------------------------------
