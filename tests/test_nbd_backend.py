@@ -309,3 +309,13 @@ def test_snapshot_cli_lists_and_survives_leftovers_of_a_crashed_snapshot(tmp_pat
     assert main(["snapshot", str(tmp_path)]) == 1
     assert "not an upper directory" in capsys.readouterr().err
     assert not (tmp_path / "lock").exists()
+
+
+def test_a_read_only_open_never_creates_an_upper_directory(tmp_path):
+    missing = tmp_path / "up"
+    with pytest.raises(RuntimeError, match="a read-only open creates none"):
+        start(*[f"layer={f}" for f in layers()], f"upper={missing}", "readonly=true")
+    assert not missing.exists()
+    be.reset()
+    h = start(*[f"layer={f}" for f in layers()], f"upper={missing}")  # read-write: made on first use
+    assert (missing / "config.v1.json").is_file() and be.can_write(h)

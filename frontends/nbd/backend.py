@@ -236,7 +236,11 @@ def open_device(opts: Options) -> Device:
     upper_dir = None
     if opts.upper:
         upper_dir, cfg = open_upper(
-            opts.upper, opts.specs or None, sparse=opts.sparse, platform=opts.platform
+            opts.upper,
+            opts.specs or None,
+            sparse=opts.sparse,
+            platform=opts.platform,
+            create=not opts.readonly,
         )
     else:
         cfg = image_config(opts.specs, platform=opts.platform, remote=remote)

@@ -316,14 +316,24 @@ def _fsync_dir(path: str) -> None:
 
 
 def open_upper(
-    upper: str, image: Sequence[str] | None, *, sparse: bool = False, platform: str | None = None
+    upper: str,
+    image: Sequence[str] | None,
+    *,
+    sparse: bool = False,
+    platform: str | None = None,
+    create: bool = True,
 ) -> tuple[UpperDir, ImageConfig]:
-    """Open (creating on first use) the upper directory ``upper`` over ``image``; returns it locked.
+    """Open (creating on first use, unless not ``create``) the upper directory ``upper`` over
+    ``image``; returns it locked.
 
     With ``image`` None the directory must exist. With an image, an existing directory must have
     been made for the same one.
     """
     ud = UpperDir(upper)
+    if not create and not ud.exists():
+        raise ConfigError(
+            f"not an upper directory (no {CONFIG_NAME}); a read-only open creates none", path=ud.path
+        )
     ud.lock()
     try:
         if ud.exists():
