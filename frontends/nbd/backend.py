@@ -129,6 +129,7 @@ class Options:
     readahead: int = 0
     trace: str | None = None
     record_trace: str | None = None
+    acceleration: bool = True
     extents: bool = True
     multi_conn: bool = True
     venv: str | None = None
@@ -167,6 +168,8 @@ class Options:
             self.trace = _abs(value)
         elif key in ("record-trace", "record_trace"):
             self.record_trace = _abs(value)
+        elif key in ("acceleration", "acceleration-layer", "acceleration_layer"):
+            self.acceleration = parse_bool(key, value)
         elif key == "readahead":
             from obd.cache.store import parse_size
 
@@ -181,7 +184,7 @@ class Options:
             raise ObdError(
                 "unknown parameter (known: image, layer, config, upper, sparse, readonly, platform, "
                 "cache-dir, cache-limit, no-cache, insecure-registry, tls-verify, ca-file, readahead, "
-                "trace, record-trace, extents, multi-conn, venv)",
+                "trace, record-trace, acceleration, extents, multi-conn, venv)",
                 field=key,
             )
 
@@ -249,6 +252,7 @@ def open_device(opts: Options) -> Device:
         stack = open_config(cfg, readonly=opts.readonly, remote=remote)
         dev = Device(stack, upper_dir=upper_dir, readonly=opts.readonly)
         dev.needs_io_loop = bool(cfg.repoBlobUrl)
+        dev.image_config, dev.remote = cfg, remote
         if opts.record_trace:
             from obd.trace import TraceRecorder
 
@@ -291,6 +295,10 @@ class Device:
         #: a prefetch trace being recorded (``record-trace=``), saved on flush and close
         self.recorder: Any = None
         self.trace_path: str | None = None
+        #: the image's overlaybd config (its ``obd`` metadata may name an acceleration layer) and the
+        #: registry options its layers are read with
+        self.image_config: Any = None
+        self.remote: Any = None
         if upper is not None and not self.readonly:
             self._lock_upper(upper.data_path)
 
@@ -610,21 +618,42 @@ def after_fork() -> None:
         from obd.registry.loop import default_runner
 
         default_runner().loop  # noqa: B018 - starts the loop thread
-    if dev is not None and _STATE.options.trace:
-        threading.Thread(
-            target=_replay, args=(dev, _STATE.options.trace), name="obd-trace-replay", daemon=True
-        ).start()
+    if dev is not None:
+        start_prefetch(dev, _STATE.options)
 
 
-def _replay(dev: Device, path: str) -> None:
-    """Prefetch a recorded trace in the background while clients already read."""
-    from obd.trace import load, replay
+def start_prefetch(dev: Device, opts: Options) -> threading.Thread | None:
+    """Replay a prefetch trace in the background while clients already read: ``trace=FILE``, else
+    the image's acceleration layer (unless ``acceleration=false`` or while recording a trace, whose
+    reads the replay would pollute). Returns the thread, if one was started."""
+    from obd.trace import load
+
+    if opts.trace:
+        what, records = opts.trace, lambda: load(opts.trace)
+    elif opts.acceleration and not opts.record_trace and dev.image_config is not None:
+        from obd.image.accel import META_KEY, load_image_trace
+
+        if not (dev.image_config.extra.get("obd") or {}).get(META_KEY):
+            return None
+        cfg = dev.image_config
+        what, records = "the image's acceleration layer", lambda: load_image_trace(cfg, dev.remote) or []
+    else:
+        return None
+    thread = threading.Thread(target=_replay, args=(dev, what, records), name="obd-trace-replay", daemon=True)
+    thread.start()
+    return thread
+
+
+def _replay(dev: Device, what: str, records: Callable[[], list[tuple[int, int, int]]]) -> None:
+    from obd.trace import replay
 
     try:
-        res = replay(dev.stack, load(path))
-        nbdkit.debug(f"obd: replayed {res.records} trace records ({res.bytes} bytes) in {res.seconds:.2f} s")
+        res = replay(dev.stack, records())
+        nbdkit.debug(
+            f"obd: replayed {res.records} trace records ({res.bytes} bytes) of {what} in {res.seconds:.2f} s"
+        )
     except Exception as e:  # prefetch is best effort; reads still work without it
-        nbdkit.debug(f"obd: trace replay failed: {e}")
+        nbdkit.debug(f"obd: trace replay of {what} failed: {e}")
 
 
 def cleanup() -> None:

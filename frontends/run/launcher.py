@@ -87,23 +87,12 @@ def resolve_image(
     if len(specs) == 1 and not os.path.exists(specs[0]) and looks_like_reference(specs[0]):
         from dataclasses import replace
 
-        from obd.image.config import LowerConfig
-        from obd.image.remote import repo_blob_url
+        from obd.image.remote import image_to_config
         from obd.image.remote import resolve_image as resolve_remote
 
         opts = remote if not platform or platform == remote.platform else replace(remote, platform=platform)
         ref, img = resolve_remote(specs[0], opts)
-        lowers = []
-        for i, layer in enumerate(img.overlaybd_layers()):
-            if layer.is_acceleration:
-                continue
-            if layer.is_turbo:
-                raise ObdError(
-                    "turboOCI images are not read from registries yet", path=specs[0], field=f"layers[{i}]"
-                )
-            lowers.append(LowerConfig(digest=layer.digest, size=layer.size))
-        cfg = ImageConfig(lowers=lowers, repoBlobUrl=repo_blob_url(ref, opts))
-        cfg.extra["obd"] = {"image": specs[0], "manifest": img.manifest_digest}
+        cfg = image_to_config(ref, img, opts, label=specs[0])
         return ResolvedImage(cfg, _process_config(img.config), label, f"{ref}@{img.manifest_digest}")
     cfg = image_config(specs, platform=platform, remote=remote)
     process: dict[str, Any] = {}

@@ -139,8 +139,9 @@ def _abs_spec(spec: str) -> str:
 
 
 def open_disk(args: argparse.Namespace, images: list[str]) -> Any:
-    """The device, opened exactly as the NBD frontend opens it (``frontends.nbd.backend.open_device``)."""
-    from frontends.nbd.backend import Options, open_device
+    """The device, opened exactly as the NBD frontend opens it (``frontends.nbd.backend.open_device``);
+    an acceleration layer's trace, if the image has one, starts prefetching in the background."""
+    from frontends.nbd.backend import Options, open_device, start_prefetch
 
     @dataclass
     class MountOptions(Options):
@@ -160,7 +161,9 @@ def open_disk(args: argparse.Namespace, images: list[str]) -> Any:
         platform=args.platform,
         remote_options=remote_options(args),
     )
-    return open_device(opts)
+    device = open_device(opts)
+    start_prefetch(device, opts)
+    return device
 
 
 # --- serving --------------------------------------------------------------------------------------

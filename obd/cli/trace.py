@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from obd.cli.common import add_remote_args, print_stats, remote_options
+from obd.errors import ObdError
 from obd.progress import human_bytes
 
 DESCRIPTION = """\
@@ -21,6 +23,12 @@ then, on a cold machine, prefetch those ranges before or while the workload star
   nbdkit python frontends/nbd/plugin.py image=REF trace=boot.trace            (replays in background)
 
   obd trace show boot.trace              what a trace holds
+
+or ship it inside the image, as an overlaybd acceleration layer that every client replays by
+itself when it opens the image (obd nbd/mount/run, overlaybd's snapshotter):
+
+  obd trace attach REF boot.trace REF-accel
+  obd trace replay REF-accel             (no TRACE: the image's own)
 """
 
 
@@ -40,10 +48,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     rep.add_argument(
         "image", metavar="IMAGE", help="the image the trace was recorded on (usually a registry ref)"
     )
-    rep.add_argument("trace", metavar="TRACE")
+    rep.add_argument("trace", metavar="TRACE", nargs="?", help="default: the image's acceleration layer")
     rep.add_argument("--workers", type=int, default=16, metavar="N", help="reads in flight (default 16)")
     add_remote_args(rep)
     rep.set_defaults(func=run_replay)
+    att = actions.add_parser(
+        "attach",
+        help="push a registry image again with a trace as its acceleration layer",
+        description="Push registry image REF again as DEST (another tag of the same repository) with "
+        "TRACE as an overlaybd acceleration layer on top, replacing one it has: a tar holding the "
+        "file `trace`, annotated containerd.io/snapshot/overlaybd/acceleration-layer=yes, as "
+        "accelerated-container-image's `ctr record-trace` makes. The device is unchanged; obd "
+        "(nbd, mount, run) and overlaybd's snapshotter replay the trace when they open DEST.",
+    )
+    att.add_argument("image", metavar="REF", help="the overlaybd image the trace was recorded on")
+    att.add_argument("trace", metavar="TRACE")
+    att.add_argument("dest", metavar="DEST", help="where to push it: another tag of REF's repository")
+    add_remote_args(att)
+    att.set_defaults(func=run_attach)
 
 
 def run_show(args: argparse.Namespace) -> int:
@@ -72,11 +94,17 @@ def run_replay(args: argparse.Namespace) -> int:
     from obd.image.resolve import image_config
     from obd.trace import load, replay
 
-    records = load(args.trace)
     remote = remote_options(args)
-    stack = open_config(
-        image_config(args.image, platform=remote.platform, remote=remote), readonly=True, remote=remote
-    )
+    cfg = image_config(args.image, platform=remote.platform, remote=remote)
+    if args.trace:
+        records = load(args.trace)
+    else:
+        from obd.image.accel import load_image_trace
+
+        records = load_image_trace(cfg, remote)
+        if records is None:
+            raise ObdError("the image has no acceleration layer: give a TRACE file", path=args.image)
+    stack = open_config(cfg, readonly=True, remote=remote)
     try:
         res = replay(stack, records, workers=args.workers)
     finally:
@@ -86,5 +114,22 @@ def run_replay(args: argparse.Namespace) -> int:
         f"in {res.seconds:.2f} s",
         file=sys.stderr,
     )
+    print_stats(args)
+    return 0
+
+
+def run_attach(args: argparse.Namespace) -> int:
+    from obd.registry.push import push_trace_image
+    from obd.trace import MAX_TRACE_BYTES
+
+    if os.path.getsize(args.trace) > MAX_TRACE_BYTES:
+        raise ObdError("too large for a trace", path=args.trace, field="size")
+    with open(args.trace, "rb") as f:
+        trace = f.read()
+    remote = remote_options(args)
+    res = remote.runner.run(
+        push_trace_image(remote.client(), args.image, trace, args.dest, platform=remote.platform), 600
+    )
+    print(f"pushed {res.reference}@{res.digest} with {args.trace} as its acceleration layer", file=sys.stderr)
     print_stats(args)
     return 0

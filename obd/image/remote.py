@@ -164,17 +164,30 @@ def resolve_image(reference: str, opts: RemoteOptions) -> tuple[Reference, Image
 def registry_config(reference: str, opts: RemoteOptions) -> ImageConfig:
     """The ``config.v1.json`` overlaybd's snapshotter would write for a registry image."""
     ref, image = resolve_image(reference, opts)
+    return image_to_config(ref, image, opts, label=reference)
+
+
+def image_to_config(ref: Reference, image: Image, opts: RemoteOptions, *, label: str) -> ImageConfig:
+    """The ``config.v1.json`` of a resolved registry image: its layers as ``digest`` lowers under a
+    ``repoBlobUrl``, and in the ``obd`` metadata the image (``label``), its manifest digest and its
+    acceleration layer, if any (:mod:`obd.image.accel`)."""
+    from obd.image.accel import META_KEY, trace_layer_ref
+
     lowers = []
+    accel = None
     for i, layer in enumerate(image.overlaybd_layers()):
         if layer.is_acceleration:
+            accel = layer
             continue
         if layer.is_turbo:
             raise UnsupportedError(
-                "turboOCI images are not read from registries yet", path=reference, field=f"layers[{i}]"
+                "turboOCI images are not read from registries yet", path=label, field=f"layers[{i}]"
             )
         lowers.append(LowerConfig(digest=layer.digest, size=layer.size))
     cfg = ImageConfig(lowers=lowers, repoBlobUrl=repo_blob_url(ref, opts))
-    cfg.extra["obd"] = {"image": reference, "manifest": image.manifest_digest}
+    cfg.extra["obd"] = {"image": label, "manifest": image.manifest_digest}
+    if accel is not None:
+        cfg.extra["obd"][META_KEY] = trace_layer_ref(accel)
     return cfg
 
 

@@ -144,8 +144,10 @@ def _oci_config(reference: str, platform: str | None) -> ImageConfig:
     layout = OCILayout(root)
     image = layout.resolve(tag, platform=platform)
     lowers = []
+    accel = None
     for i, layer in enumerate(image.overlaybd_layers()):
         if layer.is_acceleration:
+            accel = layer
             continue
         if layer.is_turbo:
             raise UnsupportedError(
@@ -163,7 +165,12 @@ def _oci_config(reference: str, platform: str | None) -> ImageConfig:
                 value=layer.size,
             )
         lowers.append(LowerConfig(file=abs_path(path), digest=layer.digest, size=layer.size))
-    return ImageConfig(lowers=lowers, path=None)
+    cfg = ImageConfig(lowers=lowers, path=None)
+    if accel is not None:
+        from obd.image.accel import META_KEY, trace_layer_ref
+
+        cfg.extra["obd"] = {META_KEY: trace_layer_ref(accel, file=abs_path(layout.blob_path(accel.digest)))}
+    return cfg
 
 
 def image_label(image: str | Sequence[str]) -> list[str]:

@@ -195,6 +195,86 @@ async def push_layout(
     return pusher.result
 
 
+async def push_trace_image(
+    client: RegistryClient,
+    source: Reference | str,
+    trace: bytes,
+    dest: Reference | str,
+    *,
+    platform: str | None = None,
+) -> PushResult:
+    """Push overlaybd image ``source`` again as ``dest`` (same repository, another tag) with an
+    acceleration layer holding ``trace`` on top, as ``ctr record-trace`` does (FORMATS.md §7.3).
+
+    An acceleration layer the source already has is replaced. The config gets the layer's
+    ``diff_id`` (and a history entry when it keeps a history); every other byte of the source's
+    config and manifest is kept. Clients that know acceleration layers (obd, the overlaybd
+    snapshotter) replay the trace when they open the image.
+    """
+    from obd.image.accel import trace_layer_tar
+    from obd.image.oci import ACCELERATION_LAYER
+
+    src = source if isinstance(source, Reference) else parse_reference(source)
+    dst = dest if isinstance(dest, Reference) else parse_reference(dest)
+    if (src.registry, src.repository) != (dst.registry, dst.repository):
+        raise ConfigError(
+            f"the destination must be another tag of {src.registry}/{src.repository}",
+            field="destination",
+            value=str(dst),
+        )
+    image = await client.get_image(src, platform)
+    layers = image.overlaybd_layers()  # refuses a plain image
+    raw = await client.fetch_manifest(src, image.manifest_digest)
+    manifest = raw.json()
+    config = dict(image.config)
+    rootfs = dict(config.get("rootfs") or {})
+    diff_ids = list(rootfs.get("diff_ids") or [])
+    descs = list(manifest["layers"])
+    if layers and layers[-1].is_acceleration:
+        descs.pop()
+        if len(diff_ids) > len(descs):
+            diff_ids.pop()
+    blob = trace_layer_tar(trace)
+    digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+    docker = raw.media_type == "application/vnd.docker.distribution.manifest.v2+json"
+    descs.append(
+        {
+            "mediaType": "application/vnd.docker.image.rootfs.diff.tar" if docker else OCI_LAYER_TAR,
+            "digest": digest,
+            "size": len(blob),
+            "annotations": {
+                ACCELERATION_LAYER: "yes",
+                BLOB_DIGEST: digest,
+                BLOB_SIZE: str(len(blob)),
+                VERSION: OVERLAYBD_VERSION,
+            },
+        }
+    )
+    rootfs["diff_ids"] = [*diff_ids, digest]
+    config["rootfs"] = rootfs
+    if isinstance(config.get("history"), list):
+        config["history"] = [
+            *config["history"],
+            {"created_by": "obd trace attach", "comment": "acceleration layer"},
+        ]
+    config_bytes = json.dumps(config, separators=(",", ":")).encode()
+    manifest["config"] = {
+        **manifest["config"],
+        "digest": "sha256:" + hashlib.sha256(config_bytes).hexdigest(),
+        "size": len(config_bytes),
+    }
+    manifest["layers"] = descs
+    manifest_bytes = json.dumps(manifest, separators=(",", ":")).encode()
+    result = PushResult(str(dst), "", raw.media_type)
+    for blob_digest, data in ((digest, blob), (manifest["config"]["digest"], config_bytes)):
+        fate = await push_blob(client, dst, blob_digest, data)
+        {"exists": result.existing, "mounted": result.mounted, "uploaded": result.uploaded}[fate].append(
+            blob_digest
+        )
+    result.digest = await push_manifest(client, dst, manifest_bytes, raw.media_type)
+    return result
+
+
 def layers_image(
     layers: list[tuple[str, int]],
     *,
@@ -307,5 +387,6 @@ __all__ = [
     "push_files_image",
     "push_layout",
     "push_manifest",
+    "push_trace_image",
     "single_layer_image",
 ]

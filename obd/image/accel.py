@@ -1,0 +1,141 @@
+"""Acceleration layers: a prefetch trace shipped inside an overlaybd image (FORMATS.md §7.3).
+
+accelerated-container-image's ``ctr record-trace`` appends one more layer **on top** of an
+overlaybd image: a plain tar holding a single file ``trace`` (overlaybd's binary trace, see
+:mod:`obd.trace`), annotated ``containerd.io/snapshot/overlaybd/acceleration-layer: yes`` besides
+the usual blob-digest/blob-size/version. It is not part of the device: the snapshotter drops it
+from the stack and replays the trace when the device opens, so every machine that runs the image
+prefetches what its start-up reads, without anyone handing trace files around.
+
+obd does the same: :func:`trace_layer_ref` finds the layer while an image is resolved (its
+reference is kept in the image config's ``obd`` metadata), the frontends call
+:func:`load_image_trace` and replay it in the background unless a trace was given explicitly, and
+:func:`trace_layer_tar` / :func:`attach_trace` make such a layer (``obd trace attach``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+from typing import Any
+
+from obd.errors import ChecksumError, FormatError
+from obd.image.config import ImageConfig
+from obd.image.oci import ACCELERATION_LAYER, Image, OverlaybdLayer
+from obd.trace import MAX_TRACE_BYTES, Record, decode
+
+#: The one member of an acceleration layer's tar.
+TRACE_MEMBER = "trace"
+#: An acceleration layer blob larger than this is refused: a trace of at most MAX_TRACE_BYTES plus
+#: tar headers and padding.
+MAX_LAYER_BYTES = MAX_TRACE_BYTES + (64 << 10)
+#: Key of the acceleration layer in the image config's ``obd`` metadata.
+META_KEY = "trace_layer"
+
+
+def acceleration_layer(image: Image) -> OverlaybdLayer | None:
+    """The image's acceleration layer (the top one, when annotated so), or None."""
+    layers = image.overlaybd_layers()
+    if layers and layers[-1].is_acceleration:
+        return layers[-1]
+    return None
+
+
+def trace_layer_ref(layer: OverlaybdLayer | None, *, file: str | None = None) -> dict[str, Any] | None:
+    """What :func:`load_image_trace` needs to find the layer later: its digest and size, and the file
+    holding it for a local (``oci:``) image."""
+    if layer is None:
+        return None
+    ref: dict[str, Any] = {"digest": layer.digest, "size": layer.size}
+    if file is not None:
+        ref["file"] = file
+    return ref
+
+
+def trace_layer_tar(trace: bytes) -> bytes:
+    """An acceleration layer blob: an uncompressed tar of one read-only file ``trace``.
+
+    Deterministic (mtime 0, root-owned) so the same trace always gives the same digest.
+    """
+    decode(trace, path="trace")  # only a valid trace goes into an image
+    info = tarfile.TarInfo(TRACE_MEMBER)
+    info.size = len(trace)
+    info.mode = 0o444
+    info.mtime = 0
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        tar.addfile(info, io.BytesIO(trace))
+    return buf.getvalue()
+
+
+def trace_from_layer(blob: bytes, *, path: object = None) -> list[Record]:
+    """The trace records inside an acceleration layer blob (a tar holding ``trace``), validated."""
+    if len(blob) > MAX_LAYER_BYTES:
+        raise FormatError(
+            f"{len(blob)} bytes is too large for an acceleration layer", path=path, field="size"
+        )
+    try:
+        with tarfile.open(fileobj=io.BytesIO(blob), mode="r:") as tar:
+            for member in tar:
+                if member.name.lstrip("./") != TRACE_MEMBER:
+                    continue
+                if not member.isfile():
+                    raise FormatError("trace is not a regular file", path=path, field="trace")
+                if member.size > MAX_TRACE_BYTES:
+                    raise FormatError(
+                        f"{member.size} bytes is too large for a trace", path=path, field="trace.size"
+                    )
+                f = tar.extractfile(member)
+                assert f is not None  # a regular file
+                return decode(f.read(), path=f"{path}:trace" if path else "trace")
+    except tarfile.TarError as e:
+        raise FormatError(f"acceleration layer is not a tar: {e}", path=path) from None
+    raise FormatError("acceleration layer holds no trace file", path=path, field="trace")
+
+
+def load_image_trace(config: ImageConfig, remote: Any = None) -> list[Record] | None:
+    """The trace of the acceleration layer ``config`` names in its ``obd`` metadata, or None.
+
+    A registry image's layer is read through ``remote`` (the block cache; a few KiB to a few MiB);
+    a local one from its file.
+    """
+    ref = (config.extra.get("obd") or {}).get(META_KEY)
+    if not ref:
+        return None
+    digest, size = ref["digest"], int(ref["size"])
+    if size > MAX_LAYER_BYTES:
+        raise FormatError(f"{size} bytes is too large for an acceleration layer", path=digest, field="size")
+    if ref.get("file"):
+        with open(ref["file"], "rb") as f:
+            blob = f.read(MAX_LAYER_BYTES + 1)
+        return trace_from_layer(blob, path=ref["file"])
+    from obd.image.remote import open_remote_blob
+
+    src = open_remote_blob(config.repoBlobUrl, digest, size, remote)
+    try:
+        buf = bytearray(size)
+        view = memoryview(buf)
+        pos = 0
+        while pos < size:
+            n = src.readinto(view[pos:], pos)
+            if n <= 0:
+                raise FormatError("acceleration layer ended early", path=digest, field="size", value=pos)
+            pos += n
+    finally:
+        src.close()
+    alg, _, want = digest.partition(":")
+    if hashlib.new(alg, buf).hexdigest() != want:
+        raise ChecksumError("acceleration layer does not match its digest", path=digest, field="digest")
+    return trace_from_layer(bytes(buf), path=digest)
+
+
+__all__ = [
+    "ACCELERATION_LAYER",
+    "META_KEY",
+    "acceleration_layer",
+    "load_image_trace",
+    "trace_from_layer",
+    "trace_layer_ref",
+    "trace_layer_tar",
+]
