@@ -40,6 +40,13 @@ class Source:
     def readinto(self, buf: memoryview, offset: int) -> int:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def readinto_nowait(self, buf: memoryview, offset: int) -> int | None:
+        """:meth:`readinto`, but only if that cannot wait for I/O (the bytes are in memory or in the
+        page cache); None when it would have to, and the caller should use :meth:`readinto` where
+        blocking is fine (a worker thread). An event loop serves cached reads with it without the
+        cost of a thread hop. The default never knows, so it always says None."""
+        return None
+
     def pread(self, offset: int, length: int) -> bytes:
         """Return up to ``length`` bytes at ``offset`` (fewer only at the end of the source)."""
         if offset >= self.size or length <= 0:
@@ -101,6 +108,19 @@ class FileSource(Source):
             got += n
         return got
 
+    def readinto_nowait(self, buf: memoryview, offset: int) -> int | None:
+        want = len(buf)
+        got = 0
+        while got < want:
+            try:
+                n = os.preadv(self.fd, [buf[got:]], offset + got, os.RWF_NOWAIT)
+            except OSError:  # EAGAIN: not (all) in the page cache; others: readinto will report them
+                return None
+            if n <= 0:
+                break
+            got += n
+        return got
+
     def close(self) -> None:
         if self._owns_fd and self.fd >= 0:
             os.close(self.fd)
@@ -121,6 +141,9 @@ class BytesSource(Source):
         n = min(len(buf), self.size - offset)
         buf[:n] = self._data[offset : offset + n]
         return n
+
+    def readinto_nowait(self, buf: memoryview, offset: int) -> int | None:
+        return self.readinto(buf, offset)
 
 
 class WindowSource(Source):
@@ -143,6 +166,12 @@ class WindowSource(Source):
             return 0
         n = min(len(buf), self.size - offset)
         return self.parent.readinto(buf[:n], self.base + offset)
+
+    def readinto_nowait(self, buf: memoryview, offset: int) -> int | None:
+        if offset >= self.size:
+            return 0
+        n = min(len(buf), self.size - offset)
+        return self.parent.readinto_nowait(buf[:n], self.base + offset)
 
     def close(self) -> None:
         self.parent.close()

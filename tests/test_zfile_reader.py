@@ -703,3 +703,38 @@ def test_random_damage_only_raises_obd_errors(
         assert reader.pread(0, reader.size + 1) == original
     except ObdError:
         pass
+
+
+class _OpaqueSource(Source):
+    """A source that never knows whether a read would wait (the base class's answer: None)."""
+
+    def __init__(self, inner: Source):
+        self.inner, self.name, self.size = inner, inner.name, inner.size
+
+    def readinto(self, buf, offset):
+        return self.inner.readinto(buf, offset)
+
+
+def test_readinto_nowait_serves_cached_blocks_and_declines_otherwise():
+    """An event loop (the FUSE frontend) decodes page-cached blocks in place, same bytes as readinto."""
+    rel = "overlaybd/zfile/cli/text_200k.txt.lz4.bs4.zfile"
+    reader = open_fixture(rel)
+    whole = reader.pread(0, reader.size)  # the file is now in the page cache
+    rng = random.Random(3)
+    for _ in range(50):
+        off = rng.randrange(0, reader.size)
+        n = rng.randrange(1, 20000)
+        buf = bytearray(n)
+        got = reader.readinto_nowait(memoryview(buf), off)
+        assert got == min(n, reader.size - off) and bytes(buf[:got]) == whole[off : off + got]
+    raw = FileSource(materialize(rel))
+    window = raw.size // 2
+    from obd.io import WindowSource
+
+    win = WindowSource(raw, 100, window)
+    buf = bytearray(window + 50)
+    assert win.readinto_nowait(memoryview(buf), 0) == window  # clamped to the window
+    assert BytesSource(b"abc").readinto_nowait(memoryview(bytearray(2)), 1) == 2
+    opaque = ZFileReader(_OpaqueSource(BytesSource(raw.pread(0, raw.size))))
+    assert opaque.readinto_nowait(memoryview(bytearray(4096)), 0) is None  # would have to ask
+    assert opaque.pread(0, 4096) == whole[:4096]  # and readinto still works afterwards

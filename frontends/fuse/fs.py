@@ -39,7 +39,7 @@ import trio
 from frontends.fuse import FSNAME, PID_XATTR, mount_entry
 from frontends.nbd.backend import Device, NbdError
 from obd.errors import AlignmentError, LayerStateError, ObdError
-from obd.io import FileSource, Source, WindowSource, fill_zero
+from obd.io import fill_zero
 
 log = logging.getLogger("obd.fuse")
 
@@ -95,7 +95,6 @@ class DiskFS(pyfuse3.Operations):
         self._blocks_at = 0.0
         self._dirty = True
         self._initialized: trio.Event | None = None
-        self._direct: list[tuple[int, int, int | None] | None] | None = None
         # a read-only disk never changes: let the kernel cache names and attributes for long
         self._timeout = 3600.0 if self.readonly else 1.0
 
@@ -251,42 +250,30 @@ class DiskFS(pyfuse3.Operations):
         return view
 
     def _read_cached(self, view: memoryview, off: int) -> bool:
-        """Fill ``view`` right here if that cannot block: only holes, zeros and plain local files whose
-        bytes are in the page cache (``RWF_NOWAIT``). False sends the request to a worker thread.
+        """Fill ``view`` right here if that cannot block: holes, zeros, and layer bytes in memory or
+        the page cache (:meth:`obd.io.Source.readinto_nowait`: plain files, and ZFile blocks whose
+        compressed bytes are cached, decoded on the spot). False sends the request to a worker thread.
 
         Handing a request to a thread and back costs ~50 µs, ten times a cached 4 KiB read; this is
-        :meth:`Stack.readinto` for the case where no layer needs decoding or fetching.
+        :meth:`Stack.readinto` for the case where no layer has to wait for a disk or a registry.
         """
         stack = self.device.stack
-        if self._direct is None:
-            self._direct = [_plain_file(f) for f in stack.files]
-        direct = self._direct
-        if not any(direct):
-            return False
+        files = stack.files
         stop = off + len(view)
         pos = off
-        for o, ln, m, z, t in stack.lookup(off // 512, -(-stop // 512)):
-            a = max(o * 512, off)
-            b = min((o + ln) * 512, stop)
-            if a > pos:
-                fill_zero(view[pos - off : a - off])
-            if z:
-                fill_zero(view[a - off : b - off])
-            else:
-                where = direct[t] if t < len(direct) else None
-                if where is None:
+        try:
+            for o, ln, m, z, t in stack.lookup(off // 512, -(-stop // 512)):
+                a = max(o * 512, off)
+                b = min((o + ln) * 512, stop)
+                if a > pos:
+                    fill_zero(view[pos - off : a - off])
+                if z:
+                    fill_zero(view[a - off : b - off])
+                elif files[t].readinto_nowait(view[a - off : b - off], m * 512 + (a - o * 512)) != b - a:
                     return False
-                fd, base, limit = where
-                src = m * 512 + (a - o * 512)
-                if limit is not None and src + (b - a) > limit:
-                    return False
-                try:
-                    got = os.preadv(fd, [view[a - off : b - off]], base + src, os.RWF_NOWAIT)
-                except OSError:  # EAGAIN: not cached; anything else: the thread reports it
-                    return False
-                if got != b - a:
-                    return False
-            pos = b
+                pos = b
+        except ObdError:  # a bad block: the worker thread reads it again and reports it
+            return False
         if pos < stop:
             fill_zero(view[pos - off :])
         return True
@@ -361,19 +348,6 @@ class DiskFS(pyfuse3.Operations):
                         pyfuse3.terminate()
                     else:  # asked again: stop waiting for requests still in progress
                         nursery.cancel_scope.cancel()
-
-
-def _plain_file(src: Source) -> tuple[int, int, int | None] | None:
-    """``(fd, base, limit)`` when ``src`` is a local file (maybe a window of one), else None."""
-    base, limit = 0, None
-    while isinstance(src, WindowSource):
-        room = src.size - base  # this window's end, in the outermost window's offsets
-        limit = room if limit is None else min(limit, room)
-        base += src.base
-        src = src.parent
-    if type(src) is FileSource and src.fd >= 0:
-        return src.fd, base, limit
-    return None
 
 
 def set_readahead(mountpoint: str, kb: int) -> bool:

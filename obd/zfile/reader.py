@@ -53,6 +53,10 @@ _SEED_BYTES = np.frombuffer(ZFILE_BLOCK_SEED.to_bytes(4, "little"), dtype=np.uin
 _ARANGE4 = np.arange(4, dtype=np.int64)
 
 
+class _WouldBlock(Exception):
+    """Raised inside :meth:`ZFileReader.readinto_nowait` when a block's bytes are not cached."""
+
+
 def max_record_length(block_size: int) -> int:
     """Largest index entry obd accepts for ``block_size``.
 
@@ -383,7 +387,12 @@ class ZFileReader(Source):
             # traceback, and a bytearray cannot be resized while exported.
             scratch[0] = bytearray(max(stop - base, 64 << 10))
         span = memoryview(scratch[0])[: stop - base]
-        got = self.source.readinto(span, base)
+        if getattr(self._local, "nowait", False):
+            got = self.source.readinto_nowait(span, base)
+            if got is None:
+                raise _WouldBlock
+        else:
+            got = self.source.readinto(span, base)
         if got != stop - base:
             raise TruncatedError(
                 f"blocks {r0}..{r1} need bytes [{base}, {stop}) but only {got} could be read",
@@ -443,6 +452,18 @@ class ZFileReader(Source):
             self._decode_into(self._load(j0, j1, pos, stop, mv[pos - offset : stop - offset], scratch))
             pos = stop
         return n
+
+    def readinto_nowait(self, buf: memoryview, offset: int) -> int | None:  # type: ignore[override]
+        """:meth:`readinto` if the compressed blocks can be read without waiting (page cache, memory);
+        None otherwise. Decoding a cached 4 KiB block costs microseconds: cheaper on the caller's
+        event loop than a hop to a worker thread."""
+        self._local.nowait = True
+        try:
+            return self.readinto(buf, offset)
+        except _WouldBlock:
+            return None
+        finally:
+            self._local.nowait = False
 
     def _load(
         self, j0: int, j1: int, start: int, end: int, dst: memoryview, scratch: list[bytearray]
