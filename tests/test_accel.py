@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import random
 import tarfile
 
@@ -148,6 +149,42 @@ def test_attach_replaces_an_old_trace_and_stays_in_the_repository(image, tmp_pat
         stack.close()
     assert main(["trace", "attach", f"{host}/obd/l012:v1", str(trace), f"{host}/other/x:1", *insecure]) == 1
     assert "another tag of" in capsys.readouterr().err
+
+
+def test_upper_directories_keep_the_images_trace_through_snapshot_and_fork(image, tmp_path):
+    """A writable run over an accelerated image prefetches too, and so do its snapshots and forks."""
+    reg, trace, _ = image
+    host = reg.host
+    insecure = ["--insecure-registry", host]
+    dst = f"{host}/obd/l012:up"
+    assert main(["trace", "attach", f"{host}/obd/l012:v1", str(trace), dst, *insecure]) == 0
+    up, fork = tmp_path / "up", tmp_path / "fork"
+
+    def served(params):
+        be.reset()
+        try:
+            for key, value in params:
+                be.config(key, value)
+            be.config_complete()
+            dev = be.open_device(be._STATE.options)
+            try:
+                thread = be.start_prefetch(dev, be._STATE.options)
+                assert thread is not None
+                thread.join(60)
+                return hashlib.sha256(dev.stack.pread(0, dev.stack.size)).hexdigest()
+            finally:
+                dev.close()
+        finally:
+            be.reset()
+
+    common = [("insecure-registry", host), ("cache-dir", str(tmp_path / "cache"))]
+    assert served([("image", dst), ("upper", str(up)), *common]) == L012_SHA
+    assert main(["snapshot", str(up), "-q"]) == 0
+    assert main(["fork", str(up), str(fork)]) == 0
+    for directory in (up, fork):
+        meta = json.loads((directory / "config.v1.json").read_text())["obd"]
+        assert meta[META_KEY]["digest"].startswith("sha256:")
+        assert served([("upper", str(directory)), *common]) == L012_SHA
 
 
 def _tar(name: str, data: bytes, kind: bytes = tarfile.REGTYPE) -> bytes:

@@ -42,6 +42,7 @@ from dataclasses import replace
 from typing import Any
 
 from obd.errors import ConfigError, LayerStateError
+from obd.image.accel import META_KEY as ACCEL_META_KEY
 from obd.image.config import ImageConfig, LowerConfig, UpperConfig
 from obd.image.local import open_config, open_layer
 from obd.image.resolve import abs_path, image_config, image_label
@@ -163,6 +164,9 @@ class UpperDir:
             "snapshots": [],
             **(extra or {}),
         }
+        accel = (base.extra.get("obd") or {}).get(ACCEL_META_KEY)
+        if accel:  # the image's shipped prefetch trace stays with every state made from it
+            meta[ACCEL_META_KEY] = accel
         cfg = self._new_config(base.lowers, 1, meta, repo_blob_url=base.repoBlobUrl)
         self._fresh_rw(1, vsize, sparse=sparse, parent_uuid=parent)
         cfg.save(self.config_path)
@@ -278,6 +282,8 @@ class UpperDir:
         meta = self.meta(cfg)
         new = UpperDir(new_path)
         base = ImageConfig(lowers=list(cfg.lowers), repoBlobUrl=cfg.repoBlobUrl)
+        if meta.get(ACCEL_META_KEY):
+            base.extra["obd"] = {ACCEL_META_KEY: meta[ACCEL_META_KEY]}
         with new.locked():
             new.create(
                 base,
