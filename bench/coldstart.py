@@ -12,6 +12,8 @@ output byte is measured for:
     GNU tar, ``mke2fs -d`` an ext4 root, boot it, run the command;
 (b) ``obd run`` lazily, cold block cache (it also records a prefetch trace);
 (c) ``obd run`` with the trace recorded by (b) replayed from the start, cold block cache;
+(c') the same trace attached to the image as an acceleration layer (``obd trace attach``): a plain
+     ``obd run`` of that image, which replays it by itself;
 (d) the floor: boot and run from a ready local ext4 disk file (no network at all).
 
 Bytes and requests are the proxy's own counts (everything that crossed the "link"). Targets
@@ -57,7 +59,7 @@ from frontends.vm import boot, ensure_assets, resolve_accel  # noqa: E402
 from obd.image.remote import RemoteOptions  # noqa: E402
 from obd.registry.client import RegistryClient  # noqa: E402
 from obd.registry.loop import default_runner  # noqa: E402
-from obd.registry.push import push_layout  # noqa: E402
+from obd.registry.push import push_layout, push_trace_image  # noqa: E402
 from obd.stats import Stats  # noqa: E402
 
 COMMAND = ["python3", "-c", 'print("hello world!")']
@@ -212,7 +214,6 @@ def main() -> int:
             runner = default_runner()
             client = RegistryClient(insecure=True)
             runner.run(push_layout(client, f"oci:{layout}:latest", f"{reg.host}/bench/python:oci"), 600)
-            runner.run(client.aclose(), 10)
             say(f"images pushed to {reg.url}; accelerator {accel}")
 
             floors = [floor(assets, raw, accel) for _ in range(max(1, args.runs))]
@@ -225,7 +226,7 @@ def main() -> int:
 
             for link in args.links.split(","):
                 delay, rate = link.split(":")
-                runs: dict[str, list[dict]] = {"a": [], "b": [], "c": [], "b-nometa": []}
+                runs: dict[str, list[dict]] = {"a": [], "b": [], "c": [], "c-accel": [], "b-nometa": []}
                 for i in range(max(1, args.runs)):
                     trace = work / f"boot-{i}.trace"
                     runs["a"].append(
@@ -256,6 +257,19 @@ def main() -> int:
                             ),
                         )
                     )
+                    # the same trace shipped in the image as an acceleration layer (obd trace attach)
+                    accel_tag = f"bench/python:obd-accel-{i}"
+                    obd_ref = f"{reg.host}/bench/python:obd"
+                    attach = push_trace_image(client, obd_ref, trace.read_bytes(), f"{reg.host}/{accel_tag}")
+                    runner.run(attach, 120)
+                    runs["c-accel"].append(
+                        through_proxy(
+                            reg.url,
+                            delay,
+                            rate,
+                            lambda h, tag=accel_tag: lazy(h, tag, work / "cache", accel),
+                        )
+                    )
                     if args.ablation:
                         runs["b-nometa"].append(
                             through_proxy(
@@ -269,6 +283,7 @@ def main() -> int:
                         )
                 results["links"][link] = runs
                 report(link, runs, d)
+            runner.run(client.aclose(), 10)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if args.json:
@@ -285,6 +300,7 @@ def report(link: str, runs: dict[str, list[dict]], d: float) -> None:
         ("b", "(b) obd run, lazy, cold cache"),
         ("b-nometa", "(b') obd run, lazy, no metadata prefetch"),
         ("c", "(c) obd run + recorded trace, cold cache"),
+        ("c-accel", "(c') the trace as an acceleration layer"),
     ]
     for key, label in rows:
         if not runs[key]:
