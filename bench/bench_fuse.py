@@ -16,7 +16,8 @@ files sit in the page cache, as does the raw image). Then, per file:
 The raw image is read buffered only (``O_DIRECT`` would measure the disk, not the warm cache).
 Target (issue 5): obd ≥ 50 % of the in-memory pyfuse3 ceiling for uncompressed layers, warm cache.
 
-Usage: .venv/bin/python bench/bench_fuse.py [--size 512] [--count 20000] [--dir DIR]   (as root)
+Usage: .venv/bin/python bench/bench_fuse.py [--size 512] [--count 20000] [--threads 16] [--dir DIR]
+(as root)
 """
 
 from __future__ import annotations

@@ -66,6 +66,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         p = sub.add_parser(
             "mount",
             help="mount an image as a disk file (FUSE)",
+            usage="obd mount [options] [IMAGE...] MOUNTPOINT",
             description=MOUNT_DESCRIPTION,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )

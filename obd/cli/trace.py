@@ -31,6 +31,19 @@ itself when it opens the image (obd nbd/mount/run, overlaybd's snapshotter):
   obd trace replay REF-accel             (no TRACE: the image's own)
 """
 
+ATTACH_DESCRIPTION = """\
+Push registry image REF again as DEST (another tag of the same repository) with TRACE as an
+overlaybd acceleration layer on top, replacing one it has: a tar holding the file `trace`,
+annotated containerd.io/snapshot/overlaybd/acceleration-layer=yes, as accelerated-container-image's
+`ctr record-trace` makes. The device is unchanged; obd (nbd, mount, run) and overlaybd's
+snapshotter replay the trace by themselves when they open DEST.
+
+example:
+  obd run REG/app:1 --record-trace boot.trace -- ./start
+  obd trace attach REG/app:1 boot.trace REG/app:1-accel
+  obd run REG/app:1-accel -- ./start          # prefetches what ./start reads
+"""
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -55,11 +68,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     att = actions.add_parser(
         "attach",
         help="push a registry image again with a trace as its acceleration layer",
-        description="Push registry image REF again as DEST (another tag of the same repository) with "
-        "TRACE as an overlaybd acceleration layer on top, replacing one it has: a tar holding the "
-        "file `trace`, annotated containerd.io/snapshot/overlaybd/acceleration-layer=yes, as "
-        "accelerated-container-image's `ctr record-trace` makes. The device is unchanged; obd "
-        "(nbd, mount, run) and overlaybd's snapshotter replay the trace when they open DEST.",
+        description=ATTACH_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     att.add_argument("image", metavar="REF", help="the overlaybd image the trace was recorded on")
     att.add_argument("trace", metavar="TRACE")
