@@ -231,6 +231,22 @@ def test_snapshot_commit_and_fork(tmp_path):
         assert read_device(srv3.connect()) == expect
 
 
+def test_a_fork_keeps_what_users_recorded_about_the_image(tmp_path):
+    """Metadata others put in an upper (obd run's "run", an acceleration layer) survives a fork."""
+    from obd.image.upper import UpperDir
+
+    src, new = tmp_path / "src", tmp_path / "new"
+    assert main(["fork", *base_files(), str(src)]) == 0
+    cfg_path = src / "config.v1.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["obd"]["run"] = {"Env": ["A=1"], "WorkingDir": "/srv"}
+    cfg_path.write_text(json.dumps(cfg))
+    UpperDir(str(src)).fork(str(new))
+    meta = json.loads((new / "config.v1.json").read_text())["obd"]
+    assert meta["run"] == {"Env": ["A=1"], "WorkingDir": "/srv"}
+    assert meta["forked_from"]["path"] == str(src) and meta["generation"] == 1
+
+
 def test_fork_over_an_image_and_sparse_flavour(tmp_path):
     new = tmp_path / "new"
     assert main(["fork", *base_files(), str(new), "--sparse"]) == 0

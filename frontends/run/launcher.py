@@ -478,7 +478,7 @@ def run_image(image: str | Sequence[str] | None, args: Sequence[str], options: R
 
     if options.upper:
         _, process = prepare_upper(options.upper, resolved, sparse=options.sparse, remote=remote)
-        if not process and resolved is None and not args:
+        if not process and resolved is None:
             process = process_of_upper(options.upper, remote)
     else:
         assert resolved is not None

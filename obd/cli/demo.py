@@ -14,8 +14,9 @@
    trace, which is then attached to the image as an overlaybd acceleration layer (``obd trace
    attach``), and the new image runs again from a cold cache: obd replays its trace by itself.
 
-Everything built (root file system, layer, registry storage, kernel) is cached under the obd cache
-directory, so a second run takes seconds; every process and socket is cleaned up on exit or Ctrl-C.
+Everything built is cached — the root file system, layer and registry storage under --cache-dir,
+the VM kernel and initramfs in ~/.cache/obd/vm — so a second run takes seconds; every process and
+socket is cleaned up on exit or Ctrl-C.
 """
 
 from __future__ import annotations

@@ -28,8 +28,8 @@ runs sandbox NAME's start script (NAME~SCRIPT or --script SCRIPT for another one
 examples:
   obd run registry.example.com/python:3.11 -- python3 -c 'print("hello world!")'
   obd run --insecure-registry 127.0.0.1:5000 127.0.0.1:5000/app:1 --env DEBUG=1 -- ./serve --once
-  obd run IMAGE --snapshot dev -- sh -c 'pip install x'    # state kept as sandbox "dev"
-  obd run --snapshot dev -- python3 -c 'import x'          # ... and used again
+  obd run IMAGE --snapshot dev -- sh -c 'date > /srv/first'  # state kept as sandbox "dev"
+  obd run --snapshot dev -- cat /srv/first                     # ... and used again (no network in the VM)
   obd run IMAGE --rw ./vm1 --commit -- sh -c 'echo hi > /f' && obd fork ./vm1 ./vm2
   obd run IMAGE --record-trace boot.trace -- true && obd run IMAGE --trace boot.trace -- true
   obd run -f Sandboxfile hello

@@ -54,6 +54,11 @@ from obd.tools import OutputOptions, commit_layer
 CONFIG_NAME = "config.v1.json"
 LOCK_NAME = "lock"
 FORMAT_VERSION = 1
+#: The ``obd`` metadata keys an upper directory keeps for itself; any other key was recorded by a
+#: user of the directory (``obd run``'s ``run``, an image's acceleration layer) and a fork keeps it.
+_OWN_META = frozenset(
+    {"version", "image", "base_layers", "generation", "sparse", "vsize", "snapshots", "forked_from"}
+)
 
 
 class UpperDir:
@@ -282,15 +287,15 @@ class UpperDir:
         meta = self.meta(cfg)
         new = UpperDir(new_path)
         base = ImageConfig(lowers=list(cfg.lowers), repoBlobUrl=cfg.repoBlobUrl)
-        if meta.get(ACCEL_META_KEY):
-            base.extra["obd"] = {ACCEL_META_KEY: meta[ACCEL_META_KEY]}
+        # what others recorded about the image (how to run it, its acceleration layer) goes along
+        carried = {k: v for k, v in meta.items() if k not in _OWN_META}
         with new.locked():
             new.create(
                 base,
                 image=list(meta.get("image") or []),
                 sparse=meta["sparse"] if sparse is None else sparse,
                 vsize=meta["vsize"],
-                extra={"forked_from": {"path": self.path, "generation": meta["generation"]}},
+                extra={**carried, "forked_from": {"path": self.path, "generation": meta["generation"]}},
             )
         return new
 
