@@ -200,7 +200,10 @@ def _sandbox(name: str, body: Any, where: str, base: Path) -> Sandbox:
     box.cpus = get("cpus", int)
     if box.cpus is not None and not 1 <= box.cpus <= 64:
         raise ConfigError("must be between 1 and 64", path=where, field=f"{at}.cpus", value=box.cpus)
-    box.env = _env(body.get("envs", body.get("env")), where, f"{at}.envs")
+    if "envs" in body and "env" in body:
+        raise ConfigError("give envs or env, not both", path=where, field=f"{at}.env")
+    env_key = "env" if "env" in body else "envs"
+    box.env = _env(body.get(env_key), where, f"{at}.{env_key}")
     box.workdir = get("workdir", str)
     if box.workdir is not None and not box.workdir.startswith("/"):
         raise ConfigError("must be an absolute path", path=where, field=f"{at}.workdir", value=box.workdir)
@@ -224,15 +227,20 @@ def _sandbox(name: str, body: Any, where: str, base: Path) -> Sandbox:
     if start is not None:
         if "start" in box.scripts:
             raise ConfigError("give start or scripts.start, not both", path=where, field=f"{at}.start")
-        box.scripts["start"] = start if isinstance(start, str) else _argv(start, where, f"{at}.start")
+        start_argv = start if isinstance(start, str) else _argv(start, where, f"{at}.start")
+        if not start_argv:
+            raise ConfigError("must not be empty", path=where, field=f"{at}.start")
+        box.scripts["start"] = start_argv
     rw = body.get("rw", False)
-    if isinstance(rw, str):
+    if isinstance(rw, str) and rw.strip():
         box.rw = path_of(rw) or False
     elif isinstance(rw, bool):
         box.rw = rw
     else:
         raise ConfigError("must be true/false or an upper directory", path=where, field=f"{at}.rw", value=rw)
     box.snapshot = get("snapshot", str)
+    if box.snapshot is not None and not box.snapshot.strip():
+        raise ConfigError("must be a sandbox name", path=where, field=f"{at}.snapshot", value=box.snapshot)
     if box.snapshot is not None and box.rw:
         raise ConfigError("give rw or snapshot, not both", path=where, field=f"{at}.snapshot")
     box.sparse = get("sparse", bool, False)
@@ -272,6 +280,8 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
         bool: "true or false",
         Mapping: "a mapping",
     }
+    if set(kinds) == {int, float}:
+        return "a number"
     return " or ".join(names.get(k, k.__name__) for k in kinds)
 
 

@@ -234,16 +234,15 @@ def run(args: argparse.Namespace) -> int:
         entry = commit_upper(opts.upper)
         if not args.quiet:
             print(f"obd: committed the writes as {os.path.join(opts.upper, entry['file'])}", file=sys.stderr)
-    if not args.quiet:
-        if fresh_upper and opts.upper:
-            again = f"--snapshot {args.snapshot}" if args.snapshot else f"--rw {opts.upper}"
-            print(
-                f"obd: the writes are in {opts.upper} (`obd snapshot {opts.upper}` commits them; "
-                f"`obd run {again} -- ...` runs it again)",
-                file=sys.stderr,
-            )
-        if args.stats or args.verbose:
-            print(summary(result), file=sys.stderr)
+    if not args.quiet and fresh_upper and opts.upper:
+        again = f"--snapshot {args.snapshot}" if args.snapshot else f"--rw {opts.upper}"
+        print(
+            f"obd: the writes are in {opts.upper} (`obd snapshot {opts.upper}` commits them; "
+            f"`obd run {again} -- ...` runs it again)",
+            file=sys.stderr,
+        )
+    if args.stats or (args.verbose and not args.quiet):  # asked for explicitly: -q does not hide it
+        print(summary(result), file=sys.stderr)
     return result.exit_code
 
 
