@@ -230,10 +230,18 @@ def run(args: argparse.Namespace) -> int:
         return 125
     finally:
         sys.stdout.flush()
+    exit_code = result.exit_code
     if args.commit and opts.upper:
-        entry = commit_upper(opts.upper)
-        if not args.quiet:
-            print(f"obd: committed the writes as {os.path.join(opts.upper, entry['file'])}", file=sys.stderr)
+        try:
+            entry = commit_upper(opts.upper)
+        except ObdError as e:  # the writes stay in the live RW layer; the command's code still counts
+            print(f"obd: error: the writes were not committed: {e}", file=sys.stderr)
+            exit_code = exit_code or 125
+        else:
+            if not args.quiet:
+                print(
+                    f"obd: committed the writes as {os.path.join(opts.upper, entry['file'])}", file=sys.stderr
+                )
     if not args.quiet and fresh_upper and opts.upper:
         again = f"--snapshot {args.snapshot}" if args.snapshot else f"--rw {opts.upper}"
         print(
@@ -243,7 +251,7 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.stats or (args.verbose and not args.quiet):  # asked for explicitly: -q does not hide it
         print(summary(result), file=sys.stderr)
-    return result.exit_code
+    return exit_code
 
 
 def summary(result) -> str:  # type: ignore[no-untyped-def]
