@@ -11,6 +11,7 @@ once (``os.preadv`` is; anything with shared state takes a lock).
 
 from __future__ import annotations
 
+import errno
 import os
 from typing import BinaryIO
 
@@ -190,3 +191,27 @@ class StreamWriter:
             self.stream.write(data)
             self.offset += n
         return n
+
+
+def data_extents(fd: int, size: int, block: int = 4096) -> list[tuple[int, int]]:
+    """``(offset, length)`` of the data of a sparse file (``SEEK_DATA``/``SEEK_HOLE``), widened to
+    whole ``block``-byte blocks (but not past ``size``); touching ranges are merged."""
+    out: list[tuple[int, int]] = []
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # only a hole is left
+                break
+            raise
+        stop = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        a = start // block * block
+        b = min(-(-stop // block) * block, size)
+        if out and out[-1][0] + out[-1][1] >= a:
+            a0 = out[-1][0]
+            out[-1] = (a0, max(b, a0 + out[-1][1]) - a0)
+        else:
+            out.append((a, b - a))
+        pos = stop
+    return out

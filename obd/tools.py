@@ -16,6 +16,7 @@ import numpy as np
 
 from obd.blob_writer import BlobWriter
 from obd.errors import ObdError
+from obd.io import data_extents
 from obd.lsmt.commit import SealedInfo, layer_info, seal_in_place, write_sealed
 from obd.lsmt.format import MAX_OFFSET, HeaderTrailer
 from obd.lsmt.rw import RWLayer, create_rw
@@ -233,8 +234,8 @@ def import_raw(
             fd = os.open(raw_path, os.O_RDONLY | os.O_CLOEXEC)
             try:
                 copied = 0
-                for start, end in _data_extents(fd, size):
-                    pos = start
+                for start, length in data_extents(fd, size, 512):
+                    pos, end = start, start + length
                     while pos < end:
                         n = os.preadv(fd, [view[: min(chunk, end - pos)]], pos)
                         if n <= 0:
@@ -251,26 +252,6 @@ def import_raw(
             return commit_layer(layer, out_path, uuid=uuid, message=message, options=options)
         finally:
             layer.close()
-
-
-def _data_extents(fd: int, size: int) -> list[tuple[int, int]]:
-    """``[start, end)`` byte ranges of a file's data (holes left out), sector-aligned outwards."""
-    out: list[tuple[int, int]] = []
-    pos = 0
-    while pos < size:
-        try:
-            start = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError:  # ENXIO: only a hole is left
-            break
-        end = os.lseek(fd, start, os.SEEK_HOLE)
-        start -= start % 512
-        end = min(end + (-end % 512), size)
-        if out and start <= out[-1][1]:
-            out[-1] = (out[-1][0], end)
-        else:
-            out.append((start, end))
-        pos = end
-    return out
 
 
 def _nonzero_runs(data: memoryview, skip: bool) -> list[tuple[int, int]]:

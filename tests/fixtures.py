@@ -168,6 +168,20 @@ def setup_packages() -> list[str]:
     return names
 
 
+def data_offsets(stack: Any, count: int, seed: int) -> list[int]:
+    """``count`` random sector-aligned offsets of 4 KiB reads that start inside ``stack``'s data
+    (a workload for trace recording and prefetch tests)."""
+    import random
+
+    rng = random.Random(seed)
+    data = [e for e in stack.extents() if e.kind == "data"]
+    out = []
+    for _ in range(count):
+        e = rng.choice(data)
+        out.append(e.offset + rng.randrange(0, max(1, e.length - 4096)) // 512 * 512)
+    return out
+
+
 def vm_cache_dir() -> Path:
     """Where the VM tests keep the microVM kernel and initramfs: shared between sessions like the
     fixture cache, so the kernel is downloaded once per machine (``$OBD_VM_TEST_CACHE`` overrides)."""

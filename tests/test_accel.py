@@ -11,14 +11,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import random
 import tarfile
 
 import pytest
 from registry_server import RegistryServer
 
 import frontends.nbd.backend as be
-from fixtures import materialize
+from fixtures import data_offsets, materialize
 from obd.cli import main
 from obd.errors import FormatError, ObdError
 from obd.image.accel import META_KEY, load_image_trace, trace_from_layer, trace_layer_tar
@@ -47,12 +46,7 @@ def image(tmp_path_factory):
     files = [str(materialize(r)) for r in L012]
     assert main(["push", *files, f"{reg.host}/obd/l012:v1", "--insecure-registry", reg.host]) == 0
     stack = open_layers(files)
-    rng = random.Random(7)
-    data = [e for e in stack.extents() if e.kind == "data"]
-    workload = []
-    for _ in range(40):
-        e = rng.choice(data)
-        workload.append(e.offset + rng.randrange(0, max(1, e.length - 4096)) // 512 * 512)
+    workload = data_offsets(stack, 40, seed=7)
     recorder = TraceRecorder(stack)
     for off in workload:
         stack.pread(off, 4096)

@@ -25,11 +25,12 @@ from fixtures import FIXTURES, fixture_path, materialize, require_tool
 from obd.blob import open_blob
 from obd.convert.debugfs import Debugfs
 from obd.convert.ext4 import LayerApplier
-from obd.convert.layer import DeviceBuilder, data_extents
+from obd.convert.layer import DeviceBuilder
 from obd.convert.layertar import clean_name, read_layer
 from obd.errors import FormatError
 from obd.export import export_stack
 from obd.image.local import open_layer, open_layers
+from obd.io import data_extents
 from obd.lsmt.stack import Stack
 from obd.tools import OutputOptions
 

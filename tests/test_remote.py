@@ -6,14 +6,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import subprocess
 
 import pytest
 from ext4tree import read_file
 from registry_server import RegistryServer, TokenServer
 
-from fixtures import FIXTURES, materialize, require_tool
+from fixtures import FIXTURES, data_offsets, materialize, require_tool
 from obd.cli import main
 from obd.image.local import open_config, open_layers
 from obd.image.remote import RemoteOptions, pull_image, registry_config
@@ -221,13 +220,8 @@ def test_pull_into_a_layout_keeps_the_image_byte_for_byte(registry, tmp_path, ca
 
 def test_recorded_trace_replays_into_a_cold_cache(registry, tmp_path):
     """Record a workload's reads; on a cold cache, replaying the trace leaves nothing to fetch."""
-    rng = random.Random(5)
     stack, _ = remote_stack(registry, tmp_path / "a", "obd/l012:v1")
-    data = [e for e in stack.extents() if e.kind == "data"]
-    workload = []
-    for _ in range(40):
-        e = rng.choice(data)
-        workload.append(e.offset + rng.randrange(0, max(1, e.length - 4096)) // 512 * 512)
+    workload = data_offsets(stack, 40, seed=5)
     recorder = TraceRecorder(stack)
     expect = [stack.pread(off, 4096) for off in workload]
     trace = tmp_path / "work.trace"

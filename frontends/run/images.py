@@ -31,9 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from obd.errors import ConfigError, ObdError
+from obd.programs import SBIN_DIRS, find_program
 from obd.tools import OutputOptions, import_raw
 
-_SBIN = ("/usr/local/sbin", "/usr/sbin", "/sbin")
 #: The Debian release the python image is made of (the host's own: its keyring verifies it).
 DEFAULT_SUITE = "bookworm"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
@@ -46,14 +46,6 @@ DEFAULT_COMPRESS = "zstd"
 DEFAULT_BLOCK_SIZE = 32 << 10
 
 Progress = Callable[[str], None]
-
-
-def find_program(name: str, package: str) -> str:
-    """Full path of ``name`` (sbin directories included) or an error naming its Debian package."""
-    found = shutil.which(name, path=os.pathsep.join([os.environ.get("PATH", ""), *_SBIN]))
-    if not found:
-        raise ObdError(f"{name} not found: install the Debian package {package} (./setup.sh does)")
-    return found
 
 
 def _run(argv: Sequence[str], what: str, *, timeout: float = 1800, env: dict[str, str] | None = None) -> str:
@@ -221,7 +213,7 @@ def debian_python_rootfs(
             if include:
                 argv.append(f"--include={','.join(include)}")
             env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-            env["PATH"] = os.pathsep.join([env.get("PATH", "/usr/bin:/bin"), *_SBIN])
+            env["PATH"] = os.pathsep.join([env.get("PATH", "/usr/bin:/bin"), *SBIN_DIRS])
             _run([*argv, suite, str(tmp / "root"), mirror], "debootstrap", env=env, timeout=3600)
             for pattern in ("var/cache/apt/archives/*.deb", "var/cache/apt/*.bin", "var/lib/apt/lists/*_*"):
                 for junk in glob.glob(str(tmp / "root" / pattern)):

@@ -21,6 +21,7 @@ import urllib.request
 from pathlib import Path
 
 from obd.errors import ObdError
+from obd.programs import find_program
 
 START_TIMEOUT = 30.0
 
@@ -81,7 +82,7 @@ class LocalRegistry:
         return []
 
     def start(self) -> LocalRegistry:
-        binary = self.binary or _find("docker-registry")
+        binary = self.binary or find_program("docker-registry", "docker-registry")
         (self.storage / "data").mkdir(parents=True, exist_ok=True)
         config = self.storage / "config.yml"
         config.write_text(self._config())
@@ -133,12 +134,3 @@ class LocalRegistry:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def _find(name: str) -> str:
-    import shutil
-
-    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/bin:/sbin:/bin")
-    if not found:
-        raise ObdError(f"{name} not found: install the Debian package docker-registry (./setup.sh does)")
-    return found

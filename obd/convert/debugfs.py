@@ -19,15 +19,14 @@ from __future__ import annotations
 import os
 import re
 import secrets
-import shutil
 import subprocess
 import threading
 import time
 from collections.abc import Iterable, Sequence
 
 from obd.errors import ObdError
+from obd.programs import find_program
 
-_SBIN = ("/usr/local/sbin", "/usr/sbin", "/sbin")
 _BANNER = re.compile(rb"^debugfs \S+ \(.*\)$|^\s*Using EXT2FS Library version .*$")
 #: How long one batch may take before the process is presumed stuck.
 BATCH_TIMEOUT = 600.0
@@ -42,10 +41,7 @@ class Ext4Error(ObdError):
 
 def find_tool(name: str) -> str:
     """Full path of e2fsprogs program ``name`` (the sbin directories included)."""
-    found = shutil.which(name, path=os.pathsep.join([os.environ.get("PATH", ""), *_SBIN]))
-    if not found:
-        raise Ext4Error(f"{name} not found: install the Debian package e2fsprogs (./setup.sh does)")
-    return found
+    return find_program(name, "e2fsprogs", error=Ext4Error)
 
 
 def quote(arg: bytes) -> bytes:

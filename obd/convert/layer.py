@@ -13,7 +13,6 @@ file system costs a few MiB), or as a fresh ``mke2fs`` with ``mkfs``.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 import time
@@ -26,7 +25,7 @@ from obd.convert.ext4 import ApplyStats, apply_layer, fsck, mkfs_ext4
 from obd.convert.layertar import ParsedLayer
 from obd.errors import ObdError
 from obd.image.local import open_layer
-from obd.io import Source
+from obd.io import Source, data_extents
 from obd.lsmt.rw import RWLayer, create_rw
 from obd.lsmt.sealed import SealedLayer
 from obd.lsmt.stack import Stack
@@ -66,29 +65,6 @@ class BuiltLayer:
     uuid: str
     parent_uuid: str | None
     stats: LayerStats = field(default_factory=LayerStats)
-
-
-def data_extents(fd: int, size: int) -> list[tuple[int, int]]:
-    """``(offset, length)`` of the data of a sparse file, widened to whole 4 KiB blocks."""
-    out: list[tuple[int, int]] = []
-    pos = 0
-    while pos < size:
-        try:
-            start = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError as e:
-            if e.errno == errno.ENXIO:
-                break
-            raise
-        stop = min(os.lseek(fd, start, os.SEEK_HOLE), size)
-        a = start // FS_BLOCK * FS_BLOCK
-        b = min(-(-stop // FS_BLOCK) * FS_BLOCK, size)
-        if out and out[-1][0] + out[-1][1] >= a:
-            a0 = out[-1][0]
-            out[-1] = (a0, max(b, a0 + out[-1][1]) - a0)
-        else:
-            out.append((a, b - a))
-        pos = stop
-    return out
 
 
 def _runs(mask: np.ndarray) -> list[tuple[int, int]]:

@@ -14,7 +14,6 @@ and ``diff_id``; :meth:`SourceImage.fetch` makes a layer blob available as a loc
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -23,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from obd.convert.layertar import SYMLINK, clean_name, detect_compression, read_layer
 from obd.errors import ConfigError, FormatError, UnsupportedError
-from obd.image.oci import BLOB_DIGEST, MAX_JSON_BYTES, OCILayout, parse_oci_reference
+from obd.image.oci import BLOB_DIGEST, MAX_JSON_BYTES, OCILayout, file_digest, parse_oci_reference
 from obd.registry.reference import Reference, parse_reference, validate_digest
 
 if TYPE_CHECKING:
@@ -187,16 +186,6 @@ def open_registry(reference: str, remote: RemoteOptions, platform: str | None) -
 # -- OCI layout -----------------------------------------------------------------------------------
 
 
-def _sha256_file(path: str) -> tuple[str, int]:
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-            size += len(chunk)
-    return "sha256:" + h.hexdigest(), size
-
-
 def open_oci(root: str, tag: str | None, platform: str | None) -> SourceImage:
     layout = OCILayout(root)
     image = layout.resolve(tag, platform=platform)
@@ -210,7 +199,7 @@ def open_oci(root: str, tag: str | None, platform: str | None) -> SourceImage:
             layer = layers[i]
             path = layout.blob_path(layer.digest)
             try:
-                digest, size = _sha256_file(path)
+                digest, size = file_digest(path)
             except OSError as e:
                 raise ConfigError(f"layer blob missing: {e.strerror}", path=path) from None
             if digest != layer.digest or size != layer.size:
@@ -315,7 +304,7 @@ def open_docker_archive(path: str, ref: str | None, workdir: str) -> SourceImage
         if not isinstance(name, str):
             raise FormatError("layer name is not a string", path=path, field=f"Layers[{i}]")
         blob = member(name, "layer")
-        digest, size = _sha256_file(blob)
+        digest, size = file_digest(blob)
         with open(blob, "rb") as fh:
             kind = detect_compression(fh.read(4))
         media = {"gzip": DOCKER_LAYER_GZIP, "zstd": OCI_LAYER_ZSTD}.get(kind, DOCKER_LAYER)

@@ -7,10 +7,11 @@ the usual blob-digest/blob-size/version. It is not part of the device: the snaps
 from the stack and replays the trace when the device opens, so every machine that runs the image
 prefetches what its start-up reads, without anyone handing trace files around.
 
-obd does the same: :func:`trace_layer_ref` finds the layer while an image is resolved (its
-reference is kept in the image config's ``obd`` metadata), the frontends call
-:func:`load_image_trace` and replay it in the background unless a trace was given explicitly, and
-:func:`trace_layer_tar` / :func:`attach_trace` make such a layer (``obd trace attach``).
+obd does the same: resolving an image leaves the layer out of the device and keeps its reference
+(:func:`trace_layer_ref`) in the image config's ``obd`` metadata; the frontends call
+:func:`load_image_trace` and replay it in the background unless a trace was given explicitly; and
+:func:`trace_layer_tar` makes such a layer (``obd trace attach``,
+:func:`obd.registry.push.push_trace_image`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 
 from obd.errors import ChecksumError, FormatError
 from obd.image.config import ImageConfig
-from obd.image.oci import ACCELERATION_LAYER, Image, OverlaybdLayer
+from obd.image.oci import OverlaybdLayer
 from obd.trace import MAX_TRACE_BYTES, Record, decode
 
 #: The one member of an acceleration layer's tar.
@@ -34,19 +35,9 @@ MAX_LAYER_BYTES = MAX_TRACE_BYTES + (64 << 10)
 META_KEY = "trace_layer"
 
 
-def acceleration_layer(image: Image) -> OverlaybdLayer | None:
-    """The image's acceleration layer (the top one, when annotated so), or None."""
-    layers = image.overlaybd_layers()
-    if layers and layers[-1].is_acceleration:
-        return layers[-1]
-    return None
-
-
-def trace_layer_ref(layer: OverlaybdLayer | None, *, file: str | None = None) -> dict[str, Any] | None:
+def trace_layer_ref(layer: OverlaybdLayer, *, file: str | None = None) -> dict[str, Any]:
     """What :func:`load_image_trace` needs to find the layer later: its digest and size, and the file
     holding it for a local (``oci:``) image."""
-    if layer is None:
-        return None
     ref: dict[str, Any] = {"digest": layer.digest, "size": layer.size}
     if file is not None:
         ref["file"] = file
@@ -131,9 +122,7 @@ def load_image_trace(config: ImageConfig, remote: Any = None) -> list[Record] | 
 
 
 __all__ = [
-    "ACCELERATION_LAYER",
     "META_KEY",
-    "acceleration_layer",
     "load_image_trace",
     "trace_from_layer",
     "trace_layer_ref",

@@ -147,6 +147,17 @@ class Image:
         return out
 
 
+def file_digest(path: str) -> tuple[str, int]:
+    """``("sha256:…", size)`` of a file: its digest as an OCI descriptor names it."""
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+            size += len(chunk)
+    return "sha256:" + h.hexdigest(), size
+
+
 def layout_blob_path(root: str, digest: str) -> str:
     """Where blob ``digest`` lives in the layout at ``root`` (the digest validated first)."""
     alg, _, hexpart = digest.partition(":")

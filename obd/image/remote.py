@@ -241,10 +241,26 @@ def pull_image(
     the average rate; ``progress(done, total)`` is called as pieces land. Each blob, once complete,
     is read back from the cache and its SHA-256 checked against its digest.
     """
-    store = opts.store()
-    if store is None:
-        raise ConfigError("pull fills the cache; it cannot run with no_cache")
     ref, image = resolve_image(reference, opts)
+    return _pull_layers(
+        ref, image, opts, parallel=parallel, piece=piece, max_rate=max_rate, verify=verify, progress=progress
+    )
+
+
+def _pull_layers(
+    ref: Reference,
+    image: Image,
+    opts: RemoteOptions,
+    *,
+    parallel: int,
+    piece: int,
+    max_rate: float | None,
+    verify: bool,
+    progress: Callable[[int, int], None] | None,
+) -> PullResult:
+    """:func:`pull_image` of an image already resolved."""
+    if opts.store() is None:
+        raise ConfigError("pull fills the cache; it cannot run with no_cache")
     url = repo_blob_url(ref, opts)
     layers = image.overlaybd_layers()
     sources = [open_remote_blob(url, layer.digest, layer.size, opts) for layer in layers]
@@ -298,19 +314,18 @@ def pull_to_layout(
     The manifest, config and layer blobs land byte for byte, so the layout's image has the
     registry's manifest digest and ``obd push oci:DIR:TAG`` gives back the same image. ``tag``
     (default: the reference's tag, else ``latest``) names it in ``index.json``; an entry with the
-    same tag is replaced. Layers are copied out of the block cache, their digests checked again on
-    the way.
+    same tag is replaced. Layers are copied out of the block cache, their digests checked on the way.
     """
     from obd.image.oci import OCILayout, layout_blob_path, write_layout
 
-    result = pull_image(reference, opts, parallel=parallel, max_rate=max_rate, progress=progress)
-    ref = parse_reference(reference)
+    ref, image = resolve_image(reference, opts)
+    result = _pull_layers(
+        ref, image, opts, parallel=parallel, piece=4 << 20, max_rate=max_rate, verify=False, progress=progress
+    )
     client = opts.client()
-    raw = opts.runner.run(client.fetch_manifest(ref, result.manifest_digest), RESOLVE_TIMEOUT)
-    manifest = raw.json()
-    config_digest = manifest["config"]["digest"]
+    raw = opts.runner.run(client.fetch_manifest(ref, image.manifest_digest), RESOLVE_TIMEOUT)
+    config_digest = raw.json()["config"]["digest"]
     config = opts.runner.run(client.get_blob(ref, config_digest), RESOLVE_TIMEOUT)
-    _, image = resolve_image(str(ref.with_target(digest=result.manifest_digest)), opts)
     os.makedirs(os.path.join(layout, "blobs", "sha256"), exist_ok=True)
     url = repo_blob_url(ref, opts)
     blobs: list[tuple[str, str | bytes]] = [(config_digest, config)]

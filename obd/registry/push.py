@@ -18,7 +18,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from obd.errors import ConfigError, FormatError
-from obd.image.oci import BLOB_DIGEST, BLOB_SIZE, INDEX_TYPES, REF_NAME, VERSION, Descriptor, OCILayout
+from obd.image.oci import (
+    ACCELERATION_LAYER,
+    BLOB_DIGEST,
+    BLOB_SIZE,
+    INDEX_TYPES,
+    REF_NAME,
+    VERSION,
+    Descriptor,
+    OCILayout,
+    file_digest,
+)
 from obd.image.oci import parse_oci_reference as _parse_oci
 from obd.registry.client import OCI_INDEX, OCI_MANIFEST, RegistryClient
 from obd.registry.reference import Reference, parse_reference
@@ -212,7 +222,6 @@ async def push_trace_image(
     snapshotter) replay the trace when they open the image.
     """
     from obd.image.accel import trace_layer_tar
-    from obd.image.oci import ACCELERATION_LAYER
 
     src = source if isinstance(source, Reference) else parse_reference(source)
     dst = dest if isinstance(dest, Reference) else parse_reference(dest)
@@ -328,16 +337,6 @@ def single_layer_image(layer_digest: str, layer_size: int, **kw: Any) -> tuple[b
     return layers_image([(layer_digest, layer_size)], **kw)
 
 
-def _file_digest(path: str) -> tuple[str, int]:
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-            size += len(chunk)
-    return "sha256:" + h.hexdigest(), size
-
-
 async def push_files_image(
     client: RegistryClient,
     paths: list[str | os.PathLike[str]],
@@ -354,7 +353,7 @@ async def push_files_image(
     ``WorkingDir``, ``User``): what ``obd run`` and container runtimes start by default.
     """
     files = [os.fspath(p) for p in paths]
-    layers = [_file_digest(p) for p in files]
+    layers = [file_digest(p) for p in files]
     manifest, config_bytes = layers_image(layers, overlaybd=overlaybd, annotations=annotations, config=config)
     ref = dest if isinstance(dest, Reference) else parse_reference(dest)
     result = PushResult(str(ref), "", OCI_MANIFEST)
