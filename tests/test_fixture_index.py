@@ -24,7 +24,8 @@ HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 def stored_files() -> set[str]:
     found = set()
-    for dirpath, _dirs, names in os.walk(FIXTURES):
+    for dirpath, dirs, names in os.walk(FIXTURES):
+        dirs[:] = [d for d in dirs if d != "__pycache__"]  # bytecode of make_inputs.py, which tests import
         for name in names:
             rel = Path(dirpath, name).relative_to(FIXTURES).as_posix()
             if rel not in INDEX_FILES:
