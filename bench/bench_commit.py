@@ -31,8 +31,8 @@ import zstandard
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from obd.layer.tools import OutputOptions, commit_layer
 from obd.lsmt.rw import create_rw, open_rw
-from obd.tools import OutputOptions, commit_layer
 
 MiB = 1 << 20
 ANCHORS = {"plain": 1636, "lz4": 1099, "zstd": 253}

@@ -36,8 +36,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from obd.layer.tools import OutputOptions, commit_layer  # noqa: E402
 from obd.lsmt.rw import create_rw  # noqa: E402
-from obd.tools import OutputOptions, commit_layer  # noqa: E402
 
 PLUGIN = REPO / "frontends" / "nbd" / "plugin.py"
 RAM_PLUGIN = REPO / "bench" / "ram_plugin.py"

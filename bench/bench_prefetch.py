@@ -11,7 +11,7 @@ Measured in one run, each on a cold cache:
 
 * **one by one**: every trace record read in order, one at a time, no coalescing — the way a
   synchronous reader (overlaybd's registryfs) fetches;
-* **obd replay**: :func:`obd.trace.replay` — records merged, 16 reads in flight, RemoteBlob
+* **obd replay**: :func:`obd.prefetch.trace.replay` — records merged, 16 reads in flight, RemoteBlob
   coalescing neighbours into one ranged GET.
 
 It also reports bytes fetched against the compressed bytes the workload needs (the ZFile records
@@ -40,11 +40,11 @@ from registry_server import RegistryServer  # noqa: E402
 
 from fixtures import materialize  # noqa: E402
 from obd.cli import main as obd  # noqa: E402
-from obd.export import export_stack  # noqa: E402
 from obd.image.local import open_config, open_layers  # noqa: E402
 from obd.image.remote import RemoteOptions, registry_config  # noqa: E402
-from obd.stats import Stats  # noqa: E402
-from obd.trace import TraceRecorder, replay  # noqa: E402
+from obd.layer.export import export_stack  # noqa: E402
+from obd.observability.stats import Stats  # noqa: E402
+from obd.prefetch.trace import TraceRecorder, replay  # noqa: E402
 
 EXT4 = [
     "overlaybd/ext4/base/ext4_64",

@@ -27,8 +27,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from obd.blob_writer import BlobWriter
 from obd.image.local import open_layers
+from obd.layer.writer import BlobWriter
 from obd.lsmt.commit import layer_info
 from obd.lsmt.format import (
     FLAGS_SEALED_HEADER,

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 import lz4.block  # noqa: E402
 import zstandard  # noqa: E402
 
-from obd.io import FileSource  # noqa: E402
+from obd.io.source import FileSource  # noqa: E402
 from obd.zfile import ZFileReader, ZFileWriter, default_threads  # noqa: E402
 
 MiB = 1 << 20

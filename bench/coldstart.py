@@ -56,11 +56,12 @@ from frontends.run.images import mkfs_ext4, push_image  # noqa: E402
 from frontends.run.launcher import RunOptions, run_image  # noqa: E402
 from frontends.run.registry import LocalRegistry  # noqa: E402
 from frontends.vm import boot, ensure_assets, resolve_accel  # noqa: E402
+from obd.image.assemble import push_trace_image  # noqa: E402
 from obd.image.remote import RemoteOptions  # noqa: E402
+from obd.observability.stats import Stats  # noqa: E402
 from obd.registry.client import RegistryClient  # noqa: E402
 from obd.registry.loop import default_runner  # noqa: E402
-from obd.registry.push import push_layout, push_trace_image  # noqa: E402
-from obd.stats import Stats  # noqa: E402
+from obd.registry.push import push_layout  # noqa: E402
 
 COMMAND = ["python3", "-c", 'print("hello world!")']
 EXPECTED = b"hello world!\n"

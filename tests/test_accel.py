@@ -22,10 +22,10 @@ from obd.cli import main
 from obd.errors import FormatError, ObdError
 from obd.image.accel import META_KEY, load_image_trace, trace_from_layer, trace_layer_tar
 from obd.image.local import open_config, open_layers
-from obd.image.oci import ACCELERATION_LAYER
 from obd.image.remote import RemoteOptions, registry_config
-from obd.stats import Stats
-from obd.trace import TraceRecorder, encode, load
+from obd.observability.stats import Stats
+from obd.oci.model import ACCELERATION_LAYER
+from obd.prefetch.trace import TraceRecorder, encode, load
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -10,7 +10,7 @@ from test_cache_source import MemUpstream, blob_bytes
 
 from obd.cache import CachedSource, CacheStore
 from obd.cli import main
-from obd.stats import Stats
+from obd.observability.stats import Stats
 
 PS = 4096
 

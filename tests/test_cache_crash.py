@@ -32,7 +32,7 @@ from test_cache_source import BLOB, MemUpstream, blob_bytes  # noqa: E402
 from obd.cache import CachedSource, CacheStore  # noqa: E402
 from obd.cache import source as cache_source  # noqa: E402
 from obd.cache.store import HEADER_SIZE, MetaHeader, read_records  # noqa: E402
-from obd.stats import CACHE_HITS, CACHE_MISSES, Stats  # noqa: E402
+from obd.observability.stats import CACHE_HITS, CACHE_MISSES, Stats  # noqa: E402
 
 PS = 4096
 

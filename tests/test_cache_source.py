@@ -21,15 +21,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from obd.blob import open_source
 from obd.cache import CachedSource, CacheStore
 from obd.cache import source as cache_source
 from obd.cache.source import _Out, _runs
 from obd.errors import ObdError
-from obd.io import BytesSource, Source
+from obd.io.source import BytesSource, Source
+from obd.layer.blob import open_source
 from obd.lsmt.sealed import SealedLayer
 from obd.lsmt.stack import Stack
-from obd.stats import CACHE_BYTES, CACHE_HITS, CACHE_MISSES, Stats
+from obd.observability.stats import CACHE_BYTES, CACHE_HITS, CACHE_MISSES, Stats
 
 REPO = Path(__file__).resolve().parent.parent
 COMMIT_DIR = REPO / "fixtures" / "overlaybd" / "lsmt" / "commit"

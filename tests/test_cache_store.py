@@ -19,9 +19,9 @@ from obd.cache import CachedSource, CacheStore, check_digest, default_cache_dir,
 from obd.cache import source as cache_source
 from obd.cache import store as cache_store
 from obd.cache.store import HEADER_SIZE, MAGIC, MetaHeader, default_limit
-from obd.crc import crc32c_raw
 from obd.errors import FormatError, ObdError
-from obd.stats import Stats
+from obd.formats.crc import crc32c_raw
+from obd.observability.stats import Stats
 
 PS = 4096
 HEX = "ab" * 32

@@ -22,17 +22,17 @@ from ext4tree import compare_trees, e2fsck_clean, read_tree
 from test_convert_tar import MTIME, make_tar, member
 
 from fixtures import FIXTURES, fixture_path, materialize, require_tool
-from obd.blob import open_blob
 from obd.convert.debugfs import Debugfs
 from obd.convert.ext4 import LayerApplier
 from obd.convert.layer import DeviceBuilder
 from obd.convert.layertar import clean_name, read_layer
 from obd.errors import FormatError
-from obd.export import export_stack
 from obd.image.local import open_layer, open_layers
-from obd.io import data_extents
+from obd.io.source import data_extents
+from obd.layer.blob import open_blob
+from obd.layer.export import export_stack
+from obd.layer.tools import OutputOptions
 from obd.lsmt.stack import Stack
-from obd.tools import OutputOptions
 
 BASE = "overlaybd/ext4/base/ext4_64"
 U1 = "aaaaaaaa-0001-4000-8000-000000000001"

@@ -23,12 +23,13 @@ from fixtures import FIXTURES, require_tool
 from obd.cli import main
 from obd.convert import ConvertOptions, HostileTarError, chain_ids, convert_image
 from obd.errors import FormatError, UnsupportedError
-from obd.export import export_stack
 from obd.image.local import open_config
-from obd.image.oci import BLOB_DIGEST, BLOB_SIZE, VERSION, OCILayout
 from obd.image.remote import RemoteOptions, registry_config
 from obd.image.resolve import image_config
-from obd.stats import Stats
+from obd.layer.export import export_stack
+from obd.observability.stats import Stats
+from obd.oci.layout import OCILayout
+from obd.oci.model import BLOB_DIGEST, BLOB_SIZE, VERSION
 
 HELLO = FIXTURES / "aci-hello-world"
 #: accelerated-container-image's ExpectedOverlaybdBaseLayerDigest (cmd/convertor testing resources)

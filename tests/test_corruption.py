@@ -15,9 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fixtures import materialize
-from obd.blob import open_source
 from obd.errors import ObdError
-from obd.io import BytesSource
+from obd.io.source import BytesSource
+from obd.layer.blob import open_source
 from obd.lsmt.sealed import SealedLayer
 from obd.lsmt.stack import Stack
 

@@ -13,8 +13,8 @@ from test_fuse_mount import Mounted, _no_mount_left_behind  # noqa: F401
 from test_vm_boot import root_image  # noqa: F401
 
 from frontends.vm import boot
+from obd.layer.tools import commit_layer
 from obd.lsmt.rw import create_rw
-from obd.tools import commit_layer
 
 
 def import_as_layer(image: Path, out: Path) -> Path:

@@ -15,9 +15,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from obd.crc import crc32c_raw
 from obd.errors import ChecksumError, FormatError, ObdError, TruncatedError, UnsupportedError
-from obd.gzindex import (
+from obd.formats.crc import crc32c_raw
+from obd.formats.gzindex import (
     ALGO_NONE,
     ALGO_ZLIB,
     ENTRY_STRUCT,
@@ -31,7 +31,7 @@ from obd.gzindex import (
     is_gzip,
     open_gzip_indexed,
 )
-from obd.io import BytesSource, FileSource
+from obd.io.source import BytesSource, FileSource
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYER1_GZ = ROOT / "fixtures" / "overlaybd" / "inputs" / "tar" / "layer1.tar.gz"

@@ -15,7 +15,7 @@ import pytest
 from fixtures import FIXTURES, fixture_path, materialize, resolved_config
 from obd.cli import main
 from obd.errors import ObdError
-from obd.inspect import (
+from obd.inspect.report import (
     HISTOGRAM_BUCKETS,
     coverage,
     inspect_files,
@@ -678,7 +678,7 @@ def test_plot_without_layers_is_an_error(tmp_path, capsys):
 
 
 def test_plot_without_matplotlib_names_the_extra(monkeypatch, tmp_path):
-    from obd.plot import plot_layout
+    from obd.inspect.plot import plot_layout
 
     monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)
     layout = inspect_files([str(fixture_path(f"{OBD}/lsmt/commit/L1.commit"))]).layout

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from obd.errors import FormatError, TruncatedError
-from obd.io import BytesSource, FileSource
+from obd.io.source import BytesSource, FileSource
 from obd.lsmt.commit import layer_info, seal_in_place, write_sealed
 from obd.lsmt.format import HT_SPACE, HeaderTrailer
 from obd.lsmt.rw import open_rw

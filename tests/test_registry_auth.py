@@ -16,9 +16,9 @@ from registry_server import FaultProxy, RegistryServer, TokenServer, is_range_ge
 
 from fixtures import FIXTURES
 from obd.errors import AuthError, RegistryError
+from obd.observability.stats import Stats
 from obd.registry import AsyncRunner, CredentialResolver, Credentials, RegistryClient, RemoteBlob
 from obd.registry.push import push_layout
-from obd.stats import Stats
 
 pytestmark = pytest.mark.timeout(120)
 

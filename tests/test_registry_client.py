@@ -12,11 +12,12 @@ import pytest
 from registry_server import RegistryServer
 
 from fixtures import FIXTURES, materialize
-from obd.blob import open_blob, open_source
 from obd.errors import ConfigError, RegistryError
+from obd.image.assemble import push_file_image
+from obd.layer.blob import open_blob, open_source
+from obd.observability.stats import Stats
 from obd.registry import AsyncRunner, CredentialResolver, RegistryClient, RemoteBlob
-from obd.registry.push import push_file_image, push_layout
-from obd.stats import Stats
+from obd.registry.push import push_layout
 
 pytestmark = pytest.mark.timeout(120)
 

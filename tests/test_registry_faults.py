@@ -14,9 +14,9 @@ from registry_server import BlobStore, FaultProxy, RegistryServer, is_blob_get
 
 from fixtures import FIXTURES
 from obd.errors import RegistryError
+from obd.observability.stats import Stats
 from obd.registry import AsyncRunner, CredentialResolver, Credentials, RegistryClient, RemoteBlob
 from obd.registry.push import push_layout
-from obd.stats import Stats
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from obd.errors import AuthError, ConfigError, RegistryError
+from obd.observability.stats import Stats
 from obd.registry.auth import (
     CredentialResolver,
     Credentials,
@@ -24,7 +25,6 @@ from obd.registry.auth import (
 from obd.registry.client import parse_content_range, select_platform
 from obd.registry.loop import AsyncRunner
 from obd.registry.reference import Reference, parse_reference
-from obd.stats import Stats
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -17,9 +17,9 @@ from obd.cli import main
 from obd.image.local import open_config, open_layers
 from obd.image.remote import RemoteOptions, pull_image, registry_config
 from obd.image.resolve import open_image
+from obd.observability.stats import Stats
+from obd.prefetch.trace import TraceRecorder, load, replay
 from obd.registry.auth import Credentials
-from obd.stats import Stats
-from obd.trace import TraceRecorder, load, replay
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -26,8 +26,8 @@ from fixtures import require_tool, vm_cache_dir
 from frontends.run.images import build_layer, busybox_rootfs, push_image
 from frontends.run.launcher import RunOptions, run_image
 from obd.image.remote import RemoteOptions
-from obd.stats import Stats
-from obd.trace import load
+from obd.observability.stats import Stats
+from obd.prefetch.trace import load
 
 pytestmark = pytest.mark.timeout(300)
 

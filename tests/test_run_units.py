@@ -24,11 +24,11 @@ from frontends.run.launcher import (
 )
 from frontends.run.prefetch import ext4_metadata, prefetch_ranges
 from obd.errors import ConfigError, ObdError, UnsupportedError
+from obd.image.assemble import layers_image
 from obd.image.local import open_layers
 from obd.image.remote import RemoteOptions
+from obd.layer.tools import OutputOptions, import_raw
 from obd.registry.auth import Credentials
-from obd.registry.push import layers_image
-from obd.tools import OutputOptions, import_raw
 
 # --- the command, the Docker way ----------------------------------------------------------------
 

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from obd.errors import LayerStateError
-from obd.io import BytesSource
+from obd.io.source import BytesSource
 from obd.lsmt.commit import layer_info, write_sealed
 from obd.lsmt.rw import create_rw
 from obd.lsmt.sealed import SealedLayer

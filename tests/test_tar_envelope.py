@@ -10,10 +10,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from obd import tar_envelope as te
 from obd.errors import ChecksumError, FormatError, ObdError, TruncatedError
-from obd.io import BytesSource, FileSource
-from obd.tar_envelope import (
+from obd.formats import tar_envelope as te
+from obd.formats.tar_envelope import (
     TarEnvelopeWriter,
     envelope_footer,
     envelope_prefix,
@@ -25,6 +24,7 @@ from obd.tar_envelope import (
     unwrap_file,
     wrap_file,
 )
+from obd.io.source import BytesSource, FileSource
 
 ROOT = Path(__file__).resolve().parents[1]
 FIX = ROOT / "fixtures" / "overlaybd"

@@ -26,12 +26,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from obd.blob import open_blob
 from obd.errors import AlignmentError, FormatError, ObdError
-from obd.gzindex import build_gzip_index
+from obd.formats.gzindex import build_gzip_index
 from obd.image.config import ImageConfig, LowerConfig, UpperConfig
 from obd.image.local import open_config, open_layer, open_target
-from obd.io import BytesSource, FileSource
+from obd.io.source import BytesSource, FileSource
+from obd.layer.blob import open_blob
+from obd.layer.tools import OutputOptions, commit_layer, commit_warp_layer
 from obd.lsmt.format import (
     FLAGS_RW_INDEX,
     FLAGS_SEALED_HEADER,
@@ -48,7 +49,6 @@ from obd.lsmt.rw import create_rw
 from obd.lsmt.sealed import SealedLayer
 from obd.lsmt.stack import Stack
 from obd.lsmt.warp import WarpRWLayer, commit_warp
-from obd.tools import OutputOptions, commit_layer, commit_warp_layer
 
 FIX = Path(__file__).resolve().parent.parent / "fixtures" / "overlaybd"
 TAR = FIX / "inputs" / "tar" / "layer1.tar"
@@ -796,8 +796,8 @@ def test_sealed_layer_from_bytes(built):
 
 def test_commit_cli_turbo_oci_equals_the_api(tmp_path):
     from obd.cli import main
+    from obd.layer.tools import commit_warp_layer
     from obd.lsmt.warp import WarpRWLayer
-    from obd.tools import commit_warp_layer
 
     idx, meta = tmp_path / "index", tmp_path / "fsmeta"
     layer = WarpRWLayer.create(str(idx), str(meta), 64 << 20, uuid="44444444-4444-4444-8444-444444444444")
@@ -805,8 +805,8 @@ def test_commit_cli_turbo_oci_equals_the_api(tmp_path):
     layer.register_remote(1 << 20, 4096, 1024)
     layer.close()
     assert main(["commit", "--turbo-oci", str(meta), str(idx), str(tmp_path / "cli.meta"), "-z", "-q"]) == 0
+    from obd.layer.tools import OutputOptions
     from obd.lsmt.warp import open_warp_rw
-    from obd.tools import OutputOptions
 
     warp = open_warp_rw(str(idx), str(meta), readonly=True)
     commit_warp_layer(warp, str(tmp_path / "api.meta"), options=OutputOptions(compress="lz4"))

@@ -25,10 +25,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fixtures import FIXTURES, expected, materialize
-from obd.crc import ZFILE_BLOCK_SEED, crc32c_raw
 from obd.errors import ChecksumError, FormatError, ObdError, TruncatedError, UnsupportedError
-from obd.io import BytesSource, FileSource, Source
-from obd.tar_envelope import unwrap
+from obd.formats.crc import ZFILE_BLOCK_SEED, crc32c_raw
+from obd.formats.tar_envelope import unwrap
+from obd.io.source import BytesSource, FileSource, Source
 from obd.zfile import (
     FLAGS_HEADER,
     FLAGS_HEADER_OVERWRITTEN,
@@ -729,7 +729,7 @@ def test_readinto_nowait_serves_cached_blocks_and_declines_otherwise():
         assert got == min(n, reader.size - off) and bytes(buf[:got]) == whole[off : off + got]
     raw = FileSource(materialize(rel))
     window = raw.size // 2
-    from obd.io import WindowSource
+    from obd.io.source import WindowSource
 
     win = WindowSource(raw, 100, window)
     buf = bytearray(window + 50)

@@ -22,10 +22,10 @@ import lz4.block
 import pytest
 
 from fixtures import FIXTURES, materialize
-from obd.crc import ZFILE_BLOCK_SEED, crc32c_raw
 from obd.errors import FormatError, LayerStateError, ObdError, UnsupportedError
-from obd.io import BytesSource, FileSource
-from obd.tar_envelope import unwrap
+from obd.formats.crc import ZFILE_BLOCK_SEED, crc32c_raw
+from obd.formats.tar_envelope import unwrap
+from obd.io.source import BytesSource, FileSource
 from obd.zfile import (
     FLAGS_HEADER,
     FLAGS_HEADER_OVERWRITTEN,

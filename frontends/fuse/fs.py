@@ -39,7 +39,7 @@ import trio
 from frontends.fuse import FSNAME, PID_XATTR, mount_entry
 from frontends.nbd.backend import Device, NbdError
 from obd.errors import AlignmentError, LayerStateError, ObdError
-from obd.io import fill_zero
+from obd.io.source import fill_zero
 
 log = logging.getLogger("obd.fuse")
 
@@ -251,7 +251,7 @@ class DiskFS(pyfuse3.Operations):
 
     def _read_cached(self, view: memoryview, off: int) -> bool:
         """Fill ``view`` right here if that cannot block: holes, zeros, and layer bytes in memory or
-        the page cache (:meth:`obd.io.Source.readinto_nowait`: plain files, and ZFile blocks whose
+        the page cache (:meth:`obd.io.source.Source.readinto_nowait`: plain files, and ZFile blocks whose
         compressed bytes are cached, decoded on the spot). False sends the request to a worker thread.
 
         Handing a request to a thread and back costs ~50 µs, ten times a cached 4 KiB read; this is

@@ -73,7 +73,7 @@ except ImportError:  # outside nbdkit (unit tests, docs): a stand-in with the sa
     nbdkit.debug = nbdkit.messages.append
 
 from obd.errors import AlignmentError, LayerStateError, ObdError
-from obd.io import ZEROS
+from obd.io.source import ZEROS
 from obd.lsmt.format import SECTOR
 from obd.lsmt.stack import Stack
 
@@ -254,7 +254,7 @@ def open_device(opts: Options) -> Device:
         dev.needs_io_loop = bool(cfg.repoBlobUrl)
         dev.image_config, dev.remote = cfg, remote
         if opts.record_trace:
-            from obd.trace import TraceRecorder
+            from obd.prefetch.trace import TraceRecorder
 
             dev.recorder = TraceRecorder(stack)
             dev.trace_path = opts.record_trace
@@ -626,7 +626,7 @@ def start_prefetch(dev: Device, opts: Options) -> threading.Thread | None:
     """Replay a prefetch trace in the background while clients already read: ``trace=FILE``, else
     the image's acceleration layer (unless ``acceleration=false`` or while recording a trace, whose
     reads the replay would pollute). Returns the thread, if one was started."""
-    from obd.trace import load
+    from obd.prefetch.trace import load
 
     if opts.trace:
         what, records = opts.trace, lambda: load(opts.trace)
@@ -645,7 +645,7 @@ def start_prefetch(dev: Device, opts: Options) -> threading.Thread | None:
 
 
 def _replay(dev: Device, what: str, records: Callable[[], list[tuple[int, int, int]]]) -> None:
-    from obd.trace import replay
+    from obd.prefetch.trace import replay
 
     try:
         res = replay(dev.stack, records())

@@ -9,7 +9,7 @@ these builders make them from what apt and the host provide:
   the apt mirror this machine is configured with (:func:`apt_mirror`), about 150 MB, built once
   (≈ 30 s) and cached;
 * :func:`build_layer` — a root directory as one overlaybd layer: ``mke2fs -t ext4 -d`` into a
-  sparse file, whose data extents become a sealed LSMT layer (:func:`obd.tools.import_raw`),
+  sparse file, whose data extents become a sealed LSMT layer (:func:`obd.layer.tools.import_raw`),
   ZFile-compressed and tar-wrapped like the layers overlaybd's convertor pushes;
 * :func:`push_image` — layer files plus the OCI ``config`` (entrypoint, command, environment...)
   pushed to a registry as an overlaybd image.
@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from obd.errors import ConfigError, ObdError
-from obd.programs import SBIN_DIRS, find_program
-from obd.tools import OutputOptions, import_raw
+from obd.host.programs import SBIN_DIRS, find_program
+from obd.layer.tools import OutputOptions, import_raw
 
 #: The Debian release the python image is made of (the host's own: its keyring verifies it).
 DEFAULT_SUITE = "bookworm"
@@ -357,9 +357,9 @@ def push_image(
     timeout: float = 600,
 ) -> str:
     """Push overlaybd layer files (lowest first) with OCI run ``config`` as ``reference``; its digest."""
+    from obd.image.assemble import push_files_image
     from obd.registry.client import RegistryClient
     from obd.registry.loop import default_runner
-    from obd.registry.push import push_files_image
 
     if not layers:
         raise ConfigError("no layers to push", field="layers")

@@ -97,7 +97,7 @@ def resolve_image(
     cfg = image_config(specs, platform=platform, remote=remote)
     process: dict[str, Any] = {}
     if len(specs) == 1 and specs[0].startswith("oci:"):
-        from obd.image.oci import OCILayout, parse_oci_reference
+        from obd.oci.layout import OCILayout, parse_oci_reference
 
         root, tag = parse_oci_reference(specs[0])
         process = _process_config(OCILayout(root).resolve(tag, platform=platform).config)
@@ -599,7 +599,7 @@ def commit_upper(
 ) -> dict[str, Any]:
     """Seal an upper directory's writes into a snapshot layer (``obd snapshot``); its entry."""
     from obd.image.upper import UpperDir
-    from obd.tools import OutputOptions
+    from obd.layer.tools import OutputOptions
 
     ud = UpperDir(path)
     with ud.locked():

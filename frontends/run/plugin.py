@@ -6,7 +6,7 @@ the engine and its venv on ``sys.path``); this adds one parameter so that the la
 process, can report what the server fetched:
 
 ``stats-file=PATH``
-    the process's fetch and cache counters (:meth:`obd.stats.Stats.snapshot`) written there as
+    the process's fetch and cache counters (:meth:`obd.observability.stats.Stats.snapshot`) written there as
     JSON, atomically, every ``stats-interval`` seconds (default 0.5) while serving and once more
     when nbdkit shuts down.
 ``prefetch-meta=inodes|all|BOOL``
@@ -40,7 +40,7 @@ _stop = threading.Event()
 def _write_stats():
     if not _stats_path:
         return
-    from obd.stats import default_stats
+    from obd.observability.stats import default_stats
 
     tmp = f"{_stats_path}.tmp{os.getpid()}"
     with builtins.open(tmp, "w", encoding="utf-8") as f:  # plain ``open`` is nbdkit's callback here

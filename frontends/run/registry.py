@@ -21,7 +21,7 @@ import urllib.request
 from pathlib import Path
 
 from obd.errors import ObdError
-from obd.programs import find_program
+from obd.host.programs import find_program
 
 START_TIMEOUT = 30.0
 

@@ -27,8 +27,8 @@ import numpy as np
 
 from obd.cache.store import BlobCache, CacheStore, page_crcs
 from obd.errors import ObdError
-from obd.io import Source
-from obd.stats import CACHE_BYTES, CACHE_HITS, CACHE_MISSES, Stats
+from obd.io.source import Source
+from obd.observability.stats import CACHE_BYTES, CACHE_HITS, CACHE_MISSES, Stats
 
 log = logging.getLogger("obd.cache")
 
@@ -42,7 +42,7 @@ PREFETCH_RANGE = 4 << 20
 #: A read gives up after this many rounds of waiting for other threads' fetches that failed.
 _MAX_ROUNDS = 8
 
-# Counters recorded besides obd.stats' CACHE_HITS / CACHE_MISSES (pages) and CACHE_BYTES (bytes
+# Counters recorded besides obd.observability.stats' CACHE_HITS / CACHE_MISSES (pages) and CACHE_BYTES (bytes
 # of reads served from the cache).
 MISS_BYTES = "cache_miss_bytes"
 FETCH_CALLS = "cache_fetch_calls"
@@ -157,7 +157,7 @@ def _split(pages: np.ndarray, runs: list[tuple[int, int]]) -> list[np.ndarray]:
 
 
 class CachedSource(Source):
-    """A :class:`~obd.io.Source` over ``upstream`` that keeps what it fetches in ``store``.
+    """A :class:`~obd.io.source.Source` over ``upstream`` that keeps what it fetches in ``store``.
 
     ``digest`` keys the cache (``sha256:<hex>``; default ``upstream.digest``). ``readahead`` bytes
     past a read that misses are fetched with it (0, the default, fetches only what is read).

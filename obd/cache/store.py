@@ -49,9 +49,9 @@ from pathlib import Path
 import crc32c
 import numpy as np
 
-from obd.crc import crc32c_raw
 from obd.errors import FormatError, ObdError
-from obd.stats import Stats, default_stats
+from obd.formats.crc import crc32c_raw
+from obd.observability.stats import Stats, default_stats
 
 log = logging.getLogger("obd.cache")
 
@@ -86,7 +86,7 @@ ALGORITHMS = {"sha256": 32, "sha512": 64}
 _ALG_BY_LEN = {n: alg for alg, n in ALGORITHMS.items()}
 _TMP_PREFIX = ".tmp-"
 
-# Counter names this module records into a :class:`obd.stats.Stats`.
+# Counter names this module records into a :class:`obd.observability.stats.Stats`.
 EVICTIONS = "cache_evictions"
 EVICTED_BYTES = "cache_evicted_bytes"
 RESETS = "cache_resets"

@@ -17,7 +17,7 @@ from obd.cache.store import (
     parse_size,
 )
 from obd.errors import ObdError
-from obd.progress import human_bytes
+from obd.observability.progress import human_bytes
 
 DESCRIPTION = f"""\
 Inspect and trim the block cache that keeps the parts of remote layer blobs obd has read.

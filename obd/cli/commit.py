@@ -9,10 +9,10 @@ from obd.cli.common import progress
 from obd.cli.output_args import add_output_args, output_options
 from obd.errors import ObdError
 from obd.image.local import open_layers
+from obd.layer.tools import commit_layer, commit_sealed, commit_warp_layer, seal_layer
 from obd.lsmt.rw import open_rw
 from obd.lsmt.warp import open_warp_rw
-from obd.progress import human_bytes
-from obd.tools import commit_layer, commit_sealed, commit_warp_layer, seal_layer
+from obd.observability.progress import human_bytes
 
 DESCRIPTION = """\
 Commit an RW layer into a sealed, read-only layer blob, as overlaybd-commit does: the live data is

@@ -8,8 +8,8 @@ import sys
 from typing import Any
 
 from obd.errors import ObdError
-from obd.progress import Progress
-from obd.stats import default_stats
+from obd.observability.progress import Progress
+from obd.observability.stats import default_stats
 
 LAYERS_HELP = (
     "the image: layer blobs, lowest first (sealed LSMT files, ZFiles holding one, either in overlaybd's tar "

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from obd.cli.common import add_remote_args, print_stats, remote_options
-from obd.progress import Progress, human_bytes
+from obd.observability.progress import Progress, human_bytes
 
 DESCRIPTION = """\
 Convert an image into an overlaybd image, one overlaybd layer per source layer, as

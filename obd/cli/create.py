@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from obd.errors import ObdError
-from obd.tools import create_layer, gib
+from obd.layer.tools import create_layer, gib
 
 DESCRIPTION = """\
 Create an empty writable (RW) layer, as overlaybd-create does.

@@ -35,10 +35,10 @@ import time
 from pathlib import Path
 
 from obd.errors import ObdError
-from obd.export import export_stack
 from obd.image.local import open_oci_layout
-from obd.image.oci import OCILayout
-from obd.progress import human_bytes
+from obd.layer.export import export_stack
+from obd.observability.progress import human_bytes
+from obd.oci.layout import OCILayout
 
 DEFAULT_LAYOUT = Path(__file__).resolve().parents[2] / "fixtures" / "aci-hello-world"
 
@@ -171,7 +171,7 @@ def python_demo(args: argparse.Namespace) -> None:
     from frontends.run.registry import LocalRegistry
     from frontends.vm import ensure_assets, write_stdout
     from obd.image.remote import RemoteOptions
-    from obd.stats import Stats
+    from obd.observability.stats import Stats
 
     def say(msg: str) -> None:
         print(f"    {msg}", flush=True)
@@ -235,8 +235,8 @@ def python_demo(args: argparse.Namespace) -> None:
 
 def _attach(ref: str, trace: str, dest: str) -> None:
     """Push ``ref`` again as ``dest`` with ``trace`` as its acceleration layer (obd trace attach)."""
+    from obd.image.assemble import push_trace_image
     from obd.image.remote import RemoteOptions
-    from obd.registry.push import push_trace_image
 
     remote = RemoteOptions(insecure=True, no_cache=True)
     with open(trace, "rb") as f:

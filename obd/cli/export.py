@@ -6,8 +6,8 @@ import argparse
 import sys
 
 from obd.cli.common import add_progress_arg, add_stack_args, open_stack_from_args, print_stats, progress
-from obd.export import export_stack, stream_stack
-from obd.progress import human_bytes
+from obd.layer.export import export_stack, stream_stack
+from obd.observability.progress import human_bytes
 
 DESCRIPTION = """\
 Write the merged virtual block device of a layer stack to OUT as a raw disk image.

@@ -10,8 +10,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from obd.cli.common import add_remote_args, print_stats, remote_options
-from obd.inspect import inspect_files
-from obd.progress import human_bytes
+from obd.inspect.report import inspect_files
+from obd.observability.progress import human_bytes
 
 DESCRIPTION = """\
 Describe overlaybd files from the outside in: the tar envelope, the ZFile (both records, flags by
@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     print_stats(args)
     if args.plot:
         from obd.errors import ObdError
-        from obd.plot import plot_layout
+        from obd.inspect.plot import plot_layout
 
         if inspection.layout is None:
             raise ObdError("nothing to plot: none of the files is an LSMT layer", field="plot")
@@ -167,7 +167,7 @@ class _Out:
 
 
 def render(report: dict[str, Any]) -> str:
-    """The human-readable form of an :func:`obd.inspect.inspect_files` report."""
+    """The human-readable form of an :func:`obd.inspect.report.inspect_files` report."""
     out = _Out()
     for f in report["files"]:
         _file(out, f)
@@ -322,7 +322,7 @@ def _fragmentation(out: _Out, fr: dict[str, Any], label: str = "mappings") -> No
 
 
 def _lsmt(out: _Out, m: dict[str, Any]) -> None:
-    from obd.inspect import VARIANT_TEXT
+    from obd.inspect.report import VARIANT_TEXT
 
     out.head(f"lsmt layer: {VARIANT_TEXT[m['variant']]}")
     out.table(_record_rows([m["header"], m["trailer"]], ["header", "trailer (used)"]), align=True)

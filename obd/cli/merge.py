@@ -7,8 +7,8 @@ import sys
 
 from obd.cli.common import add_stack_args, open_stack_from_args, print_stats, progress
 from obd.cli.output_args import add_output_args, output_options
-from obd.progress import human_bytes
-from obd.tools import merge_stack
+from obd.layer.tools import merge_stack
+from obd.observability.progress import human_bytes
 
 DESCRIPTION = """\
 Merge a stack of layers into one sealed layer, as overlaybd-merge does: for every sector the

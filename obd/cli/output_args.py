@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from obd.errors import ObdError
-from obd.tools import OutputOptions
+from obd.layer.tools import OutputOptions
 
 BLOCK_SIZES_KIB = (4, 8, 16, 32, 64)
 

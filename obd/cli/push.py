@@ -40,7 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from obd.registry.push import push_files_image, push_layout
+    from obd.image.assemble import push_files_image
+    from obd.registry.push import push_layout
 
     opts = remote_options(args)
     client = opts.client()

@@ -256,7 +256,7 @@ def run(args: argparse.Namespace) -> int:
 
 def summary(result) -> str:  # type: ignore[no-untyped-def]
     """The ``--stats`` block: where the time went and what was fetched."""
-    from obd.progress import human_bytes
+    from obd.observability.progress import human_bytes
 
     t = result.timings
     s = result.stats

@@ -14,7 +14,7 @@ from obd.cli.output_args import add_output_args, output_options
 from obd.errors import ConfigError, ObdError
 from obd.image.resolve import image_config, image_label
 from obd.image.upper import CONFIG_NAME, UpperDir
-from obd.progress import human_bytes
+from obd.observability.progress import human_bytes
 
 SNAPSHOT_DESCRIPTION = """\
 Seal the live RW layer of an upper directory into a new read-only layer (DIR/layers/G.commit) and

@@ -9,7 +9,7 @@ import sys
 
 from obd.cli.common import add_remote_args, print_stats, remote_options
 from obd.errors import ObdError
-from obd.progress import human_bytes
+from obd.observability.progress import human_bytes
 
 DESCRIPTION = """\
 A prefetch trace lists the ranges a workload read from each layer of an image (overlaybd's binary
@@ -79,7 +79,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_show(args: argparse.Namespace) -> int:
-    from obd.trace import load
+    from obd.prefetch.trace import load
 
     records = load(args.trace)
     if args.json:
@@ -102,7 +102,7 @@ def run_show(args: argparse.Namespace) -> int:
 def run_replay(args: argparse.Namespace) -> int:
     from obd.image.local import open_config
     from obd.image.resolve import image_config
-    from obd.trace import load, replay
+    from obd.prefetch.trace import load, replay
 
     remote = remote_options(args)
     cfg = image_config(args.image, platform=remote.platform, remote=remote)
@@ -129,8 +129,8 @@ def run_replay(args: argparse.Namespace) -> int:
 
 
 def run_attach(args: argparse.Namespace) -> int:
-    from obd.registry.push import push_trace_image
-    from obd.trace import MAX_TRACE_BYTES
+    from obd.image.assemble import push_trace_image
+    from obd.prefetch.trace import MAX_TRACE_BYTES
 
     if os.path.getsize(args.trace) > MAX_TRACE_BYTES:
         raise ObdError("too large for a trace", path=args.trace, field="size")

@@ -6,12 +6,12 @@ import argparse
 import os
 import sys
 
-from obd.blob import open_blob
-from obd.blob_writer import BlobWriter
 from obd.cli.common import progress
 from obd.cli.output_args import BLOCK_SIZES_KIB
 from obd.errors import FormatError, ObdError
-from obd.progress import human_bytes
+from obd.layer.blob import open_blob
+from obd.layer.writer import BlobWriter
+from obd.observability.progress import human_bytes
 
 DESCRIPTION = """\
 Compress, decompress, verify or describe a ZFile, overlaybd's seekable block-compressed format

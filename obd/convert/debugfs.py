@@ -25,7 +25,7 @@ import time
 from collections.abc import Iterable, Sequence
 
 from obd.errors import ObdError
-from obd.programs import find_program
+from obd.host.programs import find_program
 
 _BANNER = re.compile(rb"^debugfs \S+ \(.*\)$|^\s*Using EXT2FS Library version .*$")
 #: How long one batch may take before the process is presumed stuck.

@@ -43,10 +43,10 @@ from obd.convert.source import (
     parse_transport,
 )
 from obd.errors import ConfigError, FormatError, UnsupportedError
-from obd.image.oci import BLOB_DIGEST, BLOB_SIZE, VERSION
-from obd.progress import Progress
+from obd.layer.tools import OutputOptions
+from obd.observability.progress import Progress
+from obd.oci.model import BLOB_DIGEST, BLOB_SIZE, VERSION
 from obd.registry.reference import parse_reference
-from obd.tools import OutputOptions
 
 if TYPE_CHECKING:
     from obd.image.remote import RemoteOptions
@@ -58,7 +58,8 @@ GiB = 1 << 30
 OVERLAYBD_VERSION = "0.1.0"
 ALGORITHMS = ("lz4", "zstd")
 
-#: ``progress(label, total)`` → a :class:`~obd.progress.Progress` (the CLI passes one that draws).
+#: ``progress(label, total)`` → a :class:`~obd.observability.progress.Progress` (the CLI passes
+#: one that draws).
 ProgressFactory = Callable[[str, int | None], Progress]
 
 
@@ -353,7 +354,7 @@ def _convert(
     blob_list: list[tuple[str, str | bytes]] = [(c.digest, c.path) for c in converted]
     blob_list.append((manifest["config"]["digest"], config_bytes))
     if dest.kind == "oci":
-        from obd.image.oci import write_layout
+        from obd.oci.layout import write_layout
 
         platform = {"os": config.get("os", "linux"), "architecture": config.get("architecture", "amd64")}
         if config.get("variant"):

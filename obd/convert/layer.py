@@ -25,11 +25,11 @@ from obd.convert.ext4 import ApplyStats, apply_layer, fsck, mkfs_ext4
 from obd.convert.layertar import ParsedLayer
 from obd.errors import ObdError
 from obd.image.local import open_layer
-from obd.io import Source, data_extents
+from obd.io.source import Source, data_extents
+from obd.layer.tools import OutputOptions, commit_layer
 from obd.lsmt.rw import RWLayer, create_rw
 from obd.lsmt.sealed import SealedLayer
 from obd.lsmt.stack import Stack
-from obd.tools import OutputOptions, commit_layer
 
 FS_BLOCK = 4096
 CHUNK = 8 << 20

@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 from obd.convert.layertar import SYMLINK, clean_name, detect_compression, read_layer
 from obd.errors import ConfigError, FormatError, UnsupportedError
-from obd.image.oci import BLOB_DIGEST, MAX_JSON_BYTES, OCILayout, file_digest, parse_oci_reference
+from obd.oci.layout import OCILayout, file_digest, parse_oci_reference
+from obd.oci.model import BLOB_DIGEST, MAX_JSON_BYTES
 from obd.registry.reference import Reference, parse_reference, validate_digest
 
 if TYPE_CHECKING:

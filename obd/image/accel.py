@@ -2,7 +2,7 @@
 
 accelerated-container-image's ``ctr record-trace`` appends one more layer **on top** of an
 overlaybd image: a plain tar holding a single file ``trace`` (overlaybd's binary trace, see
-:mod:`obd.trace`), annotated ``containerd.io/snapshot/overlaybd/acceleration-layer: yes`` besides
+:mod:`obd.prefetch.trace`), annotated ``containerd.io/snapshot/overlaybd/acceleration-layer: yes`` besides
 the usual blob-digest/blob-size/version. It is not part of the device: the snapshotter drops it
 from the stack and replays the trace when the device opens, so every machine that runs the image
 prefetches what its start-up reads, without anyone handing trace files around.
@@ -11,7 +11,7 @@ obd does the same: resolving an image leaves the layer out of the device and kee
 (:func:`trace_layer_ref`) in the image config's ``obd`` metadata; the frontends call
 :func:`load_image_trace` and replay it in the background unless a trace was given explicitly; and
 :func:`trace_layer_tar` makes such a layer (``obd trace attach``,
-:func:`obd.registry.push.push_trace_image`).
+:func:`obd.image.assemble.push_trace_image`).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from typing import Any
 
 from obd.errors import ChecksumError, FormatError
 from obd.image.config import ImageConfig
-from obd.image.oci import OverlaybdLayer
-from obd.trace import MAX_TRACE_BYTES, Record, decode
+from obd.oci.model import OverlaybdLayer
+from obd.prefetch.trace import MAX_TRACE_BYTES, Record, decode
 
 #: The one member of an acceleration layer's tar.
 TRACE_MEMBER = "trace"

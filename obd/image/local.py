@@ -12,10 +12,10 @@ import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from obd.blob import GZIP_MAGIC, Blob, open_blob, open_source
 from obd.errors import ConfigError, FormatError, UnsupportedError
 from obd.image.config import ImageConfig, LowerConfig
-from obd.io import FileSource, Source
+from obd.io.source import FileSource, Source
+from obd.layer.blob import GZIP_MAGIC, Blob, open_blob, open_source
 from obd.lsmt.rw import RWLayer, open_rw
 from obd.lsmt.sealed import SealedLayer
 from obd.lsmt.stack import Stack
@@ -29,7 +29,7 @@ def open_target(path: str, gzip_index: str | None = None) -> Source:
     """The uncompressed tar stream a warp layer's tag-1 mappings point into."""
     src = FileSource(path)
     if gzip_index:
-        from obd.gzindex import GzipIndexedSource
+        from obd.formats.gzindex import GzipIndexedSource
 
         return GzipIndexedSource(src, FileSource(gzip_index))
     if src.pread(0, 2) == GZIP_MAGIC:

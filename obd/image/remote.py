@@ -25,14 +25,14 @@ from urllib.parse import urlsplit
 
 from obd.errors import ChecksumError, ConfigError, UnsupportedError
 from obd.image.config import ImageConfig, LowerConfig
-from obd.image.oci import Image
-from obd.io import Source
+from obd.io.source import Source
+from obd.observability.stats import Stats, default_stats
+from obd.oci.model import Image
 from obd.registry.auth import CredentialResolver, Credentials
 from obd.registry.blob import RemoteBlob
 from obd.registry.client import RegistryClient
 from obd.registry.loop import AsyncRunner, default_runner
 from obd.registry.reference import DOCKER_HUB_API, Reference, parse_reference
-from obd.stats import Stats, default_stats
 
 #: How long resolving a manifest and config may take, in seconds.
 RESOLVE_TIMEOUT = 120.0
@@ -316,7 +316,7 @@ def pull_to_layout(
     (default: the reference's tag, else ``latest``) names it in ``index.json``; an entry with the
     same tag is replaced. Layers are copied out of the block cache, their digests checked on the way.
     """
-    from obd.image.oci import OCILayout, layout_blob_path, write_layout
+    from obd.oci.layout import OCILayout, layout_blob_path, write_layout
 
     ref, image = resolve_image(reference, opts)
     result = _pull_layers(

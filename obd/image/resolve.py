@@ -138,7 +138,7 @@ def _resolved_config(path: str) -> ImageConfig:
 
 
 def _oci_config(reference: str, platform: str | None) -> ImageConfig:
-    from obd.image.oci import OCILayout, parse_oci_reference
+    from obd.oci.layout import OCILayout, parse_oci_reference
 
     root, tag = parse_oci_reference(reference)
     layout = OCILayout(root)

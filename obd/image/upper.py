@@ -46,10 +46,10 @@ from obd.image.accel import META_KEY as ACCEL_META_KEY
 from obd.image.config import ImageConfig, LowerConfig, UpperConfig
 from obd.image.local import open_config, open_layer
 from obd.image.resolve import abs_path, image_config, image_label
+from obd.layer.tools import OutputOptions, commit_layer
 from obd.lsmt.format import MAX_STACK_LAYERS
 from obd.lsmt.rw import create_rw, open_rw
 from obd.lsmt.stack import Stack
-from obd.tools import OutputOptions, commit_layer
 
 CONFIG_NAME = "config.v1.json"
 LOCK_NAME = "lock"

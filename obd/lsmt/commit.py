@@ -17,7 +17,7 @@ from typing import Protocol
 import numpy as np
 
 from obd.errors import LayerStateError
-from obd.io import Source
+from obd.io.source import Source
 from obd.lsmt.format import (
     COMMIT_CHUNK_SECTORS,
     FLAG_SPARSE,

@@ -25,7 +25,7 @@ import threading
 import numpy as np
 
 from obd.errors import AlignmentError, FormatError, LayerStateError, ObdError, TruncatedError
-from obd.io import FileSource, Source
+from obd.io.source import FileSource, Source
 from obd.lsmt.format import (
     FLAG_SPARSE,
     FLAGS_RW_DATA,

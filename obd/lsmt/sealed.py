@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from obd.errors import FormatError, TruncatedError
-from obd.io import Source
+from obd.io.source import Source
 from obd.lsmt.format import (
     HT_SPACE,
     INVALID_OFFSET,
@@ -59,7 +59,7 @@ def _is_warp_index(cols: MappingColumns, data_sectors: int) -> bool:
 
 
 class SealedLayer:
-    """A sealed LSMT blob opened from a :class:`~obd.io.Source` (already unwrapped from tar/ZFile).
+    """A sealed LSMT blob opened from a :class:`~obd.io.source.Source` (already unwrapped from tar/ZFile).
 
     ``files`` lists the sources the index's tags refer to: ``[blob]`` for a normal layer,
     ``[blob, target]`` for a warp layer. Data for tag ``t`` lives at ``moffset * 512`` in ``files[t]``.
@@ -76,7 +76,7 @@ class SealedLayer:
     ):
         self.source = source
         self.name = name or source.name
-        #: what the LSMT bytes were unwrapped from (an :class:`obd.blob.Blob`), closed with the layer
+        #: what the LSMT bytes were unwrapped from (an :class:`obd.layer.blob.Blob`), closed with the layer
         self.blob = blob
         self.warp = warp
         size = source.size

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from obd.errors import ConfigError, LayerStateError
-from obd.io import Source, fill_zero
+from obd.io.source import Source, fill_zero
 from obd.lsmt.format import MAX_STACK_LAYERS, SECTOR
 from obd.lsmt.index import Index, Mapping, merge_indexes
 from obd.lsmt.rw import RWLayer

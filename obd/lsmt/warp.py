@@ -33,7 +33,7 @@ from collections.abc import Callable
 import numpy as np
 
 from obd.errors import AlignmentError, FormatError, ObdError
-from obd.io import Source
+from obd.io.source import Source
 from obd.lsmt.commit import SealedInfo, Writable, layer_info, write_sealed
 from obd.lsmt.format import (
     FLAGS_RW_INDEX,
@@ -357,7 +357,7 @@ def commit_warp(
     64-sector chunks as a normal commit does, zeroed ones take the current data position, and
     remote mappings are emitted unchanged (their moffset stays a sector of the target). The index
     follows the data without padding, the trailer follows the index. ``out`` may be a
-    :class:`~obd.blob_writer.BlobWriter` (ZFile and tar wrappers) or any binary stream.
+    :class:`~obd.layer.writer.BlobWriter` (ZFile and tar wrappers) or any binary stream.
     """
     header = layer_info(layer.virtual_size, uuid=uuid, parent_uuid=parent_uuid)
     return write_sealed(

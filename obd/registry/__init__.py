@@ -4,7 +4,7 @@
 - :mod:`~obd.registry.auth`: challenges, Bearer tokens, credentials (flags, env, docker config).
 - :mod:`~obd.registry.client`: :class:`RegistryClient`, the async aiohttp client.
 - :mod:`~obd.registry.loop`: :class:`AsyncRunner`, the event-loop thread sync code submits to.
-- :mod:`~obd.registry.blob`: :class:`RemoteBlob`, a blob as an :class:`obd.io.Source`.
+- :mod:`~obd.registry.blob`: :class:`RemoteBlob`, a blob as an :class:`obd.io.source.Source`.
 - :mod:`~obd.registry.push`: pushing OCI layouts and single-layer images.
 
 ``docs/registry.md`` describes the options, environment variables and credential lookup.
@@ -14,7 +14,7 @@ from obd.registry.auth import CredentialResolver, Credentials
 from obd.registry.blob import RemoteBlob
 from obd.registry.client import RawManifest, RegistryClient
 from obd.registry.loop import AsyncRunner, default_runner
-from obd.registry.push import PushResult, push_file_image, push_layout
+from obd.registry.push import PushResult, push_layout
 from obd.registry.reference import Reference, parse_reference
 
 __all__ = [
@@ -28,6 +28,5 @@ __all__ = [
     "RemoteBlob",
     "default_runner",
     "parse_reference",
-    "push_file_image",
     "push_layout",
 ]

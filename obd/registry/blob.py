@@ -1,4 +1,4 @@
-"""A registry blob as an :class:`obd.io.Source`: ranged GETs, shared and merged while in flight.
+"""A registry blob as an :class:`obd.io.source.Source`: ranged GETs, shared and merged while in flight.
 
 :class:`RemoteBlob` is what a remote layer reads through (directly, or wrapped by the block cache).
 Its synchronous methods may be called from any number of threads; the work happens on the
@@ -28,9 +28,9 @@ import bisect
 from collections import deque
 from collections.abc import Iterable, Sequence
 
-from obd import stats as st
 from obd.errors import RegistryError
-from obd.io import Source
+from obd.io.source import Source
+from obd.observability import stats as st
 from obd.registry.client import RegistryClient
 from obd.registry.loop import AsyncRunner
 from obd.registry.reference import Reference, parse_reference, validate_digest

@@ -46,9 +46,9 @@ from typing import Any, TypeVar
 import aiohttp
 from yarl import URL
 
-from obd import stats as st
 from obd.errors import AuthError, ConfigError, FormatError, ObdError, RegistryError, UnsupportedError
-from obd.image.oci import INDEX_TYPES, MANIFEST_TYPES, Descriptor, Image, host_platform
+from obd.observability import stats as st
+from obd.oci.model import INDEX_TYPES, MANIFEST_TYPES, Descriptor, Image, host_platform
 from obd.registry.auth import (
     Challenge,
     CredentialResolver,
@@ -179,7 +179,8 @@ class RegistryClient:
 
     ``insecure`` is ``True`` (every registry over plain http) or the hosts (``host:port``) to reach
     over plain http; everything else uses https with certificate verification, which only
-    ``tls_verify=False`` turns off. ``stats`` defaults to the process-wide :data:`obd.stats.STATS`.
+    ``tls_verify=False`` turns off. ``stats`` defaults to the process-wide
+    :data:`obd.observability.stats.STATS`.
     """
 
     def __init__(
@@ -533,7 +534,7 @@ class RegistryClient:
         return raw.digest, doc
 
     async def get_image(self, ref: Reference | str, platform: str | None = None) -> Image:
-        """Manifest, verified config and layer descriptors of an image (see :class:`obd.image.oci.Image`)."""
+        """Manifest, verified config and layer descriptors of an image (see :class:`obd.oci.model.Image`)."""
         ref = self._repo(ref)
         digest, manifest = await self.get_manifest(ref, platform)
         if "layers" not in manifest or "config" not in manifest:

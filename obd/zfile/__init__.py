@@ -3,7 +3,7 @@
 - :mod:`obd.zfile.format`: the 512-byte header/trailer record, flags, algorithm ids, limits;
 - :mod:`obd.zfile.codecs`: the codec table (lz4, zstd; MINI_LZO is unsupported);
 - :mod:`obd.zfile.reader`: :func:`is_zfile` and :class:`ZFileReader`, a random-access
-  :class:`~obd.io.Source` of the original bytes;
+  :class:`~obd.io.source.Source` of the original bytes;
 - :mod:`obd.zfile.writer`: :class:`ZFileWriter` and the whole-file helpers.
 """
 

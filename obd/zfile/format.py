@@ -16,8 +16,8 @@ import enum
 import struct
 from dataclasses import dataclass
 
-from obd.crc import crc32c_raw
 from obd.errors import FormatError, TruncatedError
+from obd.formats.crc import crc32c_raw
 
 #: ``"ZFile\0\1"`` plus a NUL.
 MAGIC0 = b"ZFile\x00\x01\x00"

@@ -1,4 +1,4 @@
-"""Reading ZFiles: detection, the open-time checks, and a random-access :class:`~obd.io.Source`.
+"""Reading ZFiles: detection, the open-time checks, and a random-access :class:`~obd.io.source.Source`.
 
 :class:`ZFileReader` turns a compressed source into the plain byte stream it holds, so that an
 LSMT layer (or anything else) can sit on top without knowing about compression. Opening follows
@@ -26,9 +26,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from obd.crc import ZFILE_BLOCK_SEED, crc32c_raw
 from obd.errors import ChecksumError, FormatError, TruncatedError, UnsupportedError
-from obd.io import Source
+from obd.formats.crc import ZFILE_BLOCK_SEED, crc32c_raw
+from obd.io.source import Source
 from obd.zfile.codecs import Codec, get_codec
 from obd.zfile.format import (
     BLOCK_CRC_SIZE,
@@ -185,7 +185,7 @@ class _BlockCache:
 
 
 class ZFileReader(Source):
-    """A ZFile opened for random access; itself a :class:`~obd.io.Source` of the original bytes.
+    """A ZFile opened for random access; itself a :class:`~obd.io.source.Source` of the original bytes.
 
     ``size`` is the original file size; ``readinto`` clamps at it. Safe to share between threads.
 

@@ -33,9 +33,9 @@ from typing import BinaryIO
 
 import numpy as np
 
-from obd.crc import ZFILE_BLOCK_SEED, crc32c_raw
 from obd.errors import LayerStateError, ObdError
-from obd.io import FileSource
+from obd.formats.crc import ZFILE_BLOCK_SEED, crc32c_raw
+from obd.io.source import FileSource
 from obd.zfile.codecs import Buffer, codec_by_name
 from obd.zfile.format import (
     DEFAULT_BLOCK_SIZE,

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from obd.errors import ChecksumError, FormatError, ObdError, TruncatedError
-from obd.io import FileSource, Source, WindowSource
+from obd.io.source import FileSource, Source, WindowSource
 
 BLOCK = 512
 #: Size of the prefix overlaybd writes: PAX header, one block of PAX data, file header.

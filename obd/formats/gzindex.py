@@ -32,9 +32,9 @@ from typing import BinaryIO
 
 import numpy as np
 
-from obd.crc import crc32c_raw
 from obd.errors import ChecksumError, FormatError, ObdError, TruncatedError, UnsupportedError
-from obd.io import BytesSource, FileSource, Source
+from obd.formats.crc import crc32c_raw
+from obd.io.source import BytesSource, FileSource, Source
 
 MAGIC = b"ddgzidx\x00"
 MAJOR_VERSION = 1
@@ -136,7 +136,7 @@ class GzipIndexHeader:
 class GzipIndex:
     """A validated gzip index: header, entry columns, and lazily loaded windows.
 
-    Construct with :meth:`open` (an index :class:`~obd.io.Source`) or :meth:`parse` (bytes). Every
+    Construct with :meth:`open` (an index :class:`~obd.io.source.Source`) or :meth:`parse` (bytes). Every
     check of FORMATS.md §8.1 is made before anything is trusted; ``gzip_size``, when given, must
     equal the header's ``gzip_file_size`` (overlaybd checks it against the target blob).
     """

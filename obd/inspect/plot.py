@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from obd.errors import ObdError
-from obd.inspect import HISTOGRAM_BUCKETS, Band, Layout, length_histogram
+from obd.inspect.report import HISTOGRAM_BUCKETS, Band, Layout, length_histogram
 
 ZERO_COLOUR = "#9e9e9e"
 #: Bars narrower than this fraction of the axis are widened to it (about two pixels at the default size).
@@ -94,7 +94,7 @@ def plot_layout(
     title: str | None = None,
     dpi: int = 100,
 ) -> None:
-    """Draw ``layout`` (from :func:`obd.inspect.inspect_files`) into the PNG file ``path``."""
+    """Draw ``layout`` (from :func:`obd.inspect.report.inspect_files`) into the PNG file ``path``."""
     Figure, FigureCanvasAgg, FuncFormatter, MaxNLocator, MultipleLocator = _matplotlib()
     bands = layout.bands
     if not bands:

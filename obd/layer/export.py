@@ -14,7 +14,7 @@ from typing import BinaryIO
 
 from obd.errors import ObdError
 from obd.lsmt.stack import Stack
-from obd.progress import Progress
+from obd.observability.progress import Progress
 
 PIECE = 4 << 20
 

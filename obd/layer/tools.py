@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from obd.blob_writer import BlobWriter
 from obd.errors import ObdError
-from obd.io import data_extents
+from obd.io.source import data_extents
+from obd.layer.writer import BlobWriter
 from obd.lsmt.commit import SealedInfo, layer_info, seal_in_place, write_sealed
 from obd.lsmt.format import MAX_OFFSET, HeaderTrailer
 from obd.lsmt.rw import RWLayer, create_rw

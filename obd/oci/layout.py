@@ -1,13 +1,9 @@
-"""OCI image layouts on disk (``oci:DIR[:TAG]``) and the overlaybd layers their manifests name.
+"""OCI image layouts on disk (``oci:DIR[:TAG]``): reading an image out of one, adding one to it.
 
 An OCI layout is a directory with ``oci-layout``, ``index.json`` and ``blobs/<alg>/<hex>``. A tag is
 the ``org.opencontainers.image.ref.name`` annotation of an ``index.json`` entry; an entry may be a
-manifest or an index (manifest list), from which the platform's manifest is chosen. A manifest is
-an overlaybd image when its layers carry the ``containerd.io/snapshot/overlaybd/blob-digest`` and
-``blob-size`` annotations (FORMATS.md §7); anything else is a plain OCI image, which obd cannot
-serve as a block device until it is converted.
-
-Every manifest and config read is checked against its digest.
+manifest or an index (manifest list), from which the platform's manifest is chosen. Every manifest
+and config read is checked against its digest.
 """
 
 from __future__ import annotations
@@ -15,136 +11,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform as _platform
-from dataclasses import dataclass, field
 from typing import Any
 
 from obd.errors import ConfigError, FormatError
-
-ANNOTATION_PREFIX = "containerd.io/snapshot/overlaybd/"
-BLOB_DIGEST = ANNOTATION_PREFIX + "blob-digest"
-BLOB_SIZE = ANNOTATION_PREFIX + "blob-size"
-VERSION = ANNOTATION_PREFIX + "version"
-ACCELERATION_LAYER = ANNOTATION_PREFIX + "acceleration-layer"
-TURBO_TARGET_DIGEST = ANNOTATION_PREFIX + "turbo-oci/target-digest"
-FASTOCI_TARGET_DIGEST = ANNOTATION_PREFIX + "fastoci/target-digest"
-REF_NAME = "org.opencontainers.image.ref.name"
-
-MANIFEST_TYPES = {
-    "application/vnd.oci.image.manifest.v1+json",
-    "application/vnd.docker.distribution.manifest.v2+json",
-}
-INDEX_TYPES = {
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-}
-#: Manifests and configs are small; refuse anything absurd before reading it.
-MAX_JSON_BYTES = 4 << 20
-
-
-def host_platform() -> str:
-    """``linux/amd64``-style name of this machine."""
-    machine = _platform.machine().lower()
-    arch = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386", "i386": "386"}.get(
-        machine, machine
-    )
-    return f"linux/{arch}"
-
-
-@dataclass(frozen=True)
-class Descriptor:
-    media_type: str
-    digest: str
-    size: int
-    annotations: dict[str, str] = field(default_factory=dict)
-    platform: dict[str, Any] | None = None
-
-    @classmethod
-    def parse(cls, obj: Any, where: str, path: object) -> Descriptor:
-        if not isinstance(obj, dict):
-            raise FormatError("descriptor must be an object", path=path, field=where)
-        digest = obj.get("digest")
-        size = obj.get("size")
-        if not isinstance(digest, str) or ":" not in digest:
-            raise FormatError("missing or malformed digest", path=path, field=f"{where}.digest", value=digest)
-        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-            raise FormatError("missing or malformed size", path=path, field=f"{where}.size", value=size)
-        ann = obj.get("annotations") or {}
-        if not isinstance(ann, dict):
-            raise FormatError("annotations must be an object", path=path, field=f"{where}.annotations")
-        return cls(
-            str(obj.get("mediaType", "")),
-            digest,
-            size,
-            {str(k): str(v) for k, v in ann.items()},
-            obj.get("platform"),
-        )
-
-    @property
-    def platform_name(self) -> str | None:
-        if not self.platform:
-            return None
-        p = self.platform
-        name = f"{p.get('os', '')}/{p.get('architecture', '')}"
-        return f"{name}/{p['variant']}" if p.get("variant") else name
-
-
-@dataclass(frozen=True)
-class OverlaybdLayer:
-    """One layer of an overlaybd image: the blob to read and what its annotations say."""
-
-    digest: str
-    size: int
-    media_type: str
-    annotations: dict[str, str]
-
-    @property
-    def is_turbo(self) -> bool:
-        return TURBO_TARGET_DIGEST in self.annotations or FASTOCI_TARGET_DIGEST in self.annotations
-
-    @property
-    def is_acceleration(self) -> bool:
-        return self.annotations.get(ACCELERATION_LAYER) == "yes"
-
-
-@dataclass
-class Image:
-    """A resolved image: its manifest, config and layers (lowest first)."""
-
-    reference: str
-    manifest_digest: str
-    manifest: dict[str, Any]
-    config: dict[str, Any]
-    layers: list[Descriptor]
-
-    def overlaybd_layers(self) -> list[OverlaybdLayer]:
-        """The overlaybd layers, lowest first; a clear error if this is not an overlaybd image."""
-        out = []
-        for i, d in enumerate(self.layers):
-            if BLOB_DIGEST not in d.annotations or BLOB_SIZE not in d.annotations:
-                raise FormatError(
-                    "this is a plain OCI image, not an overlaybd image (its layers lack the "
-                    f"{BLOB_DIGEST} annotation); convert it first with `obd convert`",
-                    path=self.reference,
-                    field=f"layers[{i}].annotations",
-                )
-            ann = d.annotations
-            if ann[BLOB_DIGEST] != d.digest:
-                raise FormatError(
-                    "blob-digest annotation differs from the layer digest",
-                    path=self.reference,
-                    field=f"layers[{i}].annotations.blob-digest",
-                    value=ann[BLOB_DIGEST],
-                )
-            if ann[BLOB_SIZE] != str(d.size):
-                raise FormatError(
-                    "blob-size annotation differs from the layer size",
-                    path=self.reference,
-                    field=f"layers[{i}].annotations.blob-size",
-                    value=ann[BLOB_SIZE],
-                )
-            out.append(OverlaybdLayer(d.digest, d.size, d.media_type, ann))
-        return out
+from obd.io.publish import publish_bytes, publish_copy
+from obd.oci.model import (
+    INDEX_TYPES,
+    MAX_JSON_BYTES,
+    REF_NAME,
+    Descriptor,
+    Image,
+    host_platform,
+    platform_matches,
+)
 
 
 def file_digest(path: str) -> tuple[str, int]:
@@ -224,7 +103,7 @@ class OCILayout:
             desc = descs[0]
         else:
             want = platform or host_platform()
-            plat = [d for d in descs if d.platform_name and _platform_matches(d.platform_name, want)]
+            plat = [d for d in descs if d.platform_name and platform_matches(d.platform_name, want)]
             if not plat:
                 raise ConfigError(
                     f"{len(descs)} images in the layout; name one with :TAG "
@@ -245,7 +124,7 @@ class OCILayout:
                 Descriptor.parse(m, f"manifests[{i}]", ref) for i, m in enumerate(doc.get("manifests") or [])
             ]
             for sub in subs:
-                if sub.platform_name and _platform_matches(sub.platform_name, want):
+                if sub.platform_name and platform_matches(sub.platform_name, want):
                     return self._resolve_desc(sub, ref, platform, depth + 1)
             have = ", ".join(s.platform_name or "?" for s in subs)
             raise ConfigError(f"no manifest for platform {want} (have: {have})", path=ref)
@@ -257,12 +136,6 @@ class OCILayout:
         config = self._json(self.blob_path(cfg_desc.digest), cfg_desc.digest)
         layers = [Descriptor.parse(x, f"layers[{i}]", ref) for i, x in enumerate(doc["layers"])]
         return Image(ref, desc.digest, doc, config, layers)
-
-
-def _platform_matches(have: str, want: str) -> bool:
-    h = have.split("/")
-    w = want.split("/")
-    return h[:2] == w[:2] and (len(w) < 3 or len(h) < 3 or h[2] == w[2])
 
 
 def parse_oci_reference(ref: str) -> tuple[str, str | None]:
@@ -281,28 +154,6 @@ def parse_oci_reference(ref: str) -> tuple[str, str | None]:
 # -- writing layouts -----------------------------------------------------------------------------
 
 OCI_LAYOUT_FILE = '{"imageLayoutVersion":"1.0.0"}'
-
-
-def _publish_bytes(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _publish_file(path: str, src: str) -> None:
-    """Put a copy of file ``src`` at ``path`` (a hard link when both are on one file system)."""
-    import shutil
-
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, path)
 
 
 def write_layout(
@@ -342,13 +193,13 @@ def write_layout(
         dest = helper.blob_path(blob_digest)
         if isinstance(data, (bytes, bytearray)):
             if not (os.path.isfile(dest) and os.path.getsize(dest) == len(data)):
-                _publish_bytes(dest, bytes(data))
+                publish_bytes(dest, bytes(data))
         else:
             if not (os.path.isfile(dest) and os.path.getsize(dest) == os.path.getsize(data)):
-                _publish_file(dest, data)
-    _publish_bytes(helper.blob_path(digest), manifest)
+                publish_copy(dest, data)
+    publish_bytes(helper.blob_path(digest), manifest)
     if not os.path.exists(marker):
-        _publish_bytes(marker, OCI_LAYOUT_FILE.encode())
+        publish_bytes(marker, OCI_LAYOUT_FILE.encode())
     desc: dict[str, Any] = {"mediaType": media_type, "digest": digest, "size": len(manifest)}
     if tag:
         desc["annotations"] = {REF_NAME: tag}
@@ -361,7 +212,7 @@ def write_layout(
             continue
         kept.append(entry)
     index["manifests"] = [*kept, desc]
-    _publish_bytes(index_path, json.dumps(index, indent=2).encode() + b"\n")
+    publish_bytes(index_path, json.dumps(index, indent=2).encode() + b"\n")
     return Descriptor.parse(desc, "manifests[-1]", root)
 
 

@@ -2,7 +2,7 @@
 
 overlaybd stacks its readers as ``raw bytes → tar envelope (if a ustar header is present) → ZFile
 (if the magic matches) → LSMT``. :func:`open_blob` does the same and remembers each step, so that
-an inspector can say what a blob is made of and a reader gets the innermost :class:`~obd.io.Source`.
+an inspector can say what a blob is made of and a reader gets the innermost :class:`~obd.io.source.Source`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from obd.errors import FormatError, TruncatedError
-from obd.io import FileSource, Source
+from obd.io.source import FileSource, Source
 from obd.lsmt.format import MAGIC0 as LSMT_MAGIC0
 from obd.lsmt.format import MAGIC1 as LSMT_MAGIC1
 
@@ -27,7 +27,7 @@ class Blob:
     raw: Source
     source: Source  # the innermost bytes (an LSMT file, normally)
     kinds: list[str] = field(default_factory=list)  # e.g. ["tar", "zfile", "lsmt"]
-    envelope: Any = None  # obd.tar_envelope.TarEnvelope
+    envelope: Any = None  # obd.formats.tar_envelope.TarEnvelope
     zfile: Any = None  # obd.zfile.ZFileReader
 
     @property
@@ -40,7 +40,7 @@ class Blob:
 
 def open_source(source: Source, path: str | None = None) -> Blob:
     """Peel the wrappers off an already-open source."""
-    from obd.tar_envelope import is_tar_envelope, open_envelope
+    from obd.formats.tar_envelope import is_tar_envelope, open_envelope
     from obd.zfile import ZFileReader, is_zfile
 
     path = path or source.name

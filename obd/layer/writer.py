@@ -1,6 +1,6 @@
 """Writing a layer blob through the optional ZFile and tar-envelope wrappers, published atomically.
 
-The mirror image of :mod:`obd.blob`: ``LSMT bytes → ZFile (if compressing) → tar envelope (if
+The mirror image of :mod:`obd.layer.blob`: ``LSMT bytes → ZFile (if compressing) → tar envelope (if
 asked) → file``. overlaybd's ``commit -z -t`` writes exactly this: a ZFile whose header is rewritten
 at the end (flag 0x1B), inside a tar envelope whose prefix is rewritten once the size is known. The
 output goes to a temporary name beside the target and is renamed into place only when complete,
@@ -47,7 +47,7 @@ class BlobWriter:
         self._zfile = None
         out: object = self._file
         if tar:
-            from obd.tar_envelope import TarEnvelopeWriter
+            from obd.formats.tar_envelope import TarEnvelopeWriter
 
             self._env = TarEnvelopeWriter(self._file, mode=0o100000 | mode)
             out = self._env

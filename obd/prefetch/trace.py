@@ -23,9 +23,9 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from obd.crc import crc32c_raw
 from obd.errors import ChecksumError, FormatError, TruncatedError
-from obd.io import Source
+from obd.formats.crc import crc32c_raw
+from obd.io.source import Source
 from obd.lsmt.stack import Stack
 
 MAGIC = 0xC2EF1820

@@ -4,7 +4,7 @@ Everything here builds plain dicts (JSON-ready: numbers are numbers, sizes are b
 never prints. The entry point is :func:`inspect_files`; it opens every file once, describes each
 wrapper from the outside in (tar envelope → ZFile → LSMT, FORMATS.md §2.13), and when the files form
 a stack (or a ``config.v1.json`` is given) describes the merged device too. :class:`Inspection` also
-carries the per-layer mapping arrays that :mod:`obd.plot` draws.
+carries the per-layer mapping arrays that :mod:`obd.inspect.plot` draws.
 
 Report shape (``SCHEMA_VERSION`` 1; every key is always present, ``None`` when it does not apply)::
 
@@ -29,9 +29,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from obd.blob import Blob, open_blob
 from obd.errors import FormatError, ObdError, TruncatedError
-from obd.io import BytesSource, FileSource, Source
+from obd.io.source import BytesSource, FileSource, Source
+from obd.layer.blob import Blob, open_blob
 from obd.lsmt.format import (
     HT_SPACE,
     INVALID_OFFSET,
@@ -258,7 +258,7 @@ def describe_zfile(z: Any) -> tuple[dict[str, Any], list[str]]:
 
 
 def describe_envelope(env: Any) -> tuple[dict[str, Any], list[str]]:
-    """A tar envelope (:class:`obd.tar_envelope.TarEnvelope`)."""
+    """A tar envelope (:class:`obd.formats.tar_envelope.TarEnvelope`)."""
     warnings: list[str] = []
     head = env.header
     padding = -env.end_offset % 512
@@ -636,7 +636,7 @@ class Band:
 
 @dataclass
 class Layout:
-    """What :func:`obd.plot.plot_layout` draws: the device size, one band per layer (bottom first)."""
+    """What :func:`obd.inspect.plot.plot_layout` draws: the device size, one band per layer (bottom first)."""
 
     size: int
     bands: list[Band]

@@ -1,0 +1,1 @@
+"""What obd uses of the host machine: the external programs it drives."""

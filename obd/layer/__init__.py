@@ -1,0 +1,1 @@
+"""Layer operations: open a blob through its wrappers, write one, overlaybd's tools as functions, export."""

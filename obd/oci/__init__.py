@@ -1,0 +1,1 @@
+"""OCI images: the data model (:mod:`.model`) and image layouts on disk (:mod:`.layout`)."""

@@ -1,0 +1,1 @@
+"""Prefetching: traces of the blocks a workload reads, recorded and replayed."""
