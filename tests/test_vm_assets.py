@@ -14,16 +14,14 @@ from pathlib import Path
 import pytest
 
 from fixtures import require_tool
-from frontends.vm import assets as vm_assets
-from frontends.vm import ensure_assets
-from frontends.vm.assets import (
-    CpioWriter,
-    elf_has_pvh_note,
-    extract_vmlinux,
-    modinfo,
-    parse_tsc_khz_from_log,
-)
-from frontends.vm.qemu import (
+from frontends.run.vm import assets as vm_assets
+from frontends.run.vm import cmdline as vm_cmdline
+from frontends.run.vm import ensure_assets
+from frontends.run.vm.cmdline import parse_tsc_khz_from_log
+from frontends.run.vm.cpio import CpioWriter
+from frontends.run.vm.kernel import elf_has_pvh_note, extract_vmlinux
+from frontends.run.vm.modules import modinfo
+from frontends.run.vm.qemu import (
     DEFAULT_PATH,
     ConsoleScanner,
     NbdDisk,
@@ -235,10 +233,10 @@ def test_tsc_rate_from_kernel_log_lines():
 
 
 def test_host_tsc_rate_is_plausible_and_reaches_the_cmdline(monkeypatch):
-    khz = vm_assets.host_tsc_khz()
+    khz = vm_cmdline.host_tsc_khz()
     assert khz is None or 100_000 < khz < 10_000_000
-    assert "tsc_early_khz=1234567" in vm_assets.base_cmdline(1234567)
-    line = vm_assets.base_cmdline()
+    assert "tsc_early_khz=1234567" in vm_cmdline.base_cmdline(1234567)
+    line = vm_cmdline.base_cmdline()
     assert line.startswith("console=ttyS0 quiet panic=-1")
     assert (f"tsc_early_khz={khz}" in line) == (khz is not None)
 

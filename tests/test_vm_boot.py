@@ -20,8 +20,8 @@ import pytest
 from ext4tree import e2fsck_clean, mke2fs_from_dir, read_file
 
 from fixtures import require_tool
-from frontends.vm import GuestError, NbdDisk, VMError, VMTimeoutError, boot, resolve_accel
-from frontends.vm import qemu as vm_qemu
+from frontends.run.vm import GuestError, NbdDisk, VMError, VMTimeoutError, boot, resolve_accel
+from frontends.run.vm import qemu as vm_qemu
 
 APPLETS = ("sh", "echo", "cat", "printf", "env", "id", "pwd", "sleep", "ls", "true", "mkdir", "rm")
 ARGS_SCRIPT = '#!/bin/sh\nfor a in "$@"; do printf "[%s]\\n" "$a"; done\n'

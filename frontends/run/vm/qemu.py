@@ -1,6 +1,6 @@
 """Boot a disk in a QEMU ``microvm``, run one command in it, and return its output and exit code.
 
-The guest side is ``initramfs_init.sh`` (see :mod:`frontends.vm.assets`); this module builds the QEMU
+The guest side is ``initramfs_init.sh`` (see :mod:`frontends.run.vm.assets`); this module builds the QEMU
 command line, passes the command to the init (``obd.cmd=`` on the kernel command line, or a file
 appended to the initramfs when it is too long), reads the serial console, and splits it into boot
 noise, the command's output and the exit code using marker lines that carry a per-boot random nonce.
@@ -32,8 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from frontends.vm.assets import Assets, CpioWriter
+from frontends.run.vm.assets import Assets
+from frontends.run.vm.cpio import CpioWriter
 from obd.errors import ConfigError, ObdError
+from obd.io.publish import publish_bytes
 
 #: The PATH a command gets when its environment has none (Docker's default).
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -534,11 +536,9 @@ def _resolve_accel(assets: Assets, accel: str, *, qemu: str | None, probe_timeou
         if not isinstance(saved, dict) or saved.get("key") != key or saved.get("accel") not in ("kvm", "tcg"):
             result = "kvm" if probe_kvm(assets, timeout=probe_timeout, qemu=qemu_path) else "tcg"
             probed = True
-            with contextlib.suppress(OSError):
-                fd, tmp = tempfile.mkstemp(dir=memo_file.parent, prefix=".accel-")
-                with os.fdopen(fd, "w", encoding="utf-8") as f:
-                    json.dump({"key": key, "accel": result, "probed": time.time()}, f)
-                os.replace(tmp, memo_file)
+            with contextlib.suppress(OSError):  # without the memo the next process probes again
+                memo = {"key": key, "accel": result, "probed": time.time()}
+                publish_bytes(memo_file, json.dumps(memo).encode(), durable=False)
         else:
             result = saved["accel"]
         _accel_memo[key] = result

@@ -1,5 +1,5 @@
 #!/bin/busybox sh
-# obd microVM init (/init of the initramfs built by frontends/vm/assets.py).
+# obd microVM init (/init of the initramfs built by frontends/run/vm/assets.py).
 #
 # As PID 1 it loads the virtio modules, mounts the disk /dev/vda as the new root (read-only unless
 # the kernel command line says "rw"), mounts /proc, /sys, /dev (+ /dev/pts, /dev/shm) and, on a
