@@ -12,7 +12,7 @@ from pathlib import Path
 from test_fuse_mount import Mounted, _no_mount_left_behind  # noqa: F401
 from test_vm_boot import root_image  # noqa: F401
 
-from frontends.vm import boot
+from frontends.run.vm import boot
 from obd.layer.tools import commit_layer
 from obd.lsmt.rw import create_rw
 

@@ -17,6 +17,7 @@ import pytest
 import frontends.nbd.backend as be
 from fixtures import materialize, stack
 from obd.errors import ConfigError, LayerStateError, ObdError
+from obd.image.device import Device, DeviceError
 from obd.image.local import open_config, open_layers
 from obd.image.resolve import image_config
 from obd.image.upper import UpperDir, open_upper
@@ -60,7 +61,7 @@ def read_all(h) -> bytes:
 
 # --- parameters -----------------------------------------------------------------------------------
 def test_options_parse_every_key(tmp_path, monkeypatch):
-    o = be.Options()
+    o = be.PluginOptions()
     f = tmp_path / "x.commit"
     f.write_bytes(b"")
     monkeypatch.chdir(tmp_path)
@@ -235,7 +236,7 @@ def test_sparse_upper_zero_over_lower_data_survives_reopen(tmp_path):
     data_off, data_len, _ = next(e for e in ext if e[2] == 0 and e[1] >= 65536)
     hole_off, _hole_len, _ = next(e for e in ext if e[2] == HOLE and e[1] >= 1 << 20)
     # a fast zero over lower data would have to write zeros: refused, nothing changed
-    with pytest.raises(be.NbdError):
+    with pytest.raises(DeviceError):
         be.zero(h, 65536, data_off, be.nbdkit.FLAG_FAST_ZERO)
     assert be.nbdkit.errors[-1] == errno.ENOTSUP
     be.zero(h, 65536, hole_off, be.nbdkit.FLAG_FAST_ZERO)  # nothing below: a discard is enough
@@ -284,7 +285,7 @@ def test_config_with_upper_is_served_read_write_and_locked(tmp_path):
     assert bytes(read_all(h)[:4096]) == b"Q" * 4096
     second = open_config(str(up / "config.v1.json"))
     with pytest.raises(LayerStateError, match="in use"):
-        be.Device(second)
+        Device(second)
     second.close()
 
 

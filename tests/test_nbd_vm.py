@@ -25,7 +25,7 @@ from registry_server import RegistryServer
 from fixtures import require_tool
 from frontends.run.images import build_layer, busybox_rootfs, push_image
 from frontends.run.launcher import NbdServer
-from frontends.vm import NbdDisk, boot
+from frontends.run.vm import NbdDisk, boot
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -22,12 +22,12 @@ from frontends.run.launcher import (
     remote_params,
     sandbox_dir,
 )
-from frontends.run.prefetch import ext4_metadata, prefetch_ranges
 from obd.errors import ConfigError, ObdError, UnsupportedError
 from obd.image.assemble import layers_image
 from obd.image.local import open_layers
 from obd.image.remote import RemoteOptions
 from obd.layer.tools import OutputOptions, import_raw
+from obd.prefetch.ext4 import ext4_metadata, prefetch_ranges
 from obd.registry.auth import Credentials
 
 # --- the command, the Docker way ----------------------------------------------------------------

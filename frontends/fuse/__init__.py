@@ -2,7 +2,7 @@
 
 ``obd mount IMAGE MOUNTPOINT`` mounts a file system holding one file, ``MOUNTPOINT/disk.img``, whose
 bytes are the merged device of the image; with an upper directory it is writable, with the same RW
-layer, snapshot and fork semantics as the NBD frontend (both use :class:`frontends.nbd.backend.Device`).
+layer, snapshot and fork semantics as the NBD frontend (both serve :class:`obd.image.device.Device`).
 
 * :mod:`frontends.fuse.fs` is the file system itself (pyfuse3 + trio): :class:`~frontends.fuse.fs.DiskFS`
   and :func:`~frontends.fuse.fs.serve`. Importing it needs pyfuse3 and trio.

@@ -1,9 +1,10 @@
 """The file system of ``obd mount``: one directory holding one file, the disk (pyfuse3 + trio).
 
 In the spirit of pyfuse3's ``examples/hello.py``: inode 1 is the mount's root directory, inode 2 the
-disk file, and every other name is ENOENT. The bytes of the file are the device of a
-:class:`frontends.nbd.backend.Device` (the NBD frontend's device: one implementation of reads,
-granule-aligned writes to sparse uppers, flush and locking for both frontends).
+disk file, and every other name is ENOENT. The bytes of the file are the device of an
+:class:`obd.image.device.Device` (the engine's device, which the NBD frontend serves too: one
+implementation of reads, granule-aligned writes to sparse uppers, flush and locking, and one
+mapping of errors to errnos, :func:`obd.image.device.errno_of`).
 
 * **read** fills a pooled 1 MiB buffer with :meth:`Device.read` (``Stack.readinto``) on a worker
   thread and hands a view of it to pyfuse3, which copies it to the kernel before this task yields
@@ -37,8 +38,8 @@ import pyfuse3
 import trio
 
 from frontends.fuse import FSNAME, PID_XATTR, mount_entry
-from frontends.nbd.backend import Device, NbdError
-from obd.errors import AlignmentError, LayerStateError, ObdError
+from obd.errors import ObdError
+from obd.image.device import Device, errno_of
 from obd.io.source import fill_zero
 
 log = logging.getLogger("obd.fuse")
@@ -56,18 +57,6 @@ BLOCKS_REFRESH = 1.0
 #: Seconds to wait for the kernel's INIT request after mounting.
 INIT_TIMEOUT = 30.0
 _DESCRIPTION_XATTR = b"user.obd.description"
-
-
-def _errno_of(e: BaseException, readonly: bool) -> int:
-    if isinstance(e, NbdError):
-        return e.errno
-    if isinstance(e, AlignmentError):
-        return errno.EINVAL
-    if isinstance(e, LayerStateError) and readonly:
-        return errno.EROFS
-    if isinstance(e, OSError) and e.errno:
-        return e.errno
-    return errno.EIO
 
 
 class DiskFS(pyfuse3.Operations):
@@ -226,11 +215,11 @@ class DiskFS(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=DISK_INO, keep_cache=self.readonly)
 
     def _fail(self, where: str, e: Exception) -> pyfuse3.FUSEError:
-        err = _errno_of(e, self.readonly)
+        err = errno_of(e, self.readonly)
         log.error("%s: %s [%s]", where, e, errno.errorcode.get(err, err))
         return pyfuse3.FUSEError(err)
 
-    async def read(self, fh: int, off: int, size: int) -> memoryview | bytes:
+    async def read(self, fh: int, off: int, size: int) -> memoryview | bytes:  # type: ignore[override]  # any buffer works
         n = min(size, self.size - off)
         if n <= 0:
             return b""

@@ -1,11 +1,7 @@
 """NBD frontend: obd stacks served by nbdkit's Python plugin (docs/nbd.md).
 
-``plugin.py`` is the script nbdkit loads; ``backend.py`` holds the plugin's logic and is what tests
-and other code import. Start a server with ``obd nbd IMAGE --socket PATH`` or, by hand,
-``nbdkit python frontends/nbd/plugin.py image=IMAGE [upper=DIR]``.
+``plugin.py`` is the script nbdkit loads (:func:`obd.host.nbdkit.plugin_path` finds it without
+importing this package); ``backend.py`` holds the plugin's callbacks over the engine's
+:class:`obd.image.device.Device` and is what tests import. Start a server with ``obd nbd IMAGE
+--socket PATH`` or, by hand, ``nbdkit python frontends/nbd/plugin.py image=IMAGE [upper=DIR]``.
 """
-
-from pathlib import Path
-
-#: The script to give nbdkit (``nbdkit python PLUGIN_PATH key=value …``).
-PLUGIN_PATH = Path(__file__).resolve().parent / "plugin.py"

@@ -13,8 +13,9 @@ nbdkit takes a script path, not a module name, runs it in its embedded Debian Py
    too. Don't run nbdkit with a venv activated (docs/nbd.md says why).
 
 If the engine cannot be imported yet (its venv given only as ``venv=``), the import waits for the
-first parameter. Every parameter is documented in docs/nbd.md; ``obd nbd`` writes this command
-line for you.
+first parameter. Every parameter is documented in docs/nbd.md and the backend's docstring; ``obd
+nbd`` writes this command line for you, and ``obd run`` starts this same script (with
+``stats-file=`` and ``prefetch-meta=``).
 """
 
 import glob

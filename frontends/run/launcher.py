@@ -6,12 +6,12 @@ One run, start to end (:func:`run_image`):
    config (how to run it: ``Entrypoint``, ``Cmd``, ``Env``, ``WorkingDir``, ``User``) and an
    overlaybd ``config.v1.json`` of ``digest`` lowers under a ``repoBlobUrl`` — nothing else is
    fetched; ``oci:DIR[:TAG]`` layouts, layer files and ``config.v1.json`` files work too;
-2. **serve** it: nbdkit with obd's plugin (:mod:`frontends.run.plugin`, the nbd frontend plus a
+2. **serve** it: nbdkit with obd's nbd plugin (:func:`obd.host.nbdkit.plugin_path`, with a
    statistics file) on a Unix socket in a private temporary directory, in the foreground as our
    child (``--exit-with-parent``); a trace can be replayed into the block cache from the start
    (``trace=``) or recorded (``record-trace=``);
 3. **boot** QEMU ``-M microvm`` with that socket as its virtio-blk root disk (KVM when a probe boot
-   proves it works, else TCG; see :mod:`frontends.vm`) and run the command the way Docker would;
+   proves it works, else TCG; see :mod:`frontends.run.vm`) and run the command the way Docker would;
    its output (stdout and stderr, one stream: the serial console) is streamed as it arrives;
 4. **tear down** in every case — normal exit, error, timeout, Ctrl-C: QEMU is killed, nbdkit is
    stopped (so it writes the trace and its statistics), the temporary directory with the socket
@@ -38,7 +38,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from frontends.run.vm import NbdDisk, boot, ensure_assets
 from obd.errors import ConfigError, ObdError
+from obd.host.nbdkit import find_nbdkit, nbdkit_env, plugin_path
 from obd.image.config import ImageConfig
 from obd.image.remote import RemoteOptions
 
@@ -177,11 +179,6 @@ def environment(
 # --- the server ---------------------------------------------------------------------------------------
 
 
-def plugin_script() -> Path:
-    """``frontends/run/plugin.py`` (the nbd plugin plus ``stats-file=``)."""
-    return Path(__file__).resolve().with_name("plugin.py")
-
-
 def _die_with_parent() -> None:  # between fork and exec
     import ctypes
 
@@ -201,8 +198,6 @@ class NbdServer:
         verbose: bool = False,
         log_path: str | os.PathLike[str] | None = None,
     ):
-        from obd.cli.nbd import find_nbdkit
-
         self.workdir = workdir
         self.socket = workdir / "disk.sock"
         self.log_path = Path(log_path) if log_path else workdir / "nbdkit.log"
@@ -217,7 +212,7 @@ class NbdServer:
             str(threads),
             *(["-v"] if verbose else []),
             "python",
-            str(plugin_script()),
+            str(plugin_path()),
             *params,
             f"stats-file={self.stats_path}",
         ]
@@ -230,8 +225,6 @@ class NbdServer:
 
     def spawn(self, *, env: Mapping[str, str] | None = None) -> None:
         """Start nbdkit (it loads the engine and opens the image before it listens: see wait_ready)."""
-        from obd.cli.nbd import nbdkit_env
-
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 self.argv,
@@ -455,13 +448,11 @@ def run_image(image: str | Sequence[str] | None, args: Sequence[str], options: R
     """Run ``args`` (or the image's default command) in a microVM booted from ``image``.
 
     ``image`` may be None with an existing ``options.upper``. Raises
-    :class:`~frontends.vm.VMTimeoutError` when ``options.timeout`` runs out,
-    :class:`~frontends.vm.GuestError` when the guest cannot start the command, and
+    :class:`~frontends.run.vm.VMTimeoutError` when ``options.timeout`` runs out,
+    :class:`~frontends.run.vm.GuestError` when the guest cannot start the command, and
     :class:`~obd.errors.ObdError` for image or server problems; ``KeyboardInterrupt`` propagates.
     Whatever happens, QEMU and nbdkit are gone and the temporary directory is removed on return.
     """
-    from frontends.vm import NbdDisk, boot, ensure_assets
-
     say = options.say or (lambda _m: None)
     remote = options.remote
     t0 = time.monotonic()
@@ -615,7 +606,7 @@ class Interrupted(KeyboardInterrupt):
 
 
 @contextlib.contextmanager
-def signals_interrupt():  # type: ignore[no-untyped-def]
+def signals_interrupt():
     """Within the block, SIGTERM and SIGHUP raise :class:`Interrupted` (main thread only)."""
     if threading.current_thread() is not threading.main_thread():
         yield

@@ -1,1 +1,1 @@
-"""What obd uses of the host machine: the external programs it drives."""
+"""What obd uses of the host machine: the external programs it drives (nbdkit among them)."""

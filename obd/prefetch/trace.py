@@ -1,6 +1,6 @@
 """Prefetch traces: record which blocks a workload reads, replay them concurrently later.
 
-The file format is overlaybd's binary trace (FORMATS.md §6.5), so traces move between obd and
+The file format is overlaybd's binary trace (docs/formats.md §6.5), so traces move between obd and
 overlaybd: a 24-byte header (``u32 magic 0xC2EF1820``, 4 pad, ``u64 data_size`` = 24 × records,
 ``u32 checksum``, 4 pad) followed by 24-byte records (``char op`` = ``'R'``, 3 pad, ``u32
 layer_index`` counted from the **bottom** layer, ``u64 count``, ``i64 offset``). Offsets are in
@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from obd.errors import ChecksumError, FormatError, TruncatedError
 from obd.formats.crc import crc32c_raw
+from obd.io.publish import publish_bytes
 from obd.io.source import Source
 from obd.lsmt.stack import Stack
 
@@ -87,14 +88,8 @@ def load(path: str | os.PathLike[str]) -> list[Record]:
 
 
 def save(path: str | os.PathLike[str], records: Iterable[Record]) -> None:
-    """Write a trace atomically (temporary file, fsync, rename)."""
-    path = os.fspath(path)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(encode(records))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write a trace atomically and durably (see :func:`obd.io.publish.publishing`)."""
+    publish_bytes(path, encode(records))
 
 
 class _RecordingSource(Source):

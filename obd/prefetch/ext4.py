@@ -11,30 +11,36 @@ guest to wait on is mostly file data, which a recorded trace covers (``trace=``)
 
 Only what ext4 guarantees is trusted, and everything read is checked against the device size and
 a byte budget; anything unexpected (not ext4, a corrupt field) ends the walk early with whatever
-was found so far: a prefetch is an optimisation, never a reason to fail.
+was found so far: a prefetch is an optimisation, never a reason to fail. The on-disk structures
+are declared (and validated) in :mod:`obd.formats.ext4`; the nbd plugin's ``prefetch-meta=``
+runs :func:`prefetch_metadata` in the background once it serves.
 """
 
 from __future__ import annotations
 
-import struct
+import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-SUPERBLOCK_OFFSET = 1024
-EXT4_MAGIC = 0xEF53
-EXTENT_MAGIC = 0xF30A
-INCOMPAT_64BIT = 0x80
-INCOMPAT_META_BG = 0x10
-BG_INODE_UNINIT = 0x1
-RO_COMPAT_GDT_CSUM = 0x10
-RO_COMPAT_METADATA_CSUM = 0x400
-S_IFMT = 0xF000
-S_IFDIR = 0x4000
-EXTENTS_FL = 0x80000
-INLINE_DATA_FL = 0x10000000
+from obd.errors import ObdError
+from obd.formats.ext4 import (
+    BG_INODE_UNINIT,
+    EXTENTS_FL,
+    INLINE_DATA_FL,
+    S_IFDIR,
+    S_IFMT,
+    SUPERBLOCK_OFFSET,
+    SUPERBLOCK_SIZE,
+    ExtentNode,
+    GroupDescriptors,
+    Superblock,
+    parse_inodes,
+)
+
 #: Never plan more than this many bytes of metadata (a huge or hostile file system).
 DEFAULT_BUDGET = 64 << 20
 #: The first read: superblock and group descriptors of any file system up to a few TiB.
@@ -45,50 +51,17 @@ MAX_DEPTH = 5
 Reader = Callable[[int, int], bytes]
 
 
-@dataclass
-class Ext4Layout:
-    block_size: int
-    blocks: int
-    groups: int
-    inodes_per_group: int
-    inode_size: int
-    first_data_block: int
-    desc_size: int
-    csum: bool
-
-
-def _superblock(read: Reader, size: int) -> Ext4Layout | None:
-    if size < SUPERBLOCK_OFFSET + 1024:
+def _superblock(read: Reader, size: int) -> Superblock | None:
+    """The superblock, if the device holds an ext4 file system this walk can follow."""
+    if size < SUPERBLOCK_OFFSET + SUPERBLOCK_SIZE:
         return None
-    sb = read(SUPERBLOCK_OFFSET, 1024)
-    if len(sb) < 1024 or struct.unpack_from("<H", sb, 0x38)[0] != EXT4_MAGIC:
+    try:
+        sb = Superblock.parse(read(SUPERBLOCK_OFFSET, SUPERBLOCK_SIZE))
+    except ObdError:
         return None
-    log_bs = struct.unpack_from("<I", sb, 0x18)[0]
-    if log_bs > 6:
+    if sb.meta_bg or sb.size > size:  # meta_bg: the group descriptors are spread out
         return None
-    bs = 1024 << log_bs
-    blocks_lo, first, bpg, ipg = (struct.unpack_from("<I", sb, o)[0] for o in (0x04, 0x14, 0x20, 0x28))
-    inode_size = struct.unpack_from("<H", sb, 0x58)[0]
-    incompat, ro_compat = struct.unpack_from("<II", sb, 0x60)
-    blocks = blocks_lo
-    desc_size = 32
-    if incompat & INCOMPAT_64BIT:
-        blocks |= struct.unpack_from("<I", sb, 0x150)[0] << 32
-        desc_size = struct.unpack_from("<H", sb, 0xFE)[0] or 32
-    if (
-        incompat & INCOMPAT_META_BG
-        or not bpg
-        or not ipg
-        or inode_size < 128
-        or inode_size > bs
-        or inode_size & (inode_size - 1)
-        or desc_size not in (32, 64)
-        or blocks * bs > size
-    ):
-        return None
-    groups = -(-(blocks - first) // bpg)
-    csum = bool(ro_compat & (RO_COMPAT_GDT_CSUM | RO_COMPAT_METADATA_CSUM))
-    return Ext4Layout(bs, blocks, groups, ipg, inode_size, first, desc_size, csum)
+    return sb
 
 
 def _merge(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -104,29 +77,18 @@ def _merge(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
 
 
 def _extents(node: bytes, bs: int, blocks: int) -> tuple[list[tuple[int, int]], list[int]]:
-    """(data ranges in bytes, child node block numbers) of one extent tree node (``i_block`` or a block)."""
-    if len(node) < 12:
+    """(data ranges in bytes, child node block numbers) of one extent tree node (``i_block`` or a block);
+    nothing for a node that is not one."""
+    try:
+        parsed = ExtentNode.parse(node)
+    except ObdError:
         return [], []
-    magic, entries, _max, depth = struct.unpack_from("<HHHH", node, 0)
-    if magic != EXTENT_MAGIC or entries > (len(node) - 12) // 12:
-        return [], []
-    data: list[tuple[int, int]] = []
-    children: list[int] = []
-    for i in range(entries):
-        at = 12 + 12 * i
-        if depth == 0:
-            _lblk, length, start_hi, start_lo = struct.unpack_from("<IHHI", node, at)
-            if length > 32768:  # an uninitialised extent: reads as zeros, nothing to fetch
-                continue
-            start = start_hi << 32 | start_lo
-            if length and start + length <= blocks:
-                data.append((start * bs, length * bs))
-        else:
-            _lblk, leaf_lo, leaf_hi = struct.unpack_from("<IIH", node, at)
-            leaf = leaf_hi << 32 | leaf_lo
-            if leaf < blocks:
-                children.append(leaf)
-    return data, children
+    data = [
+        (e.start * bs, e.length * bs)
+        for e in parsed.extents
+        if not e.uninitialized and e.length and e.start + e.length <= blocks  # uninitialised: zeros
+    ]
+    return data, [b for b in parsed.children if b < blocks]
 
 
 def ext4_metadata(
@@ -141,39 +103,38 @@ def ext4_metadata(
     head = read(0, min(size, HEAD_BYTES))  # superblock and (usually) group descriptors in one read
     raw_read = read
 
-    def read(offset: int, length: int) -> bytes:
+    def cached_read(offset: int, length: int) -> bytes:
         if offset + length <= len(head):
             return head[offset : offset + length]
         return raw_read(offset, length)
 
-    lay = _superblock(read, size)
-    if lay is None:
+    read = cached_read
+
+    sb = _superblock(read, size)
+    if sb is None:
         return []
-    bs = lay.block_size
-    gdt_at = (lay.first_data_block + 1) * bs
-    gdt_len = lay.groups * lay.desc_size
+    bs = sb.block_size
+    gdt_at = sb.group_desc_offset
+    gdt_len = sb.groups * sb.desc_size
     if gdt_at + gdt_len > size or gdt_len > budget:
         return []
     ranges = [(0, gdt_at + gdt_len + (-(gdt_at + gdt_len) % bs))]
     spent = ranges[0][1]
-    gdt = read(gdt_at, gdt_len)
-    if len(gdt) < gdt_len:
+    try:
+        gdt = GroupDescriptors.parse(read(gdt_at, gdt_len), sb)
+    except ObdError:
         return ranges
+    ipg = sb.inodes_per_group
     tables: list[tuple[int, int]] = []
-    for g in range(lay.groups):
-        d = gdt[g * lay.desc_size : (g + 1) * lay.desc_size]
-        itable = struct.unpack_from("<I", d, 0x8)[0]
-        flags = struct.unpack_from("<H", d, 0x12)[0]
-        unused = struct.unpack_from("<H", d, 0x1C)[0]
-        if lay.desc_size >= 64:
-            itable |= struct.unpack_from("<I", d, 0x28)[0] << 32
-            unused |= struct.unpack_from("<H", d, 0x32)[0] << 16
-        used = lay.inodes_per_group
-        if lay.csum:
+    for itable, flags, unused in zip(
+        gdt.inode_table.tolist(), gdt.flags.tolist(), gdt.itable_unused.tolist(), strict=True
+    ):
+        used = ipg
+        if sb.group_csum:
             if flags & BG_INODE_UNINIT:
                 continue
-            used = max(0, lay.inodes_per_group - min(unused, lay.inodes_per_group))
-        n = used * lay.inode_size
+            used = max(0, ipg - min(unused, ipg))
+        n = used * sb.inode_size
         n += -n % bs
         if not n or itable == 0 or itable * bs + n > size or spent + n > budget:
             continue
@@ -187,14 +148,13 @@ def ext4_metadata(
         raw = read(at, n)
         if len(raw) < n:
             continue
-        inodes = np.frombuffer(raw, dtype=np.uint8).reshape(-1, lay.inode_size)
-        modes = inodes[:, 0:2].copy().view("<u2")[:, 0]
-        flags = inodes[:, 0x20:0x24].copy().view("<u4")[:, 0]
+        inodes = parse_inodes(raw, sb.inode_size)
+        modes, flags = inodes["i_mode"], inodes["i_flags"]
         dirs = np.flatnonzero(
             ((modes & S_IFMT) == S_IFDIR) & ((flags & EXTENTS_FL) != 0) & ((flags & INLINE_DATA_FL) == 0)
         )
         for i in dirs:
-            data, children = _extents(bytes(inodes[i, 0x28:0x64]), bs, lay.blocks)
+            data, children = _extents(inodes[i]["i_block"].tobytes(), bs, sb.blocks_count)
             for r in data:
                 if spent + r[1] <= budget:
                     ranges.append(r)
@@ -207,7 +167,7 @@ def ext4_metadata(
         spent += len(nodes) * bs
         found: list[int] = []
         for b in nodes:
-            data, children = _extents(read(b * bs, bs), bs, lay.blocks)
+            data, children = _extents(read(b * bs, bs), bs, sb.blocks_count)
             for r in data:
                 if spent + r[1] <= budget:
                     ranges.append(r)
@@ -234,9 +194,6 @@ def prefetch_ranges(
     pieces = [(a + p, min(piece, n - p)) for a, n in ranges for p in range(0, n, piece)]
     if not pieces:
         return PrefetchResult(0, 0)
-
-    import threading
-
     local = threading.local()
 
     def one(job: tuple[int, int]) -> int:
@@ -248,3 +205,16 @@ def prefetch_ranges(
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="obd-prefetch") as pool:
         total = sum(pool.map(one, pieces))
     return PrefetchResult(len(pieces), total)
+
+
+def prefetch_metadata(stack: Any, *, directories: bool = True, workers: int = 16) -> PrefetchResult:
+    """Plan the ext4 metadata of ``stack`` (a :class:`~obd.lsmt.stack.Stack`, or anything with ``size``
+    and ``readinto(buf, offset)``) and read it through, ``workers`` reads at a time."""
+
+    def read(offset: int, length: int) -> bytes:
+        buf = bytearray(length)
+        n = stack.readinto(memoryview(buf), offset)
+        return bytes(buf[:n])
+
+    ranges = ext4_metadata(read, stack.size, directories=directories)
+    return prefetch_ranges(stack.readinto, ranges, workers=workers)
