@@ -1,4 +1,4 @@
-"""LSMT record and mapping encodings (FORMATS.md §1.2–§1.5)."""
+"""LSMT record and mapping encodings (docs/formats.md §1.2–§1.5)."""
 
 from __future__ import annotations
 

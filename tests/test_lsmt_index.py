@@ -1,4 +1,7 @@
-"""Index semantics: RW inserts, lookups, N-layer merges, commit compaction (FORMATS.md §1.7, §1.10, §1.12)."""
+"""Index semantics: RW inserts, lookups, N-layer merges, commit compaction.
+
+docs/formats.md §1.7, §1.10, §1.12.
+"""
 
 from __future__ import annotations
 

@@ -74,7 +74,7 @@ def write_zfile(data: bytes, *, slices: list[int] | None = None, **kw: object) -
 
 
 def check_layout(blob: bytes, data: bytes, *, algo: str, bs: int, verify: bool, overwrite: bool) -> None:
-    """Everything FORMATS.md §2.8 says about a writer's output, checked byte by byte."""
+    """Everything docs/formats.md §2.8 says about a writer's output, checked byte by byte."""
     n = len(data)
     blocks = -(-n // bs)
     header = ZFileRecord.parse(blob[:RECORD_SIZE], "out", "header")
@@ -382,7 +382,7 @@ def test_f2_recompressed_with_liblz4(record_property: pytest.RecordProperty) -> 
     same, blocks = _recompress_fixture(F2, overwrite=True)
     record_property("identical_blocks", f"{same}/{blocks}")
     if lz4.library_version_string() == "1.9.4":
-        assert blocks - same == 26  # FORMATS.md §2.7, verified with the same liblz4
+        assert blocks - same == 26  # docs/formats.md §2.7, verified with the same liblz4
     else:
         assert same > 0.99 * blocks
 
@@ -391,7 +391,7 @@ def test_f1_recompressed_with_liblz4(record_property: pytest.RecordProperty) -> 
     same, blocks = _recompress_fixture("overlaybd/ext4/base/ext4_64", overwrite=False, old_writer=True)
     record_property("identical_blocks", f"{same}/{blocks}")
     if lz4.library_version_string() == "1.9.4":
-        assert blocks - same == 157  # FORMATS.md §2.7
+        assert blocks - same == 157  # docs/formats.md §2.7
     else:
         assert same > 0.99 * blocks
 

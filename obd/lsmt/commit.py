@@ -1,4 +1,4 @@
-"""Writing sealed LSMT blobs: commit, merge and seal (FORMATS.md §1.12–§1.16).
+"""Writing sealed LSMT blobs: commit, merge and seal (docs/formats.md §1.12–§1.16).
 
 :func:`write_sealed` is overlaybd's ``compact()``: it streams ``[header][data][index][trailer]``
 strictly sequentially, so its output can go straight into a ZFile writer and a tar envelope. Data
@@ -36,6 +36,7 @@ from obd.lsmt.format import (
     is_valid_uuid,
 )
 from obd.lsmt.index import Mapping, compress_mappings
+from obd.lsmt.rw import RWLayer
 
 #: Data is read from the sources in pieces of at most this many bytes.
 COPY_PIECE = 4 << 20
@@ -149,16 +150,13 @@ def write_sealed(
     return SealedInfo(header, trailer, n, index_offset - HT_SPACE, total)
 
 
-def seal_in_place(layer: object) -> HeaderTrailer:
+def seal_in_place(layer: RWLayer) -> HeaderTrailer:
     """``overlaybd-commit --seal``: append the index and a sealed trailer to an RW data file.
 
     The header at offset 0 stays as it is (0x03, or 0x13 for sparse); the trailer's ``index_size``
     counts the real entries only, while the written index is padded with zero entries to a multiple
     of 32 (overlaybd leaves that padding uninitialised). The layer is closed afterwards.
     """
-    from obd.lsmt.rw import RWLayer
-
-    assert isinstance(layer, RWLayer)
     entries = [(o, ln, m, z, 0) for o, ln, m, z, _t in layer.dump()]
     layer.flush()
     fd = os.open(layer.data_path, os.O_RDWR | os.O_CLOEXEC)

@@ -1,6 +1,6 @@
 """LSMT on-disk structures, declared once: the header/trailer record and the 16-byte mapping.
 
-Layout facts (FORMATS.md §1): every LSMT file starts with a 4096-byte record whose first 390 bytes
+Layout facts (docs/formats.md §1): every LSMT file starts with a 4096-byte record whose first 390 bytes
 are :data:`HT_STRUCT`; sealed blobs end with a second such record (the trailer). Index entries are
 16 bytes, read as two little-endian uint64s ``lo`` and ``hi``::
 
@@ -11,7 +11,8 @@ are :data:`HT_STRUCT`; sealed blobs end with a second such record (the trailer).
     tag     = hi >> 56              which backing file (meaningful only in memory and for warp layers)
 
 Mappings are decoded in bulk into :class:`numpy.ndarray` columns, never one ``struct`` call per
-entry.
+entry. :class:`SealedLayout` is a sealed blob's header and trailer, with the index location
+checked against the file size before anything is read from it.
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ from __future__ import annotations
 import struct
 import uuid as _uuid
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 
-from obd.errors import FormatError
+from obd.errors import FormatError, TruncatedError
+from obd.io.source import Source
 
 SECTOR = 512
 HT_SPACE = 4096
@@ -38,7 +41,7 @@ FLAG_DATA = 1 << 1
 FLAG_SEALED = 1 << 2
 FLAG_SPARSE = 1 << 4
 
-#: Flag values as overlaybd writes them (FORMATS.md §1.4).
+#: Flag values as overlaybd writes them (docs/formats.md §1.4).
 FLAGS_RW_DATA = FLAG_HEADER | FLAG_DATA
 FLAGS_RW_INDEX = FLAG_HEADER
 FLAGS_SEALED_HEADER = FLAG_HEADER | FLAG_DATA | FLAG_SEALED
@@ -62,10 +65,28 @@ SEAL_PAD_ENTRIES = SECTOR // 16
 
 NULL_UUID = "00000000-0000-0000-0000-000000000000"
 
-#: 390 bytes: magic0, magic1, size, flags, index_offset, index_size, virtual_size, uuid, parent_uuid,
-#: reserved, version, sub_version, user_tag.
-HT_STRUCT = struct.Struct("<8s16sIIQQQ37s37sHBB256s")
+#: The header/trailer record, field by field (docs/formats.md §1.2): packed, little-endian, 390 bytes.
+#: :class:`HeaderTrailer` has one attribute per field, under the same name.
+HT_FIELDS: tuple[tuple[str, str], ...] = (
+    ("magic0", "8s"),
+    ("magic1", "16s"),
+    ("size", "I"),
+    ("flags", "I"),
+    ("index_offset", "Q"),  # bytes
+    ("index_size", "Q"),  # entries (sealed: including padding)
+    ("virtual_size", "Q"),  # bytes
+    ("uuid", "37s"),  # text UUID + NUL
+    ("parent_uuid", "37s"),
+    ("reserved", "H"),
+    ("version", "B"),
+    ("sub_version", "B"),
+    ("user_tag", "256s"),
+)
+HT_STRUCT = struct.Struct("<" + "".join(code for _, code in HT_FIELDS))
 assert HT_STRUCT.size == HT_SIZE
+_HT_NAMES = tuple(name for name, _ in HT_FIELDS)
+#: Bytes of one index entry (a SegmentMapping).
+ENTRY_SIZE = 16
 
 #: Bytes of one INVALID (padding) entry: offset = 2**50-1, everything else 0.
 INVALID_ENTRY = struct.pack("<QQ", INVALID_OFFSET, 0)
@@ -156,51 +177,30 @@ class HeaderTrailer:
         """Decode a record, checking both magics; the caller checks the flags it needs."""
         if len(raw) < HT_SIZE:
             raise FormatError(f"record is {len(raw)} bytes, needs {HT_SIZE}", path=path, field=what)
-        (m0, m1, size, flags, idx_off, idx_size, vsize, uuid, parent, reserved, ver, sub, tag) = (
-            HT_STRUCT.unpack_from(raw)
-        )
-        if m0 != MAGIC0:
-            raise FormatError("not an LSMT file (bad magic0)", path=path, field=f"{what}.magic0", value=m0)
-        if m1 != MAGIC1:
-            raise FormatError("not an LSMT file (bad magic1)", path=path, field=f"{what}.magic1", value=m1)
-        return cls(
-            flags=flags,
-            index_offset=idx_off,
-            index_size=idx_size,
-            virtual_size=vsize,
-            uuid=_text_field(uuid),
-            parent_uuid=_text_field(parent),
-            user_tag=tag.rstrip(b"\0"),
-            version=ver,
-            sub_version=sub,
-            reserved=reserved,
-            size=size,
-            magic0=m0,
-            magic1=m1,
-        )
+        f = dict(zip(_HT_NAMES, HT_STRUCT.unpack_from(raw), strict=True))
+        if f["magic0"] != MAGIC0:
+            raise FormatError(
+                "not an LSMT file (bad magic0)", path=path, field=f"{what}.magic0", value=f["magic0"]
+            )
+        if f["magic1"] != MAGIC1:
+            raise FormatError(
+                "not an LSMT file (bad magic1)", path=path, field=f"{what}.magic1", value=f["magic1"]
+            )
+        f["uuid"] = _text_field(f["uuid"])
+        f["parent_uuid"] = _text_field(f["parent_uuid"])
+        f["user_tag"] = f["user_tag"].rstrip(b"\0")
+        return cls(**f)
 
     def pack(self) -> bytes:
         """Encode as a full 4096-byte block (record + zero padding)."""
         if len(self.user_tag) > TAG_SIZE:
             raise ValueError(f"user tag is {len(self.user_tag)} bytes, at most {TAG_SIZE} allowed")
-        rec = HT_STRUCT.pack(
-            self.magic0,
-            self.magic1,
-            self.size,
-            self.flags,
-            self.index_offset,
-            self.index_size,
-            self.virtual_size,
-            self.uuid.encode("ascii"),
-            self.parent_uuid.encode("ascii"),
-            self.reserved,
-            self.version,
-            self.sub_version,
-            self.user_tag,
-        )
-        return rec + bytes(HT_SPACE - HT_SIZE)
+        f = {name: getattr(self, name) for name in _HT_NAMES}
+        f["uuid"] = self.uuid.encode("ascii")
+        f["parent_uuid"] = self.parent_uuid.encode("ascii")
+        return HT_STRUCT.pack(*f.values()) + bytes(HT_SPACE - HT_SIZE)
 
-    def with_(self, **changes: object) -> HeaderTrailer:
+    def with_(self, **changes: Any) -> HeaderTrailer:
         return replace(self, **changes)
 
     def to_dict(self) -> dict[str, object]:
@@ -217,6 +217,122 @@ class HeaderTrailer:
             "sub_version": self.sub_version,
             "size": self.size,
         }
+
+
+# --- sealed blobs --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SealedLayout:
+    """Where the parts of a sealed blob lie, every trailer field checked against the file size.
+
+    ``[header 4096][data …][index: index_slots × 16][trailer 4096]`` (docs/formats.md §1.6). overlaybd
+    trusts only the header's magic and type bits; every other field comes from the trailer. Close-
+    sealed RW data files keep their unsealed 0x03/0x13 header and are accepted too.
+    """
+
+    name: str
+    file_size: int
+    header: HeaderTrailer
+    trailer: HeaderTrailer
+
+    @property
+    def trailer_offset(self) -> int:
+        return self.file_size - HT_SPACE
+
+    @property
+    def index_offset(self) -> int:
+        """Byte offset of the index, which is also the end of the data area."""
+        return self.trailer.index_offset
+
+    @property
+    def index_slots(self) -> int:
+        """Index entries on disk, padding included."""
+        return self.trailer.index_size
+
+    @property
+    def data_sectors(self) -> tuple[int, int]:
+        """The data area ``[begin, end)`` in sectors: where data mappings may point."""
+        return HT_SPACE // SECTOR, self.index_offset // SECTOR
+
+    @classmethod
+    def read(cls, source: Source, name: str | None = None) -> SealedLayout:
+        """Read and check the header and trailer of ``source``; nothing past them is read."""
+        name = name or source.name
+        size = source.size
+        if size < HT_SPACE:
+            raise TruncatedError(
+                f"file is {size} bytes, shorter than the {HT_SPACE}-byte LSMT header", path=name, field="size"
+            )
+        header = HeaderTrailer.parse(source.read_exact(0, HT_SPACE, "header"), path=name, what="header")
+        if not header.is_header:
+            raise FormatError(
+                "record at offset 0 is not a header", path=name, field="header.flags", value=header.flags
+            )
+        if not header.is_data:
+            raise FormatError(
+                "not an LSMT data file (an RW index file?)",
+                path=name,
+                field="header.flags",
+                value=header.flags,
+            )
+        trailer_offset = size - HT_SPACE
+        raw_trailer = source.read_exact(trailer_offset, HT_SPACE, "trailer") if size >= 2 * HT_SPACE else b""
+        if raw_trailer[:8] != MAGIC0 and not header.is_sealed:
+            raise FormatError(
+                "an RW data file that was never committed or sealed (no trailer); commit it with "
+                "`obd commit`, or stack it as an upper layer",
+                path=name,
+                field="trailer",
+            )
+        if size < 2 * HT_SPACE:
+            raise TruncatedError(
+                f"file is {size} bytes; a sealed LSMT layer needs at least {2 * HT_SPACE}",
+                path=name,
+                field="size",
+            )
+        t = HeaderTrailer.parse(raw_trailer, path=name, what="trailer")
+        if t.is_header or not t.is_data or not t.is_sealed:
+            raise FormatError(
+                "the last 4096 bytes are not a sealed data trailer (an RW data file never committed?)",
+                path=name,
+                field="trailer.flags",
+                value=t.flags,
+            )
+        if t.virtual_size > MAX_OFFSET * SECTOR:
+            raise FormatError(
+                f"larger than the {MAX_OFFSET * SECTOR} bytes an LSMT index can address",
+                path=name,
+                field="trailer.virtual_size",
+                value=t.virtual_size,
+            )
+        if t.index_size > MAX_RO_INDEX_SIZE:
+            raise FormatError(
+                f"more than the {MAX_RO_INDEX_SIZE} entries a sealed layer may hold",
+                path=name,
+                field="trailer.index_size",
+                value=t.index_size,
+            )
+        if t.index_offset < HT_SPACE or t.index_offset % SECTOR:
+            raise FormatError(
+                "index must start at or after byte 4096, on a 512-byte boundary",
+                path=name,
+                field="trailer.index_offset",
+                value=t.index_offset,
+            )
+        if t.index_offset > trailer_offset or t.index_size * ENTRY_SIZE > trailer_offset - t.index_offset:
+            raise FormatError(
+                f"index of {t.index_size} entries at {t.index_offset} does not fit before the trailer "
+                f"at {trailer_offset}",
+                path=name,
+                field="trailer.index_offset",
+                value=t.index_offset,
+            )
+        return cls(name, size, header, t)
+
+    def read_entries(self, source: Source) -> MappingColumns:
+        """Every on-disk index entry, padding included, decoded in file order."""
+        return decode_mappings(source.read_exact(self.index_offset, self.index_slots * ENTRY_SIZE, "index"))
 
 
 # --- mappings ------------------------------------------------------------------------------------

@@ -74,12 +74,12 @@ class Index:
         )
         self.end = self.cols.offset + self.cols.length
         # memoryviews hand out plain Python ints (numpy scalars are slow and mix badly with ints)
-        self._off_mv = memoryview(self.cols.offset)
-        self._len_mv = memoryview(self.cols.length)
-        self._end_mv = memoryview(self.end)
-        self._moff_mv = memoryview(self.cols.moffset)
-        self._zero_mv = memoryview(self.cols.zeroed)
-        self._tag_mv = memoryview(self.cols.tag)
+        self._off_mv = self.cols.offset.data
+        self._len_mv = self.cols.length.data
+        self._end_mv = self.end.data
+        self._moff_mv = self.cols.moffset.data
+        self._zero_mv = self.cols.zeroed.data
+        self._tag_mv = self.cols.tag.data
 
     @classmethod
     def empty(cls) -> Index:
@@ -134,7 +134,8 @@ class Index:
 
     def __iter__(self) -> Iterator[Mapping]:
         for i in range(len(self)):
-            yield (self._off_mv[i], self._len_mv[i], self._moff_mv[i], self._zero_mv[i], self._tag_mv[i])
+            off, zeroed = self._off_mv[i], bool(self._zero_mv[i])
+            yield (off, self._len_mv[i], self._moff_mv[i], zeroed, self._tag_mv[i])
 
     def check_sorted(self, *, path: object = None, field: str = "index") -> None:
         """Require strictly ordered, non-overlapping entries (``a.end <= b.offset``)."""
@@ -268,7 +269,7 @@ def compress_mappings(mappings: list[Mapping]) -> list[Mapping]:
 
 
 class MutableIndex:
-    """overlaybd's level-0 index of a RW layer: inserts cut what they overlap (FORMATS.md §1.7).
+    """overlaybd's level-0 index of a RW layer: inserts cut what they overlap (docs/formats.md §1.7).
 
     Kept as parallel Python lists (bisect + slice assignment); safe for concurrent readers and
     writers through an internal lock. Each entry has a *relative* tag (0 for normal RW layers; 0

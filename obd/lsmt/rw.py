@@ -1,8 +1,9 @@
-"""Writable LSMT layers in both overlaybd flavours (FORMATS.md §1.8, §1.9).
+"""Writable LSMT layers in both overlaybd flavours (docs/formats.md §1.8, §1.9).
 
 * **append** (:class:`AppendRWLayer`, overlaybd's default): a data file (4096-byte header, then
   sectors appended in write order) and an index file (4096-byte header, then one 16-byte mapping
   per write or discard, in time order). Reopening replays the records.
+  The index file is an :class:`IndexJournal`, which warp layers (:mod:`obd.lsmt.warp`) share.
 * **sparse** (:class:`SparseRWLayer`, ``overlaybd-create -s``): one data file of
   ``virtual_size + 4096`` bytes where virtual byte *x* lives at file byte ``4096 + x``; the file's
   holes *are* the index, rebuilt with ``SEEK_DATA``/``SEEK_HOLE`` on open.
@@ -21,12 +22,14 @@ import errno
 import logging
 import os
 import threading
+import uuid as _uuid
 
 import numpy as np
 
 from obd.errors import AlignmentError, FormatError, LayerStateError, ObdError, TruncatedError
 from obd.io.source import FileSource, Source
 from obd.lsmt.format import (
+    ENTRY_SIZE,
     FLAG_SPARSE,
     FLAGS_RW_DATA,
     FLAGS_RW_INDEX,
@@ -173,27 +176,163 @@ class RWLayer:
         self.close()
 
 
-class AppendRWLayer(RWLayer):
+class IndexJournal:
+    """An RW index file (docs/formats.md §1.8): a 4096-byte header (flags 0x01, ``index_offset`` 4096),
+    then one 16-byte mapping record appended per write, discard or remote registration.
+
+    Shared by :class:`AppendRWLayer` and :class:`~obd.lsmt.warp.WarpRWLayer`, which differ only in
+    what their records point at. The journal owns the file descriptor. After a reopen, appends go
+    right after the last record the layer kept (:meth:`resume`); when opened writable, whatever
+    followed that record (a partial record, a torn tail) is cut off first.
+    """
+
+    def __init__(self, path: str, fd: int, header: HeaderTrailer, *, readonly: bool = False):
+        self.path = path
+        self.fd = fd
+        self.header = header
+        self.readonly = readonly
+        #: where the next record goes
+        self.end = HT_SPACE
+
+    @classmethod
+    def create(cls, path: str, header: HeaderTrailer) -> IndexJournal:
+        """Create the file (it must not exist) and write ``header``; :meth:`sync` makes it durable."""
+        fd = open_layer_fd(path, create=True)
+        try:
+            os.pwrite(fd, header.pack(), 0)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(path, fd, header)
+
+    @classmethod
+    def open(cls, path: str, *, readonly: bool = False) -> IndexJournal:
+        """Open an existing file, checking its header: an index file, unsealed, ``index_offset`` 4096."""
+        fd = open_layer_fd(path, create=False, readonly=readonly)
+        try:
+            header = read_header(fd, path)
+            if header.is_data or header.is_sealed or header.index_offset != HT_SPACE:
+                bad_offset = header.index_offset != HT_SPACE
+                raise FormatError(
+                    "not an RW index file (needs flags index, unsealed, index_offset 4096)",
+                    path=path,
+                    field="header.index_offset" if bad_offset else "header.flags",
+                    value=header.index_offset if bad_offset else header.flags,
+                )
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(path, fd, header, readonly=readonly)
+
+    def records(self) -> tuple[MappingColumns, int]:
+        """Every whole record in file order (INVALID padding included) and their count."""
+        cols, count, _partial = read_index_records(self.fd, self.path)
+        return cols, count
+
+    def resume(self, keep: int) -> None:
+        """Append after the first ``keep`` records; when writable, cut off whatever follows them."""
+        self.end = HT_SPACE + keep * ENTRY_SIZE
+        if not self.readonly and os.fstat(self.fd).st_size > self.end:
+            os.ftruncate(self.fd, self.end)
+
+    def append(self, record: bytes) -> None:
+        """Write one encoded record at the end (the caller serialises appends)."""
+        os.pwrite(self.fd, record, self.end)
+        self.end += len(record)
+
+    def write_header(self, header: HeaderTrailer) -> None:
+        self.header = header
+        os.pwrite(self.fd, header.pack(), 0)
+
+    def sync(self, *, metadata: bool = False) -> None:
+        """Make the records durable (``metadata``: the file's size and inode too, as after a create)."""
+        if metadata:
+            os.fsync(self.fd)
+        else:
+            os.fdatasync(self.fd)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class JournaledRWLayer(RWLayer):
+    """An RW layer whose mappings are logged in an :class:`IndexJournal` and replayed on open.
+
+    Crash safety comes from the order: data is written before the record that points at it, and
+    :meth:`flush` syncs the data file before the journal. Subclasses say, in :meth:`_accept`,
+    which records of a reopened journal are sound and which tags they replay with.
+    """
+
+    def __init__(
+        self, data_path: str, data_fd: int, header: HeaderTrailer, journal: IndexJournal, *, readonly: bool
+    ):
+        super().__init__(data_path, data_fd, header, readonly=readonly)
+        self.journal = journal
+
+    @property
+    def index_path(self) -> str:
+        return self.journal.path
+
+    @property
+    def index_header(self) -> HeaderTrailer:
+        return self.journal.header
+
+    def _accept(self, cols: MappingColumns, count: int) -> tuple[int, np.ndarray]:
+        """How many leading records to keep, and the relative tag of every record (raises on damage)."""
+        raise NotImplementedError  # pragma: no cover - interface
+
+    def _replay(self) -> None:
+        """Rebuild the in-memory index from the journal; later records win (``Index0::insert``)."""
+        cols, count = self.journal.records()
+        keep, tags = self._accept(cols, count)
+        ins = self.index.insert
+        for o, ln, m, z, t, ok in zip(
+            cols.offset[:keep].tolist(),
+            cols.length[:keep].tolist(),
+            cols.moffset[:keep].tolist(),
+            cols.zeroed[:keep].tolist(),
+            tags[:keep].tolist(),
+            (cols.offset[:keep] != INVALID_OFFSET).tolist(),
+            strict=True,
+        ):
+            if ok:
+                ins(o, ln, m, z, t)
+        self.journal.resume(keep)
+
+    def _log(self, offset: int, length: int, moffset: int, zeroed: bool, rel: int = 0) -> None:
+        """Append one record (tag ``record_tag + rel``) and apply it in memory; the caller holds the lock."""
+        self.journal.append(encode_mapping(offset, length, moffset, zeroed, self.record_tag + rel))
+        self.index.insert(offset, length, moffset, zeroed, rel)
+
+    def flush(self) -> None:
+        """Make every write so far durable: data first, then the index records that point at it."""
+        if self._closed or self.readonly:
+            return
+        os.fdatasync(self._data_fd)
+        self.journal.sync()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        super().close()
+        self.journal.close()
+
+
+class AppendRWLayer(JournaledRWLayer):
     """overlaybd's default RW layer: append-only data file plus a log of index records."""
 
     def __init__(
         self,
         data_path: str,
         data_fd: int,
-        index_path: str,
-        index_fd: int,
         header: HeaderTrailer,
-        index_header: HeaderTrailer,
+        journal: IndexJournal,
         *,
         readonly: bool = False,
     ):
-        super().__init__(data_path, data_fd, header, readonly=readonly)
-        self.index_path = index_path
-        self._index_fd = index_fd
-        self.index_header = index_header
+        super().__init__(data_path, data_fd, header, journal, readonly=readonly)
         size = os.fstat(data_fd).st_size
         self._data_end = -(-size // SECTOR) * SECTOR
-        self._index_end = HT_SPACE
         self.dropped_records = 0
         self.garbage_sectors = 0
 
@@ -210,8 +349,6 @@ class AppendRWLayer(RWLayer):
         user_tag: bytes = b"",
     ) -> AppendRWLayer:
         """Create a new, empty layer (``overlaybd-create``); a random uuid when none is given."""
-        import uuid as _uuid
-
         ident = format_uuid(uuid or _uuid.uuid4())
         base = HeaderTrailer(
             flags=FLAGS_RW_DATA,
@@ -222,12 +359,20 @@ class AppendRWLayer(RWLayer):
         )
         index_header = base.with_(flags=FLAGS_RW_INDEX, index_offset=HT_SPACE, index_size=0)
         dfd = open_layer_fd(data_path, create=True)
-        ifd = open_layer_fd(index_path, create=True)
-        os.pwrite(dfd, base.pack(), 0)
-        os.pwrite(ifd, index_header.pack(), 0)
-        os.fsync(dfd)
-        os.fsync(ifd)
-        return cls(data_path, dfd, index_path, ifd, base, index_header)
+        try:
+            journal = IndexJournal.create(index_path, index_header)
+        except BaseException:
+            os.close(dfd)
+            raise
+        try:
+            os.pwrite(dfd, base.pack(), 0)
+            os.fsync(dfd)
+            journal.sync(metadata=True)
+        except BaseException:
+            os.close(dfd)
+            journal.close()
+            raise
+        return cls(data_path, dfd, base, journal)
 
     @classmethod
     def open(
@@ -238,29 +383,22 @@ class AppendRWLayer(RWLayer):
         try:
             if header is None:
                 header = read_header(dfd, data_path)
-            ifd = open_layer_fd(index_path, create=False, readonly=readonly)
+            journal = IndexJournal.open(index_path, readonly=readonly)
         except BaseException:
             os.close(dfd)
             raise
         try:
-            index_header = read_header(ifd, index_path)
-            if index_header.is_data or index_header.is_sealed or index_header.index_offset != HT_SPACE:
-                raise FormatError(
-                    "not an RW index file (needs flags index, unsealed, index_offset 4096)",
-                    path=index_path,
-                    field="header.flags",
-                    value=index_header.flags,
-                )
-            layer = cls(data_path, dfd, index_path, ifd, header, index_header, readonly=readonly)
+            layer = cls(data_path, dfd, header, journal, readonly=readonly)
             layer._replay()
         except BaseException:
             os.close(dfd)
-            os.close(ifd)
+            journal.close()
             raise
         return layer
 
-    def _replay(self) -> None:
-        cols, count, partial = read_index_records(self._index_fd, self.index_path)
+    def _accept(self, cols: MappingColumns, count: int) -> tuple[int, np.ndarray]:
+        """Records must point inside the data file; a run of records at the end pointing past it is
+        a torn tail (data lost in a power cut, possible only after power loss) and is dropped."""
         data_end = self._data_end // SECTOR
         data_begin = HT_SPACE // SECTOR
         real = cols.offset != INVALID_OFFSET
@@ -270,7 +408,7 @@ class AppendRWLayer(RWLayer):
             (cols.moffset < data_begin) | ((~cols.zeroed) & ((cols.length == 0) | (cols.moffset >= data_end)))
         )
         bad = np.nonzero(bad_past_end | bad_other)[0]
-        keep_upto = count
+        keep = count
         if len(bad):
             first = int(bad[0])
             tail_is_torn = bool((bad_past_end[first:] | ~real[first:]).all())
@@ -282,34 +420,16 @@ class AppendRWLayer(RWLayer):
                     field=f"index[{first}].moffset",
                     value=int(cols.moffset[first]),
                 )
-            keep_upto = first
+            keep = first
             self.dropped_records = count - first
             log.warning(
                 "%s: ignoring %d torn record(s) at the end that point past the data file",
                 self.index_path,
                 self.dropped_records,
             )
-        ins = self.index.insert
-        for o, ln, m, z, ok in zip(
-            cols.offset[:keep_upto].tolist(),
-            cols.length[:keep_upto].tolist(),
-            cols.moffset[:keep_upto].tolist(),
-            cols.zeroed[:keep_upto].tolist(),
-            real[:keep_upto].tolist(),
-            strict=True,
-        ):
-            if ok:
-                ins(o, ln, m, z)
-        # new records go after the last good one, overwriting any torn tail
-        self._index_end = HT_SPACE + keep_upto * 16
-        if (keep_upto != count or partial) and not self.readonly:
-            os.ftruncate(self._index_fd, self._index_end)
+        return keep, np.zeros(count, np.int64)
 
     # --- writes -----------------------------------------------------------------------------------
-    def _append_record(self, record: bytes) -> None:
-        os.pwrite(self._index_fd, record, self._index_end)
-        self._index_end += len(record)
-
     def _write_piece(self, data: memoryview, offset: int) -> None:
         n = len(data)
         if n == 0:
@@ -321,44 +441,26 @@ class AppendRWLayer(RWLayer):
         written = 0
         while written < n:
             written += os.pwrite(self._data_fd, data[written:], pos + written)
-        rec = (offset // SECTOR, n // SECTOR, pos // SECTOR)
         with self._lock:
-            self._append_record(encode_mapping(*rec, False, self.record_tag))
-            self.index.insert(*rec, False)
+            self._log(offset // SECTOR, n // SECTOR, pos // SECTOR, False)
 
     def _trim_piece(self, offset: int, length: int) -> None:
         if length == 0:
             return
         with self._lock:
-            rec = (offset // SECTOR, length // SECTOR, self._data_end // SECTOR)
-            self._append_record(encode_mapping(*rec, True, self.record_tag))
-            self.index.insert(*rec, True)
-
-    def flush(self) -> None:
-        """Make every write so far durable: data first, then the index records that point at it."""
-        if self._closed or self.readonly:
-            return
-        os.fdatasync(self._data_fd)
-        os.fdatasync(self._index_fd)
+            self._log(offset // SECTOR, length // SECTOR, self._data_end // SECTOR, True)
 
     def update_vsize(self, virtual_size: int) -> None:
         """Rewrite ``virtual_size`` in both headers (``overlaybd-resize``; also done when stacking a 0)."""
         with self._lock:
             self.header = self.header.with_(virtual_size=virtual_size)
-            self.index_header = self.index_header.with_(virtual_size=virtual_size)
             os.pwrite(self._data_fd, self.header.pack(), 0)
-            os.pwrite(self._index_fd, self.index_header.pack(), 0)
+            self.journal.write_header(self.index_header.with_(virtual_size=virtual_size))
         self.flush()
 
     @property
     def data_end(self) -> int:
         return self._data_end
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        super().close()
-        os.close(self._index_fd)
 
 
 class SparseRWLayer(RWLayer):
@@ -377,8 +479,6 @@ class SparseRWLayer(RWLayer):
         parent_uuid: str | None = None,
         user_tag: bytes = b"",
     ) -> SparseRWLayer:
-        import uuid as _uuid
-
         header = HeaderTrailer(
             flags=FLAGS_RW_DATA | FLAG_SPARSE,
             virtual_size=virtual_size,
@@ -467,16 +567,16 @@ def read_index_records(fd: int, path: str) -> tuple[MappingColumns, int, int]:
     Refuses absurd counts before reading; a partial trailing record is ignored with a warning.
     """
     size = os.fstat(fd).st_size
-    count = max(0, (size - HT_SPACE) // 16)
+    count = max(0, (size - HT_SPACE) // ENTRY_SIZE)
     if count > MAX_RW_INDEX_SIZE:
         raise FormatError(
             f"more than {MAX_RW_INDEX_SIZE} records", path=path, field="index.count", value=count
         )
-    partial = max(0, size - HT_SPACE) % 16
+    partial = max(0, size - HT_SPACE) % ENTRY_SIZE
     if partial:
         log.warning("%s: ignoring a partial record of %d bytes at the end", path, partial)
-    raw = os.pread(fd, count * 16, HT_SPACE) if count else b""
-    if len(raw) != count * 16:
+    raw = os.pread(fd, count * ENTRY_SIZE, HT_SPACE) if count else b""
+    if len(raw) != count * ENTRY_SIZE:
         raise TruncatedError("index file shrank while reading", path=path, field="index")
     return decode_mappings(raw), count, partial
 

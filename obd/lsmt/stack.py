@@ -1,4 +1,4 @@
-"""A stack of LSMT layers seen as one virtual block device (FORMATS.md §1.10, §1.11).
+"""A stack of LSMT layers seen as one virtual block device (docs/formats.md §1.10, §1.11).
 
 Lowers are given **bottom first** (the order of ``config.v1.json``'s ``lowers``); their indexes are
 merged once so that, for every sector, the top-most layer with a mapping (data or zeroed) wins. An

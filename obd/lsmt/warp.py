@@ -1,6 +1,6 @@
 """turboOCI (and erofs meta) "warp" layers: file metadata in the layer, file data in the original tar.
 
-A warp layer (FORMATS.md §1.18) is an LSMT layer whose index points into **two** files, told apart
+A warp layer (docs/formats.md §1.18) is an LSMT layer whose index points into **two** files, told apart
 by each entry's tag: relative tag 0 (``fsMeta``) is the layer's own data, relative tag 1
 (``remoteData``) is the *target*, the uncompressed tar stream of the OCI layer the filesystem was
 built from. Converting a layer therefore writes only filesystem metadata; every regular file's
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
+import uuid as _uuid
 from collections.abc import Callable
 
 import numpy as np
@@ -44,11 +45,11 @@ from obd.lsmt.format import (
     MAX_OFFSET,
     SECTOR,
     HeaderTrailer,
-    encode_mapping,
+    MappingColumns,
     format_uuid,
 )
-from obd.lsmt.index import Mapping, MutableIndex
-from obd.lsmt.rw import RWLayer, check_aligned, open_layer_fd, read_header, read_index_records
+from obd.lsmt.index import Mapping
+from obd.lsmt.rw import IndexJournal, JournaledRWLayer, check_aligned, open_layer_fd
 
 log = logging.getLogger(__name__)
 
@@ -73,32 +74,27 @@ class MissingTarget(Source):
         )
 
 
-class WarpRWLayer(RWLayer):
+class WarpRWLayer(JournaledRWLayer):
     """A writable turboOCI layer: RW index file + header-less fs-meta file + read-only target.
 
     ``files`` is ``[fsmeta, target]``; :meth:`dump` reports relative tags that index it. As an
     RW layer of a :class:`~obd.lsmt.stack.Stack`, ``index.tag`` is set to the fs-meta slot and
     :attr:`record_tag` to the number of lowers (the ``rw_tag`` overlaybd writes into records).
+    The index file is the same journal an append layer keeps (:class:`~obd.lsmt.rw.IndexJournal`);
+    its header doubles as the layer's header.
     """
 
     def __init__(
         self,
-        index_path: str,
-        index_fd: int,
+        journal: IndexJournal,
         fsmeta_path: str,
         fsmeta_fd: int,
-        index_header: HeaderTrailer,
         *,
         target: Source | None = None,
         readonly: bool = False,
     ):
-        super().__init__(fsmeta_path, fsmeta_fd, index_header, readonly=readonly)
-        self.index = MutableIndex()
-        self.index_path = index_path
-        self._index_fd = index_fd
-        self.index_header = index_header
-        self.target: Source = target if target is not None else MissingTarget(f"{index_path} (target)")
-        self._index_end = HT_SPACE
+        super().__init__(fsmeta_path, fsmeta_fd, journal.header, journal, readonly=readonly)
+        self.target: Source = target if target is not None else MissingTarget(f"{journal.path} (target)")
         #: records that overlaybd keeps in the file but that are not mappings (INVALID padding)
         self.skipped_records = 0
 
@@ -119,8 +115,6 @@ class WarpRWLayer(RWLayer):
         ``virtual_size`` (sparse, no header). ``-u`` has no effect on warp creates upstream, so
         there is no parent argument.
         """
-        import uuid as _uuid
-
         if virtual_size < 0 or virtual_size % SECTOR:
             raise AlignmentError(
                 f"virtual size must be a non-negative multiple of {SECTOR}", field="vsize", value=virtual_size
@@ -132,22 +126,21 @@ class WarpRWLayer(RWLayer):
             virtual_size=virtual_size,
             uuid=format_uuid(uuid or _uuid.uuid4()),
         )
-        ifd = open_layer_fd(index_path, create=True)
+        journal = IndexJournal.create(index_path, header)
         try:
             mfd = open_layer_fd(fsmeta_path, create=True)
         except BaseException:
-            os.close(ifd)
+            journal.close()
             raise
         try:
-            os.pwrite(ifd, header.pack(), 0)
             os.ftruncate(mfd, virtual_size)
             os.fsync(mfd)
-            os.fsync(ifd)
+            journal.sync(metadata=True)
         except BaseException:
-            os.close(ifd)
+            journal.close()
             os.close(mfd)
             raise
-        return cls(index_path, ifd, fsmeta_path, mfd, header, target=target)
+        return cls(journal, fsmeta_path, mfd, target=target)
 
     @classmethod
     def open(
@@ -163,75 +156,60 @@ class WarpRWLayer(RWLayer):
         The layer takes ownership of ``target`` (closed with it, also when opening fails).
         """
         try:
-            ifd = open_layer_fd(index_path, create=False, readonly=readonly)
+            journal = IndexJournal.open(index_path, readonly=readonly)
             try:
                 mfd = open_layer_fd(fsmeta_path, create=False, readonly=readonly)
             except BaseException:
-                os.close(ifd)
+                journal.close()
                 raise
         except BaseException:
             if target is not None:
                 target.close()
             raise
         try:
-            header = read_header(ifd, index_path)
-            if header.is_data or header.is_sealed or header.index_offset != HT_SPACE:
-                raise FormatError(
-                    "not an RW index file (needs flags index, unsealed, index_offset 4096)",
-                    path=index_path,
-                    field="header.flags" if header.index_offset == HT_SPACE else "header.index_offset",
-                    value=header.flags if header.index_offset == HT_SPACE else header.index_offset,
-                )
-            layer = cls(index_path, ifd, fsmeta_path, mfd, header, target=target, readonly=readonly)
+            layer = cls(journal, fsmeta_path, mfd, target=target, readonly=readonly)
             layer._replay()
         except BaseException:
-            os.close(ifd)
+            journal.close()
             os.close(mfd)
             if target is not None:
                 target.close()
             raise
         return layer
 
-    def _replay(self) -> None:
-        cols, count, partial = read_index_records(self._index_fd, self.index_path)
+    def _accept(self, cols: MappingColumns, count: int) -> tuple[int, np.ndarray]:
+        """Every record is kept; tags are made relative to the smallest one and must be 0 or 1.
+
+        No moffset checks (fs-meta mappings are identity-mapped, remote ones point into the
+        target), except the one overlaybd keeps for warp indexes: a data record must not end at 0.
+        """
         real = cols.offset != INVALID_OFFSET
         self.skipped_records = int(count - real.sum())
-        cols = cols.take(real)
-        if len(cols):
-            rel = cols.tag - cols.tag.min()
-            over = np.nonzero(rel > REMOTE_DATA)[0]
-            if len(over):
-                i = int(over[0])
-                raise FormatError(
-                    f"record tags span {int(cols.tag.min())}..{int(cols.tag.max())}; a warp layer uses two "
-                    "consecutive tags (fs-meta, target), so records were written at different stack depths",
-                    path=self.index_path,
-                    field=f"index[{i}].tag",
-                    value=int(cols.tag[i]),
-                )
-            # the one moffset rule overlaybd keeps for warp indexes (range [0, 2**64)): mend > 0
-            bad = np.nonzero(~cols.zeroed & (cols.moffset + cols.length == 0))[0]
-            if len(bad):
-                i = int(bad[0])
-                raise FormatError(
-                    "empty data record at moffset 0 (overlaybd refuses to open such an index)",
-                    path=self.index_path,
-                    field=f"index[{i}].length",
-                    value=0,
-                )
-            ins = self.index.insert
-            for o, ln, m, z, t in zip(
-                cols.offset.tolist(),
-                cols.length.tolist(),
-                cols.moffset.tolist(),
-                cols.zeroed.tolist(),
-                rel.tolist(),
-                strict=True,
-            ):
-                ins(o, ln, m, z, t)
-        self._index_end = HT_SPACE + count * 16
-        if partial and not self.readonly:
-            os.ftruncate(self._index_fd, self._index_end)
+        rel = np.zeros(count, np.int64)
+        if not real.any():
+            return count, rel
+        tags = cols.tag[real]
+        rel = cols.tag - tags.min()
+        over = np.nonzero(real & (rel > REMOTE_DATA))[0]
+        if len(over):
+            i = int(np.count_nonzero(real[: over[0]]))
+            raise FormatError(
+                f"record tags span {int(tags.min())}..{int(tags.max())}; a warp layer uses two "
+                "consecutive tags (fs-meta, target), so records were written at different stack depths",
+                path=self.index_path,
+                field=f"index[{i}].tag",
+                value=int(cols.tag[over[0]]),
+            )
+        bad = np.nonzero(real & ~cols.zeroed & (cols.moffset + cols.length == 0))[0]
+        if len(bad):
+            i = int(np.count_nonzero(real[: bad[0]]))
+            raise FormatError(
+                "empty data record at moffset 0 (overlaybd refuses to open such an index)",
+                path=self.index_path,
+                field=f"index[{i}].length",
+                value=0,
+            )
+        return count, rel
 
     # --- identity ---------------------------------------------------------------------------------
     @property
@@ -247,10 +225,6 @@ class WarpRWLayer(RWLayer):
         return self.index.dump(relative=True)
 
     # --- writes -----------------------------------------------------------------------------------
-    def _append_record(self, record: bytes) -> None:
-        os.pwrite(self._index_fd, record, self._index_end)
-        self._index_end += len(record)
-
     def _write_piece(self, data: memoryview, offset: int) -> None:
         n = len(data)
         if n == 0:
@@ -260,8 +234,7 @@ class WarpRWLayer(RWLayer):
             written += os.pwrite(self._data_fd, data[written:], offset + written)
         s = offset // SECTOR
         with self._lock:
-            self._append_record(encode_mapping(s, n // SECTOR, s, False, self.record_tag + FS_META))
-            self.index.insert(s, n // SECTOR, s, False, FS_META)
+            self._log(s, n // SECTOR, s, False, FS_META)
             if offset + n > self.data_source.size:
                 self.data_source.size = offset + n
 
@@ -271,9 +244,7 @@ class WarpRWLayer(RWLayer):
         with self._lock:
             # a discard records the fs-meta file's end as its moffset, as LSMTFile::discard does
             end = os.fstat(self._data_fd).st_size // SECTOR
-            rec = (offset // SECTOR, length // SECTOR, end)
-            self._append_record(encode_mapping(*rec, True, self.record_tag + FS_META))
-            self.index.insert(*rec, True, FS_META)
+            self._log(offset // SECTOR, length // SECTOR, end, True, FS_META)
 
     def register_remote(self, offset: int, count: int, roffset: int) -> int:
         """overlaybd's ``RemoteData`` ioctl: device bytes ``[offset, offset+count)`` are target bytes
@@ -299,19 +270,11 @@ class WarpRWLayer(RWLayer):
         with self._lock:
             while n > 0:
                 k = min(n, MAX_LENGTH)
-                self._append_record(encode_mapping(s, k, r, False, self.record_tag + REMOTE_DATA))
-                self.index.insert(s, k, r, False, REMOTE_DATA)
+                self._log(s, k, r, False, REMOTE_DATA)
                 s += k
                 r += k
                 n -= k
         return count
-
-    def flush(self) -> None:
-        """Make everything so far durable: fs-meta data first, then the records that point at it."""
-        if self._closed or self.readonly:
-            return
-        os.fdatasync(self._data_fd)
-        os.fdatasync(self._index_fd)
 
     def update_vsize(self, virtual_size: int) -> None:
         """Rewrite ``virtual_size`` in the index header and grow the fs-meta file to it.
@@ -320,8 +283,8 @@ class WarpRWLayer(RWLayer):
         ``stack_files`` and would corrupt the header-less fs-meta file on resize.)
         """
         with self._lock:
-            self.header = self.index_header = self.index_header.with_(virtual_size=virtual_size)
-            os.pwrite(self._index_fd, self.index_header.pack(), 0)
+            self.journal.write_header(self.index_header.with_(virtual_size=virtual_size))
+            self.header = self.journal.header
             if os.fstat(self._data_fd).st_size < virtual_size:
                 os.ftruncate(self._data_fd, virtual_size)
                 self.data_source.size = virtual_size
@@ -331,7 +294,6 @@ class WarpRWLayer(RWLayer):
         if self._closed:
             return
         super().close()
-        os.close(self._index_fd)
         self.target.close()
 
 

@@ -2,6 +2,7 @@
 
 - :mod:`obd.zfile.format`: the 512-byte header/trailer record, flags, algorithm ids, limits;
 - :mod:`obd.zfile.codecs`: the codec table (lz4, zstd; MINI_LZO is unsupported);
+- :mod:`obd.zfile.layout`: :class:`ZFileLayout`, the records and jump table checked at open;
 - :mod:`obd.zfile.reader`: :func:`is_zfile` and :class:`ZFileReader`, a random-access
   :class:`~obd.io.source.Source` of the original bytes;
 - :mod:`obd.zfile.writer`: :class:`ZFileWriter` and the whole-file helpers.
@@ -26,6 +27,7 @@ from obd.zfile.format import (
     flag_names,
     record_digest,
 )
+from obd.zfile.layout import ZFileLayout
 from obd.zfile.reader import VerifyReport, ZFileReader, is_zfile
 from obd.zfile.writer import ZFileWriter, compress_file, decompress_file, default_threads
 
@@ -46,6 +48,7 @@ __all__ = [
     "Codec",
     "Flag",
     "VerifyReport",
+    "ZFileLayout",
     "ZFileReader",
     "ZFileRecord",
     "ZFileWriter",

@@ -1,6 +1,6 @@
 """The ZFile on-disk record: the 512-byte header / trailer, its flags, algorithm ids and limits.
 
-Layout of a ZFile (FORMATS.md §2.1)::
+Layout of a ZFile (docs/formats.md §2.1)::
 
     [header 512][block 0][crc0?][block 1][crc1?] … [block N−1][crcN−1?][index: N × uint32 LE][trailer 512]
 
@@ -40,14 +40,51 @@ DEFAULT_BLOCK_SIZE = 4096
 #: ``index_size`` ceiling of the C++ reader (``load_jump_table``).
 MAX_INDEX_SIZE = 1_000_000_000
 
-#: Byte range of the ``digest`` field, zeroed while the digest is computed.
-DIGEST_OFFSET = 28
-
-# magic0, magic1, size, digest, flags, index_offset, index_size, original_file_size, index_crc,
-# reserved_0, then CompressOptions: block_size, algo, level, use_dict, pad, reserved, dict_size,
-# verify, 7 pad bytes. Little-endian, no gaps: 72 + 24 = 96 bytes.
-_RECORD = struct.Struct("<8s16sIIQQQQIIIBBBBIIB7s")
+#: The header/trailer record, field by field (docs/formats.md §2.2): little-endian, no gaps, 96 bytes.
+#: :class:`ZFileRecord` keeps the meaningful ones (``algo`` as ``algorithm``); the pads and
+#: reserved words are written as 0 and never read (old writers left garbage in them).
+RECORD_FIELDS: tuple[tuple[str, str], ...] = (
+    ("magic0", "8s"),
+    ("magic1", "16s"),
+    ("size", "I"),
+    ("digest", "I"),
+    ("flags", "Q"),
+    ("index_offset", "Q"),  # bytes
+    ("index_size", "Q"),  # blocks, not bytes
+    ("original_file_size", "Q"),
+    ("index_crc", "I"),
+    ("reserved_0", "I"),
+    # CompressOptions
+    ("block_size", "I"),
+    ("algo", "B"),
+    ("level", "B"),
+    ("use_dict", "B"),
+    ("pad", "B"),
+    ("opt_reserved", "I"),
+    ("dict_size", "I"),
+    ("verify", "B"),
+    ("pad7", "7s"),
+)
+_RECORD = struct.Struct("<" + "".join(code for _, code in RECORD_FIELDS))
 assert _RECORD.size == STRUCT_SIZE
+_NAMES = tuple(name for name, _ in RECORD_FIELDS)
+
+#: Fields :class:`ZFileRecord` does not keep, with the value always written: the magics, and the
+#: reserved and padding bytes (where old writers left garbage, so they are never read).
+_CONSTANT_FIELDS: dict[str, int | bytes] = {
+    "magic0": MAGIC0,
+    "magic1": MAGIC1,
+    "reserved_0": 0,
+    "pad": 0,
+    "opt_reserved": 0,
+    "pad7": b"",
+}
+#: Fields whose :class:`ZFileRecord` attribute is named differently.
+_ATTRIBUTE = {"algo": "algorithm"}
+
+#: Byte offset of the ``digest`` field, zeroed while the digest is computed.
+DIGEST_OFFSET = struct.calcsize("<" + "".join(code for _, code in RECORD_FIELDS[: _NAMES.index("digest")]))
+assert DIGEST_OFFSET == 28
 
 
 class Flag(enum.IntFlag):
@@ -158,31 +195,16 @@ class ZFileRecord:
                 f"a ZFile {what} needs {RECORD_SIZE} bytes, got {len(raw)}", path=path, field=what
             )
         raw = raw[:RECORD_SIZE]
-        (
-            magic0,
-            magic1,
-            size,
-            digest,
-            flags,
-            index_offset,
-            index_size,
-            original_file_size,
-            index_crc,
-            _reserved0,
-            block_size,
-            algo,
-            level,
-            use_dict,
-            _pad,
-            _reserved,
-            dict_size,
-            verify,
-            _pad7,
-        ) = _RECORD.unpack_from(raw)
-        if magic0 != MAGIC0:
-            raise FormatError("not a ZFile (bad magic0)", path=path, field=f"{what}.magic0", value=magic0)
-        if magic1 != MAGIC1:
-            raise FormatError("not a ZFile (bad magic1)", path=path, field=f"{what}.magic1", value=magic1)
+        f = dict(zip(_NAMES, _RECORD.unpack_from(raw), strict=True))
+        if f["magic0"] != MAGIC0:
+            raise FormatError(
+                "not a ZFile (bad magic0)", path=path, field=f"{what}.magic0", value=f["magic0"]
+            )
+        if f["magic1"] != MAGIC1:
+            raise FormatError(
+                "not a ZFile (bad magic1)", path=path, field=f"{what}.magic1", value=f["magic1"]
+            )
+        flags = f["flags"]
         want_header = what == "header"
         if bool(flags & Flag.HEADER) != want_header:
             raise FormatError(
@@ -191,49 +213,17 @@ class ZFileRecord:
                 field=f"{what}.flags",
                 value=flags,
             )
-        return cls(
-            flags=flags,
-            index_offset=index_offset,
-            index_size=index_size,
-            original_file_size=original_file_size,
-            index_crc=index_crc,
-            block_size=block_size,
-            algorithm=algo,
-            level=level,
-            use_dict=use_dict,
-            dict_size=dict_size,
-            verify=verify,
-            digest=digest,
-            size=size,
-            raw=raw,
-        )
+        return cls(raw=raw, **{_ATTRIBUTE.get(k, k): v for k, v in f.items() if k not in _CONSTANT_FIELDS})
 
     def pack(self) -> bytes:
         """The 512-byte on-disk form, zero-padded, with ``digest`` computed over it (§2.4)."""
+        values = [
+            _CONSTANT_FIELDS[k] if k in _CONSTANT_FIELDS else getattr(self, _ATTRIBUTE.get(k, k))
+            for k in _NAMES
+        ]
+        values[_NAMES.index("digest")] = 0
         buf = bytearray(RECORD_SIZE)
-        _RECORD.pack_into(
-            buf,
-            0,
-            MAGIC0,
-            MAGIC1,
-            self.size,
-            0,
-            self.flags,
-            self.index_offset,
-            self.index_size,
-            self.original_file_size,
-            self.index_crc,
-            0,
-            self.block_size,
-            self.algorithm,
-            self.level,
-            self.use_dict,
-            0,
-            0,
-            self.dict_size,
-            self.verify,
-            b"",
-        )
+        _RECORD.pack_into(buf, 0, *values)
         struct.pack_into("<I", buf, DIGEST_OFFSET, crc32c_raw(buf))
         return bytes(buf)
 
@@ -334,6 +324,7 @@ __all__ = [
     "MAX_BLOCK_SIZE",
     "MAX_INDEX_SIZE",
     "MIN_BLOCK_SIZE",
+    "RECORD_FIELDS",
     "RECORD_SIZE",
     "STRUCT_SIZE",
     "Algorithm",

@@ -1,15 +1,10 @@
-"""Reading ZFiles: detection, the open-time checks, and a random-access :class:`~obd.io.source.Source`.
+"""Reading ZFiles: detection and a random-access :class:`~obd.io.source.Source` of the original bytes.
 
 :class:`ZFileReader` turns a compressed source into the plain byte stream it holds, so that an
-LSMT layer (or anything else) can sit on top without knowing about compression. Opening follows
-overlaybd's ``zfile_open_ro`` (FORMATS.md §2.9) and adds the checks the C++ code leaves out, so
-that a damaged or hostile file fails with an :class:`~obd.errors.ObdError` at open time instead of
-misbehaving later:
-
-- ``index_size`` and ``index_offset`` are checked against the file size *before* the index is
-  read; every index entry must be > 4 bytes (verify) or > 0, and at most a sane bound; the blocks
-  must end at or before ``index_offset``; the block count must match ``original_file_size``;
-- the decompressed length of every block is checked (the C++ reader does not).
+LSMT layer (or anything else) can sit on top without knowing about compression. Every check made
+at open time lives in :class:`~obd.zfile.layout.ZFileLayout`; the reader only maps reads onto
+blocks, and checks what can only be checked then: block CRCs, and the decompressed length of
+every block (which the C++ reader does not check).
 
 Reads go one chunk of blocks at a time: one ``source.readinto`` for the compressed span of the
 chunk, one CRC pass over that span for all its blocks (see :func:`_span_crc_ok`), then each block
@@ -26,21 +21,11 @@ from typing import NamedTuple
 
 import numpy as np
 
-from obd.errors import ChecksumError, FormatError, TruncatedError, UnsupportedError
+from obd.errors import ChecksumError, FormatError, TruncatedError
 from obd.formats.crc import ZFILE_BLOCK_SEED, crc32c_raw
 from obd.io.source import Source
-from obd.zfile.codecs import Codec, get_codec
-from obd.zfile.format import (
-    BLOCK_CRC_SIZE,
-    DATA_OFFSET,
-    MAX_BLOCK_SIZE,
-    MAX_INDEX_SIZE,
-    MIN_BLOCK_SIZE,
-    RECORD_SIZE,
-    ZFileRecord,
-    algorithm_name,
-    is_power_of_two,
-)
+from obd.zfile.format import BLOCK_CRC_SIZE, RECORD_SIZE, ZFileRecord
+from obd.zfile.layout import ZFileLayout, check_record_digest
 
 #: Uncompressed bytes decoded per chunk of a large read (bounds the scratch buffer).
 CHUNK_BYTES = 1 << 20
@@ -57,18 +42,8 @@ class _WouldBlock(Exception):
     """Raised inside :meth:`ZFileReader.readinto_nowait` when a block's bytes are not cached."""
 
 
-def max_record_length(block_size: int) -> int:
-    """Largest index entry obd accepts for ``block_size``.
-
-    LZ4 and zstd expand incompressible input by well under 1 % plus a few dozen bytes (a 64 KiB
-    block is at most 65,809 bytes in LZ4), so twice the block size is generous for any producer
-    while still bounding what one block can make a read allocate.
-    """
-    return 2 * block_size + 1024
-
-
 def is_zfile(source: Source) -> bool:
-    """Whether ``source`` starts with a ZFile header (``is_zfile``, FORMATS.md §2.10).
+    """Whether ``source`` starts with a ZFile header (``is_zfile``, docs/formats.md §2.10).
 
     Fewer than 512 bytes → :class:`TruncatedError`. A magic mismatch or a clear header bit →
     ``False`` (the bytes are used as they are, e.g. as a raw LSMT blob). Matching magic with the
@@ -85,18 +60,8 @@ def is_zfile(source: Source) -> bool:
         header = ZFileRecord.parse(raw, source.name, "header")
     except FormatError:
         return False
-    _check_digest(header, source.name, "header")
+    check_record_digest(header, source.name, "header")
     return True
-
-
-def _check_digest(rec: ZFileRecord, path: str, what: str) -> None:
-    if rec.digest_enabled and not rec.digest_valid:
-        raise ChecksumError(
-            f"record digest mismatch (stored 0x{rec.digest:08x})",
-            path=path,
-            field=f"{what}.digest",
-            value=rec.digest,
-        )
 
 
 def _span_crc_ok(span: memoryview, starts: np.ndarray) -> bool:
@@ -197,169 +162,40 @@ class ZFileReader(Source):
     the end), ``compressed_size`` and ``original_size``.
     """
 
-    def __init__(self, source: Source, *, name: str | None = None, cache_blocks: int = DEFAULT_CACHE_BLOCKS):
+    def __init__(
+        self,
+        source: Source,
+        *,
+        name: str | None = None,
+        cache_blocks: int = DEFAULT_CACHE_BLOCKS,
+        layout: ZFileLayout | None = None,
+    ):
         self.source = source
         self.name = name or source.name
-        path = self.name
-        fsize = source.size
-        if fsize < RECORD_SIZE:
-            raise TruncatedError(
-                f"{fsize} bytes cannot hold a ZFile header ({RECORD_SIZE})", path=path, field="header"
-            )
-        header = ZFileRecord.parse(source.read_exact(0, RECORD_SIZE, "header"), path, "header")
-        _check_digest(header, path, "header")
-        self.header = header
-        self.trailer: ZFileRecord | None = None
-
-        if header.header_overwritten:
-            rec, kind = header, "header"
-            if fsize >= 2 * RECORD_SIZE:
-                try:
-                    self.trailer = ZFileRecord.parse(
-                        source.read_exact(fsize - RECORD_SIZE, RECORD_SIZE, "trailer"), path, "trailer"
-                    )
-                except FormatError:
-                    self.trailer = None
-            index_limit = fsize
-        else:
-            if not header.is_data:
-                raise FormatError(
-                    "not a data file (type bit clear)", path=path, field="header.flags", value=header.flags
-                )
-            if fsize < 2 * RECORD_SIZE:
-                raise TruncatedError(
-                    f"{fsize} bytes cannot hold a ZFile header and trailer", path=path, field="trailer"
-                )
-            trailer = ZFileRecord.parse(
-                source.read_exact(fsize - RECORD_SIZE, RECORD_SIZE, "trailer"), path, "trailer"
-            )
-            if not trailer.is_data:
-                raise FormatError(
-                    "not a data file (type bit clear)", path=path, field="trailer.flags", value=trailer.flags
-                )
-            if not trailer.sealed:
-                raise FormatError(
-                    "trailer is not sealed", path=path, field="trailer.flags", value=trailer.flags
-                )
-            self.trailer = trailer
-            rec, kind = trailer, "trailer"
-            index_limit = fsize - RECORD_SIZE
-        self.record = rec
-        self.record_kind = kind
-
-        self._check_options(rec, kind)
-        self.algorithm = rec.algorithm
-        self.algorithm_name = algorithm_name(rec.algorithm)
-        self.codec: Codec = get_codec(rec.algorithm, path=path, field=f"{kind}.algo")
-        self.block_size = bs = rec.block_size
-        self.verify_flag = bool(rec.verify)
-        self.original_size = self.size = rec.original_file_size
-        self.compressed_size = fsize
-
-        n = rec.index_size
-        if n > MAX_INDEX_SIZE:
-            raise FormatError(
-                f"more than {MAX_INDEX_SIZE} blocks", path=path, field=f"{kind}.index_size", value=n
-            )
-        if rec.index_offset < DATA_OFFSET or rec.index_offset > index_limit:
-            raise FormatError(
-                f"index offset outside the file's data area [{DATA_OFFSET}, {index_limit}]",
-                path=path,
-                field=f"{kind}.index_offset",
-                value=rec.index_offset,
-            )
-        if 4 * n > index_limit - rec.index_offset:
-            raise FormatError(
-                f"an index of {n} entries ({4 * n} bytes) does not fit between offset {rec.index_offset} "
-                f"and {index_limit}",
-                path=path,
-                field=f"{kind}.index_size",
-                value=n,
-            )
-        want_blocks = -(-self.size // bs)
-        if n != want_blocks:
-            raise FormatError(
-                f"{n} blocks cannot hold {self.size} bytes in {bs}-byte blocks (needs {want_blocks})",
-                path=path,
-                field=f"{kind}.index_size",
-                value=n,
-            )
-        self.block_count = n
-
-        raw_index = source.read_exact(rec.index_offset, 4 * n, "index")
-        if rec.digest_enabled:
-            crc = crc32c_raw(raw_index)
-            if crc != rec.index_crc:
-                raise ChecksumError(
-                    f"index CRC mismatch (stored 0x{rec.index_crc:08x}, computed 0x{crc:08x})",
-                    path=path,
-                    field=f"{kind}.index_crc",
-                    value=rec.index_crc,
-                )
-        self._index_crc_checked = rec.digest_enabled
-        lengths = np.frombuffer(raw_index, dtype="<u4").astype(np.uint32)
-        self.record_lengths = lengths
-        crc_len = BLOCK_CRC_SIZE if self.verify_flag else 0
-        if n:
-            lo = int(lengths.min())
-            hi = int(lengths.max())
-            if lo <= crc_len:
-                bad = int(np.argmax(lengths <= crc_len))
-                raise FormatError(
-                    f"block {bad} is {lo} bytes long; entries must be > {crc_len}",
-                    path=path,
-                    field=f"index[{bad}]",
-                    value=lo,
-                )
-            if hi > max_record_length(bs) + crc_len:
-                bad = int(np.argmax(lengths > max_record_length(bs) + crc_len))
-                raise FormatError(
-                    f"block {bad} is {hi} bytes long, more than any codec makes of {bs} bytes",
-                    path=path,
-                    field=f"index[{bad}]",
-                    value=hi,
-                )
-        offsets = np.empty(n + 1, dtype=np.int64)
-        offsets[0] = DATA_OFFSET
-        np.cumsum(lengths, dtype=np.int64, out=offsets[1:])
-        offsets[1:] += DATA_OFFSET
-        if int(offsets[-1]) > rec.index_offset:
-            raise FormatError(
-                f"the blocks end at {int(offsets[-1])}, past the index at {rec.index_offset}",
-                path=path,
-                field=f"{kind}.index_offset",
-                value=rec.index_offset,
-            )
-        self.offsets = offsets
-        self.compressed_lengths = lengths - np.uint32(crc_len)
-        self._crc_len = crc_len
-        self._last_len = self.size - (n - 1) * bs if n else 0
+        self.layout = lay = layout if layout is not None else ZFileLayout.read(source, self.name)
+        # Plain attributes, not properties of the layout: the read path uses them on every call.
+        self.header = lay.header
+        self.trailer = lay.trailer
+        self.record = lay.record
+        self.record_kind = lay.record_kind
+        self.algorithm = lay.algorithm
+        self.algorithm_name = lay.algorithm_name
+        self.codec = lay.codec
+        self.block_size = bs = lay.block_size
+        self.verify_flag = lay.verify
+        self.original_size = self.size = lay.original_size
+        self.compressed_size = lay.file_size
+        self.block_count = lay.block_count
+        self.record_lengths = lay.record_lengths
+        self.compressed_lengths = lay.compressed_lengths
+        self.offsets = lay.offsets
+        self._index_crc_checked = lay.index_crc_checked
+        self._crc_len = lay.crc_len
+        self._last_len = lay.last_block_length
         self._chunk_blocks = max(1, CHUNK_BYTES // bs)
         self._slices = [slice(i * bs, (i + 1) * bs) for i in range(self._chunk_blocks)]
         self._cache = _BlockCache(cache_blocks)
         self._local = threading.local()
-
-    def _check_options(self, rec: ZFileRecord, kind: str) -> None:
-        path = self.name
-        bs = rec.block_size
-        if not is_power_of_two(bs):
-            raise FormatError(
-                "block size is not a power of two", path=path, field=f"{kind}.block_size", value=bs
-            )
-        if not MIN_BLOCK_SIZE <= bs <= MAX_BLOCK_SIZE:
-            raise UnsupportedError(
-                f"block size outside [{MIN_BLOCK_SIZE}, {MAX_BLOCK_SIZE}]",
-                path=path,
-                field=f"{kind}.block_size",
-                value=bs,
-            )
-        if rec.dict_size or rec.use_dict:
-            raise UnsupportedError(
-                "compression dictionaries are not supported",
-                path=path,
-                field=f"{kind}.dict_size" if rec.dict_size else f"{kind}.use_dict",
-                value=rec.dict_size or rec.use_dict,
-            )
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -429,7 +265,7 @@ class ZFileReader(Source):
 
     # -- reading -------------------------------------------------------------------------------
 
-    def readinto(self, buf: memoryview, offset: int) -> int:  # type: ignore[override]
+    def readinto(self, buf: memoryview, offset: int) -> int:
         """Fill ``buf`` with original bytes from ``offset``; short only at the end of the original file."""
         if offset < 0:
             raise ValueError(f"negative offset {offset}")
@@ -453,7 +289,7 @@ class ZFileReader(Source):
             pos = stop
         return n
 
-    def readinto_nowait(self, buf: memoryview, offset: int) -> int | None:  # type: ignore[override]
+    def readinto_nowait(self, buf: memoryview, offset: int) -> int | None:
         """:meth:`readinto` if the compressed blocks can be read without waiting (page cache, memory);
         None otherwise. Decoding a cached 4 KiB block costs microseconds: cheaper on the caller's
         event loop than a hop to a worker thread."""
@@ -556,7 +392,7 @@ class ZFileReader(Source):
         """
         trailer_checked = False
         if self.trailer is not None and self.trailer.digest_enabled:
-            _check_digest(self.trailer, self.name, "trailer")
+            check_record_digest(self.trailer, self.name, "trailer")
             trailer_checked = True
         n = self.block_count
         bs = self.block_size
@@ -616,5 +452,4 @@ __all__ = [
     "VerifyReport",
     "ZFileReader",
     "is_zfile",
-    "max_record_length",
 ]

@@ -1,6 +1,6 @@
 """Writing ZFiles: a streaming :class:`ZFileWriter` and whole-file helpers.
 
-The layout is exactly what overlaybd's ``ZFileBuilder`` writes (FORMATS.md §2.8): a 0x13 header
+The layout is exactly what overlaybd's ``ZFileBuilder`` writes (docs/formats.md §2.8): a 0x13 header
 with zero index fields, then each ``block_size`` piece of the input compressed on its own (plus
 its raw CRC32C, seed 100007, when ``verify``), the uint32 index of record lengths, and a 0x16
 trailer. With ``overwrite_header`` the header is rewritten at the end with the trailer's fields
@@ -17,7 +17,7 @@ and their order do not depend on the thread count.
 
 **LZ4 byte-identity.** python-lz4 bundles liblz4 1.9.4, whose compressor picks different matches
 than the lz4 1.8.3 bundled with overlaybd in a small fraction of blocks (26 of 17,463 blocks of
-fixture F2, 157 of 132,309 of F1; FORMATS.md §2.7). Such files are valid and read back identically
+fixture F2, 157 of 132,309 of F1; docs/formats.md §2.7). Such files are valid and read back identically
 everywhere, but are not byte-for-byte what ``overlaybd-zfile`` makes; the header, trailer fields
 (except ``index_crc`` and the digests) and layout rules are the same. zstd frames come from the
 libzstd python-zstandard ships and may differ from overlaybd's system libzstd in the same way.
@@ -26,15 +26,15 @@ libzstd python-zstandard ships and may differ from overlaybd's system libzstd in
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Callable
 from itertools import repeat
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 import numpy as np
 
 from obd.errors import LayerStateError, ObdError
 from obd.formats.crc import ZFILE_BLOCK_SEED, crc32c_raw
+from obd.io.publish import publishing
 from obd.io.source import FileSource
 from obd.zfile.codecs import Buffer, codec_by_name
 from obd.zfile.format import (
@@ -224,22 +224,11 @@ class ZFileWriter:
 
 
 def _publish(dst_path: str | os.PathLike[str], fill: Callable[[BinaryIO], None]) -> None:
-    """Write ``dst_path`` through a temporary file in the same directory and an atomic rename."""
-    dst = os.fspath(dst_path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".part", dir=os.path.dirname(os.path.abspath(dst)))
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "wb") as out:
-            fill(out)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    """Write ``dst_path`` atomically and durably (:func:`obd.io.publish.publishing`), mode 0644
+    whatever the umask, as ZFile outputs have always been."""
+    with publishing(dst_path) as out:
+        os.fchmod(out.fileno(), 0o644)
+        fill(cast(BinaryIO, out))
 
 
 def compress_file(
