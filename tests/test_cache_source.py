@@ -96,12 +96,10 @@ def make(tmp_path: Path, data: bytes | None = None, **kw) -> tuple[CachedSource,
 # -- page mapping and coalescing ------------------------------------------------------------------
 
 
-def test_runs_bridge_small_gaps_and_split_long_runs():
+def test_runs_are_consecutive_pages():
     pages = np.array([0, 1, 2, 4, 5, 8, 20], dtype=np.int64)
     assert _runs(pages) == [(0, 2), (4, 5), (8, 8), (20, 20)]
-    assert _runs(pages, gap=1) == [(0, 5), (8, 8), (20, 20)]
-    assert _runs(pages, gap=2) == [(0, 8), (20, 20)]
-    assert _runs(np.arange(10, dtype=np.int64), max_len=4) == [(0, 3), (4, 7), (8, 9)]
+    assert _runs(np.arange(10, dtype=np.int64)) == [(0, 9)]
     assert _runs(np.array([], dtype=np.int64)) == []
 
 
@@ -141,9 +139,10 @@ def test_one_4k_read_fetches_one_page(tmp_path):
     assert up.ranges[1:] == [(98304, 8192)]
     assert stats[cache_source.FETCH_BYTES] == 4096 + 8192
     assert stats[CACHE_MISSES] == 3 and stats[CACHE_HITS] == 0
-    # pages 24-25 are cached, 23 and 26 are not: one range, since the 2-page gap is bridged
+    # pages 24-25 are cached, 23 and 26 are not: only those two are asked for (bridging the gap
+    # into one GET is the upstream's job: RemoteBlob's merge_gap)
     assert src.pread(98_000, 10_000) == blob_bytes()[98_000:108_000]
-    assert up.ranges[2:] == [(23 * PS, 4 * PS)]
+    assert up.calls[2:] == [[(23 * PS, PS), (26 * PS, PS)]]
     assert stats[CACHE_HITS] == 2 and stats[CACHE_BYTES] == 2 * PS
     # and again: all from the cache, not one more byte fetched
     assert src.pread(98_000, 10_000) == blob_bytes()[98_000:108_000]
@@ -151,7 +150,7 @@ def test_one_4k_read_fetches_one_page(tmp_path):
 
 
 def test_missing_runs_of_one_read_go_in_one_fetch_call(tmp_path):
-    src, up, stats = make(tmp_path, gap=0)
+    src, up, stats = make(tmp_path)
     data = blob_bytes()
     for page in (3, 4, 8, 12):  # make pages 3-4, 8 and 12 present
         src.pread(page * PS, PS)
@@ -161,15 +160,14 @@ def test_missing_runs_of_one_read_go_in_one_fetch_call(tmp_path):
     assert stats[CACHE_HITS] == 4 and stats[CACHE_MISSES] == 4 + 12
 
 
-def test_small_gaps_are_refetched_to_save_ranges(tmp_path):
-    src, up, _ = make(tmp_path)  # default gap: 8 KiB = 2 pages
+def test_present_pages_are_never_refetched(tmp_path):
+    src, up, _ = make(tmp_path)
     data = blob_bytes()
     for page in (3, 4, 8, 9, 10):
         src.pread(page * PS, PS)
     up.calls.clear()
     assert src.pread(0, 16 * PS) == data[: 16 * PS]
-    # the 2-page gap 3-4 is bridged; the 3-page gap 8-10 is not
-    assert up.calls == [[(0, 8 * PS), (11 * PS, 5 * PS)]]
+    assert up.calls == [[(0, 3 * PS), (5 * PS, 3 * PS), (11 * PS, 5 * PS)]]
     assert src.pread(0, 16 * PS) == data[: 16 * PS]
     assert len(up.calls) == 1
 
@@ -194,26 +192,10 @@ def test_empty_blob(tmp_path):
     assert up.calls == []
 
 
-def test_readahead_fetches_beyond_a_miss_only(tmp_path):
-    src, up, stats = make(tmp_path, readahead=16 * PS)
-    data = blob_bytes()
-    assert src.pread(0, 100) == data[:100]
-    assert up.ranges == [(0, 17 * PS)]
-    assert stats[cache_source.READAHEAD_BYTES] == 16 * PS
-    assert src.pread(5 * PS, PS) == data[5 * PS : 6 * PS]  # a hit: no readahead
-    assert len(up.calls) == 1
-    # the readahead stops at the first page already present
-    src2, up2, _ = make(tmp_path / "b", readahead=16 * PS)
-    src2.pread(3 * PS, 1)
-    up2.calls.clear()
-    src2.pread(0, 1)
-    assert up2.ranges == [(0, 3 * PS)]
-
-
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(reads=st.lists(st.tuples(st.integers(0, 2_200_000), st.integers(0, 300_000)), min_size=1, max_size=25))
 def test_random_reads_equal_the_blob(tmp_path_factory, reads):
-    src, up, _ = make(tmp_path_factory.mktemp("c"), gap=PS)
+    src, up, _ = make(tmp_path_factory.mktemp("c"))
     data = blob_bytes()
     for off, n in reads:
         assert src.pread(off, n) == data[off : off + n]
@@ -302,9 +284,11 @@ def test_concurrent_readers_share_fetches(tmp_path):
     for t in threads:
         t.join()
     assert not errors
+    # MemUpstream shares nothing, so threads that miss a page at once each fetch it (RemoteBlob makes
+    # that one GET: tests/test_registry_client.py); the bytes are right and each miss is counted
     pages = [p for off, n in up.ranges for p in range(off // PS, (off + n) // PS)]
-    assert sorted(pages) == list(range(64)), "each page fetched exactly once"
-    assert stats[cache_source.SHARED_PAGES] > 0
+    assert set(pages) == set(range(64))
+    assert stats[CACHE_MISSES] == len(pages)
     assert src.fully_cached() is False and src.cached_bytes() == 64 * PS
 
 
@@ -501,16 +485,15 @@ def test_eviction_under_an_open_reader_in_the_same_process(tmp_path):
     assert [e.present_bytes for e in src.store.entries()] == [32 * PS]
 
 
-def test_prefetch_fills_without_reading_and_splits_ranges(tmp_path, monkeypatch):
-    monkeypatch.setattr(cache_source, "PREFETCH_RANGE", 64 * PS)
+def test_prefetch_fills_without_reading_in_windows(tmp_path, monkeypatch):
     monkeypatch.setattr(cache_source, "PREFETCH_WINDOW", 256 * PS)
-    src, up, _stats = make(tmp_path, gap=0)
+    src, up, _stats = make(tmp_path)
     data = blob_bytes()
     src.pread(10 * PS, PS)
     up.calls.clear()
     got = src.prefetch([(0, 300 * PS), (200 * PS, 100 * PS), (len(data) - 10, 100)])
     assert got == up.fetched == 300 * PS - PS + (len(data) - (len(data) - 10) // PS * PS)
-    assert all(n <= 64 * PS for _, n in up.ranges)
+    assert up.ranges[:2] == [(0, 10 * PS), (11 * PS, 245 * PS)]  # present page 10 is not asked for
     assert len(up.calls) == 3  # windows of at most 256 pages: 0-255, 256-299, and the far tail
     assert src.prefetch([(0, 300 * PS)]) == 0
     assert src.pread(0, 300 * PS) == data[: 300 * PS]

@@ -16,7 +16,6 @@ from hypothesis import strategies as st
 from test_cache_source import MemUpstream, blob_bytes, digest_of
 
 from obd.cache import CachedSource, CacheStore, check_digest, default_cache_dir, parse_size
-from obd.cache import source as cache_source
 from obd.cache import store as cache_store
 from obd.cache.store import HEADER_SIZE, MAGIC, MetaHeader, default_limit
 from obd.errors import FormatError, ObdError
@@ -275,7 +274,6 @@ def test_sync_policy_is_applied(tmp_path, monkeypatch):
         store = CacheStore(tmp_path / str(sync), stats=Stats(), sync=sync)
         _fill(store, "L1.lz4.commit", 3 * PS)
     assert len(synced) == 1
-    assert cache_source.DEFAULT_GAP == 2 * PS
 
 
 def test_path_layout(tmp_path):

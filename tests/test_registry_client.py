@@ -12,11 +12,13 @@ import pytest
 from registry_server import RegistryServer
 
 from fixtures import FIXTURES, materialize
+from obd.cache import CachedSource, CacheStore
 from obd.errors import ConfigError, RegistryError
 from obd.image.assemble import push_file_image
 from obd.layer.blob import open_blob, open_source
 from obd.observability.stats import Stats
 from obd.registry import AsyncRunner, CredentialResolver, RegistryClient, RemoteBlob
+from obd.registry.blob import DEFAULT_MERGE_GAP
 from obd.registry.push import push_layout
 
 pytestmark = pytest.mark.timeout(120)
@@ -278,6 +280,54 @@ def test_64_concurrent_adjacent_readers_coalesce(pushed, runner):
         assert stats["coalesced"] > 0
         assert stats["fetches"] + stats["coalesced"] == 64
         assert stats["requests"] == stats["fetches"] < 64
+    finally:
+        runner.run(c.aclose(), 10)
+
+
+def test_ranges_at_most_merge_gap_apart_become_one_get(pushed, runner):
+    repo, digest, path = pushed["overlaybd/lsmt/commit/L0.commit"]
+    data = path.read_bytes()
+    stats = Stats()
+    c = new_client(stats=stats)
+    try:
+        remote = RemoteBlob(c, runner, repo, digest, size=len(data))
+        assert remote.merge_gap == DEFAULT_MERGE_GAP == 8192
+        near = [(0, 4096), (4096 + 8192, 4096)]  # 8 KiB apart: the gap is fetched and dropped
+        assert remote.fetch_many(near) == [data[o : o + n] for o, n in near]
+        assert (stats["fetches"], stats["coalesced"], stats["bytes_fetched"]) == (1, 1, 16384)
+        stats.reset()
+        far = [(0, 4096), (4096 + 8193, 4096)]
+        assert remote.fetch_many(far) == [data[o : o + n] for o, n in far]
+        assert (stats["fetches"], stats["coalesced"]) == (2, 0)
+    finally:
+        runner.run(c.aclose(), 10)
+
+
+def test_cached_source_leaves_sharing_and_merging_to_the_remote_blob(pushed, runner, tmp_path):
+    repo, digest, path = pushed["overlaybd/lsmt/commit/L0.commit"]
+    data = path.read_bytes()
+    stats = Stats()
+    c = new_client(stats=stats)
+    try:
+        remote = RemoteBlob(c, runner, repo, digest, size=len(data), coalesce_window=0.01)
+        src = CachedSource(remote, CacheStore(tmp_path, stats=stats, sync=False), digest=digest)
+        ps = src.page_size
+
+        def read(i: int) -> bool:
+            # everyone wants pages 0..63, each thread starting somewhere else
+            off = (i * 8 % 64) * ps
+            return src.pread(off, 64 * ps - off) + src.pread(0, off) == data[off : 64 * ps] + data[:off]
+
+        assert all(_threads(8, read))
+        assert stats["shared"] > 0  # misses of the same pages at once rode on one GET
+        assert stats["bytes_fetched"] < 2 * 64 * ps  # far from one fetch of everything per thread
+        stats.reset()
+        # pages 3-4 present, 0-2 and 5-7 not: two ranges asked, one GET (the gap is under merge_gap)
+        src2 = CachedSource(remote, CacheStore(tmp_path / "b", stats=stats, sync=False), digest=digest)
+        src2.pread(3 * ps, 2 * ps)
+        stats.reset()
+        assert src2.pread(0, 8 * ps) == data[: 8 * ps]
+        assert (stats["cache_fetch_ranges"], stats["fetches"], stats["coalesced"]) == (2, 1, 1)
     finally:
         runner.run(c.aclose(), 10)
 

@@ -2,11 +2,12 @@
 
 :class:`CacheStore` is the directory (one sparse data file and one page table per blob, a size
 limit, LRU eviction by blob, safe for many processes and against crashes); :class:`CachedSource`
-reads a blob through it, fetching only missing pages from an upstream's ``fetch_many``.
+reads a blob through it, fetching only missing pages from an upstream's ``fetch_many`` (which
+merges, reads ahead and shares fetches: :class:`obd.registry.blob.RemoteBlob`).
 docs/cache.md describes the on-disk format and the guarantees.
 """
 
-from obd.cache.source import DEFAULT_GAP, CachedSource, Upstream
+from obd.cache.source import CachedSource, Upstream
 from obd.cache.store import (
     DEFAULT_LIMIT,
     DEFAULT_PAGE_SIZE,
@@ -18,7 +19,6 @@ from obd.cache.store import (
 )
 
 __all__ = [
-    "DEFAULT_GAP",
     "DEFAULT_LIMIT",
     "DEFAULT_PAGE_SIZE",
     "BlobEntry",

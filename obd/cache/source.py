@@ -2,14 +2,15 @@
 
 A read is mapped to pages. Pages the page table marks present are read from the data file with
 one ``preadv`` per run and CRC-checked; a page that fails is dropped, counted, logged and fetched
-again. The missing pages of the whole read go to the upstream in **one** ``fetch_many`` call:
-neighbouring missing pages form one range, and two ranges are merged when only a small gap
-(``gap`` bytes, 8 KiB by default) of already-present pages separates them. So a 4 KiB read costs
-at most the two pages it touches, and nothing is read ahead unless ``readahead`` asks for it.
+again. The missing pages of the whole read go to the upstream in **one** ``fetch_many`` call, one
+range per run of neighbouring missing pages, so a 4 KiB read costs at most the two pages it touches.
 
-Within a process, a page being fetched by one thread is waited for by the others (an in-flight
-table keyed by page), never fetched twice. Across processes fills are independent: they write the
-same bytes, so they only cost bandwidth, never correctness.
+Which GETs those ranges become is the upstream's business, not the cache's: the registry's
+:class:`~obd.registry.blob.RemoteBlob` sees every read that may go to the network (it also serves
+uncached reads), so it alone merges nearly neighbouring ranges, reads ahead and shares fetches
+already in flight — between threads of this process too. Fills are not coordinated here: two
+threads (or processes) that miss the same page both store it, with the same bytes, so that costs
+a write (and across processes a GET), never correctness.
 
 Fetched pages are written to the data file, made durable (see :class:`CacheStore` ``sync``) and
 only then marked present. The caller's bytes never depend on the cache write succeeding: a full
@@ -32,14 +33,10 @@ from obd.observability.stats import CACHE_BYTES, CACHE_HITS, CACHE_MISSES, Stats
 
 log = logging.getLogger("obd.cache")
 
-#: Present pages up to this many bytes between two missing runs are fetched again rather than
-#: costing a separate range (a range is a request, or a part of a multi-range one).
-DEFAULT_GAP = 8 << 10
-#: ``prefetch`` fills in windows of this many blob bytes (one ``fetch_many`` call each) ...
+#: ``prefetch`` fills in windows of this many blob bytes (one ``fetch_many`` call each; the upstream
+#: splits long ranges into GETs of its own size).
 PREFETCH_WINDOW = 64 << 20
-#: ... made of ranges of at most this size, which the upstream fetches concurrently.
-PREFETCH_RANGE = 4 << 20
-#: A read gives up after this many rounds of waiting for other threads' fetches that failed.
+#: A read gives up after this many rounds of finding the blob's cache files evicted under it.
 _MAX_ROUNDS = 8
 
 # Counters recorded besides obd.observability.stats' CACHE_HITS / CACHE_MISSES (pages) and CACHE_BYTES (bytes
@@ -48,9 +45,7 @@ MISS_BYTES = "cache_miss_bytes"
 FETCH_CALLS = "cache_fetch_calls"
 FETCH_RANGES = "cache_fetch_ranges"
 FETCH_BYTES = "cache_fetch_bytes"
-SHARED_PAGES = "cache_shared_pages"
 CRC_FAILURES = "cache_crc_failures"
-READAHEAD_BYTES = "cache_readahead_bytes"
 PREFETCH_BYTES = "cache_prefetch_bytes"
 BYPASS_BYTES = "cache_bypass_bytes"
 WRITE_ERRORS = "cache_write_errors"
@@ -66,18 +61,6 @@ class Upstream(Protocol):
     def fetch_many(self, ranges: list[tuple[int, int]]) -> list[bytes]:
         """Exactly the bytes of each ``(offset, length)``, fetched concurrently; or an ObdError."""
         ...
-
-
-class _Fetch:
-    """One range being fetched by one thread; others wait on ``done`` and copy from ``data``."""
-
-    __slots__ = ("data", "done", "error", "first")
-
-    def __init__(self, first: int):
-        self.first = first
-        self.data: memoryview | None = None
-        self.error: BaseException | None = None
-        self.done = threading.Event()
 
 
 class _Out:
@@ -130,38 +113,22 @@ class _Out:
             self.buf[lo - self.offset : hi - self.offset] = s[lo - start : hi - start]
 
 
-def _runs(pages: np.ndarray, gap: int = 0, max_len: int | None = None) -> list[tuple[int, int]]:
-    """Sorted page numbers → inclusive ``(first, last)`` runs, bridging gaps of ≤ ``gap`` pages."""
+def _runs(pages: np.ndarray) -> list[tuple[int, int]]:
+    """Sorted page numbers → inclusive ``(first, last)`` runs of consecutive pages."""
     if len(pages) == 0:
         return []
-    breaks = np.flatnonzero(np.diff(pages) > gap + 1)
+    breaks = np.flatnonzero(np.diff(pages) > 1)
     starts = [int(pages[0]), *(int(pages[i + 1]) for i in breaks)]
     ends = [*(int(pages[i]) for i in breaks), int(pages[-1])]
-    runs = list(zip(starts, ends, strict=True))
-    if max_len is None:
-        return runs
-    split = []
-    for a, b in runs:
-        while b - a + 1 > max_len:
-            split.append((a, a + max_len - 1))
-            a += max_len
-        split.append((a, b))
-    return split
-
-
-def _split(pages: np.ndarray, runs: list[tuple[int, int]]) -> list[np.ndarray]:
-    """The part of sorted ``pages`` inside each run."""
-    firsts = np.searchsorted(pages, [a for a, _ in runs], "left")
-    ends = np.searchsorted(pages, [b for _, b in runs], "right")
-    return [pages[i:j] for i, j in zip(firsts.tolist(), ends.tolist(), strict=True)]
+    return list(zip(starts, ends, strict=True))
 
 
 class CachedSource(Source):
     """A :class:`~obd.io.source.Source` over ``upstream`` that keeps what it fetches in ``store``.
 
-    ``digest`` keys the cache (``sha256:<hex>``; default ``upstream.digest``). ``readahead`` bytes
-    past a read that misses are fetched with it (0, the default, fetches only what is read).
-    ``gap`` is the largest run of present pages refetched to join two missing runs into one range.
+    ``digest`` keys the cache (``sha256:<hex>``; default ``upstream.digest``). Only the missing
+    pages of a read are asked of ``upstream``; readahead and range merging are its settings (see
+    :class:`~obd.registry.blob.RemoteBlob`).
     """
 
     def __init__(
@@ -170,8 +137,6 @@ class CachedSource(Source):
         store: CacheStore,
         *,
         digest: str | None = None,
-        readahead: int = 0,
-        gap: int = DEFAULT_GAP,
         stats: Stats | None = None,
         name: str | None = None,
     ):
@@ -181,8 +146,6 @@ class CachedSource(Source):
         size = upstream.size
         if not isinstance(size, int) or size < 0:
             raise ObdError("upstream size is not a byte count", path=upstream.name, field="size", value=size)
-        if readahead < 0 or gap < 0:
-            raise ObdError("readahead and gap must not be negative", field="readahead", value=readahead)
         self.upstream = upstream
         self.store = store
         self.digest = digest
@@ -190,15 +153,9 @@ class CachedSource(Source):
         self.size = size
         self.page_size = store.page_size
         self.stats = stats if stats is not None else store.stats
-        self._ra_pages = -(-readahead // self.page_size)
-        self._gap_pages = gap // self.page_size
         self._blob: BlobCache = store.open_blob(digest, size)
         self._retired: list[BlobCache] = []
-        self._lock = threading.Lock()
-        self._inflight: dict[int, _Fetch] = {}
-        # bumped (under _lock) each time a fetch has marked its pages present, so a reader that
-        # saw them absent before knows to look again before fetching them itself
-        self._epoch = 0
+        self._lock = threading.Lock()  # guards swapping _blob for a reopened one
 
     # -- the Source interface --------------------------------------------------------------------
 
@@ -271,16 +228,13 @@ class CachedSource(Source):
     def _fill(self, pending: np.ndarray, out: _Out | None) -> int:
         """Make every page in ``pending`` (sorted) available: copied into ``out`` for a read, or
         just present in the cache for a prefetch. Returns the bytes fetched from upstream."""
-        fetched = 0
         self._blob.touch()
         for _ in range(_MAX_ROUNDS):
             blob = self._blob
-            epoch = self._epoch
             lo = int(pending[0])
             hi = int(pending[-1])
-            ra_hi = min(blob.pages - 1, hi + self._ra_pages) if out is not None else hi
-            crcs, present = blob.records(lo, ra_hi - lo + 1)
-            if len(pending) == hi - lo + 1 and present[: hi - lo + 1].all():
+            crcs, present = blob.records(lo, hi - lo + 1)
+            if len(pending) == hi - lo + 1 and present.all():
                 # the common warm case: a contiguous read, every page present
                 served, missing, runs = pending, pending[:0], [(lo, hi)]
             else:
@@ -291,17 +245,15 @@ class CachedSource(Source):
                 if len(bad):
                     missing = np.union1d(bad, missing)
             if len(missing) == 0:
-                return fetched
+                return 0
             if blob.stale():
                 self._reopen(blob)
                 pending = missing
                 continue
-            got, pending = self._fetch_missing(blob, missing, out, epoch, present, lo, ra_hi)
-            fetched += got
-            if len(pending) == 0:
-                return fetched
+            return self._fetch_missing(blob, missing, out)
         raise ObdError(
-            f"pages {int(pending[0])}..{int(pending[-1])} not filled: concurrent fetches kept failing",
+            f"pages {int(pending[0])}..{int(pending[-1])} not filled: "
+            "the cache kept being evicted under the read",
             path=self.name,
         )
 
@@ -347,171 +299,56 @@ class CachedSource(Source):
         self.stats.incr(CACHE_BYTES, hit_bytes)
         return np.asarray(bad, dtype=np.int64)
 
-    def _fetch_missing(
-        self,
-        blob: BlobCache,
-        missing: np.ndarray,
-        out: _Out | None,
-        epoch: int,
-        present: np.ndarray,
-        lo: int,
-        ra_hi: int,
-    ) -> tuple[int, np.ndarray]:
-        """Claim what nobody is fetching, fetch it in one call, wait for the rest.
-
-        Returns the bytes fetched and the pages still to do (present after all, or whose fetch by
-        another thread failed).
-        """
-        ps = self.page_size
-        again: list[int] = []
-        with self._lock:
-            if self._epoch != epoch:
-                # a fetch completed since we read the table: pages it filled are served next round
-                m_lo = int(missing[0])
-                _, now = blob.records(m_lo, int(missing[-1]) - m_lo + 1)
-                filled = now[missing - m_lo]
-                again.extend(int(p) for p in missing[filled])
-                missing = missing[~filled]
-            mine: list[int] = []
-            theirs: dict[int, _Fetch] = {}
-            for p in missing.tolist():
-                f = self._inflight.get(p)
-                if f is None:
-                    mine.append(p)
-                else:
-                    theirs[p] = f
-            extra: list[int] = []
-            if mine and out is not None:
-                p = out.last + 1
-                while p <= ra_hi and not present[p - lo] and p not in self._inflight:
-                    extra.append(p)
-                    p += 1
-            claimed = np.asarray(mine + extra, dtype=np.int64)
-            runs = _runs(claimed, self._gap_pages, None if out is not None else PREFETCH_RANGE // ps)
-            fetches = [_Fetch(a) for a, _ in runs]
-            for f, pages in zip(fetches, _split(claimed, runs), strict=True):
-                for p in pages.tolist():
-                    self._inflight[p] = f
-
-        fetched = 0
-        if runs:
-            fetched = self._fetch_runs(blob, runs, fetches, claimed, out, len(extra))
-            # pages others were fetching that our ranges covered anyway (a bridged gap)
-            for f, (a, b) in zip(fetches, runs, strict=True):
-                for p in [p for p in theirs if a <= p <= b]:
-                    del theirs[p]
-                    self._copy_fetched(f, p, out)
-
-        waited = 0
-        for p, f in sorted(theirs.items()):
-            f.done.wait()
-            if f.error is not None or f.data is None:
-                again.append(p)
-                continue
-            self._copy_fetched(f, p, out)
-            waited += 1
-        if waited:
-            self.stats.incr(SHARED_PAGES, waited)
-        if out is not None:
-            retry = set(again)
-            done = [p for p in missing.tolist() if p not in retry and p <= out.last]
-            self.stats.incr(CACHE_MISSES, len(done))
-            self.stats.incr(MISS_BYTES, sum(out.overlap(p) for p in done))
-        return fetched, np.asarray(sorted(again), dtype=np.int64)
-
-    def _copy_fetched(self, f: _Fetch, p: int, out: _Out | None) -> None:
-        if out is None or not out.first <= p <= out.last:
-            return
-        assert f.data is not None
-        view = out.view(p)
-        pos = (p - f.first) * self.page_size
-        view[:] = f.data[pos : pos + len(view)]
-
-    def _fetch_runs(
-        self,
-        blob: BlobCache,
-        runs: list[tuple[int, int]],
-        fetches: list[_Fetch],
-        claimed: np.ndarray,
-        out: _Out | None,
-        n_extra: int,
-    ) -> int:
-        """Fetch the claimed runs with one ``fetch_many``, copy out, store, release the claims."""
+    def _fetch_missing(self, blob: BlobCache, missing: np.ndarray, out: _Out | None) -> int:
+        """Fetch the ``missing`` pages (one range per run) in one ``fetch_many``, copy them out
+        and store them. Returns the bytes fetched."""
         ps, size = self.page_size, self.size
+        runs = _runs(missing)
         ranges = [(a * ps, min((b + 1) * ps, size) - a * ps) for a, b in runs]
         total = sum(length for _, length in ranges)
-        try:
-            datas = self.upstream.fetch_many(ranges)
-            if len(datas) != len(ranges):
+        datas = self.upstream.fetch_many(ranges)
+        if len(datas) != len(ranges):
+            raise ObdError(f"upstream returned {len(datas)} pieces for {len(ranges)} ranges", path=self.name)
+        views = []
+        for (off, length), data in zip(ranges, datas, strict=True):
+            if len(data) != length:
                 raise ObdError(
-                    f"upstream returned {len(datas)} pieces for {len(ranges)} ranges", path=self.name
+                    f"upstream returned {len(data)} bytes for the {length} at offset {off}",
+                    path=self.name,
+                    field="fetch",
                 )
-            views = []
-            for (off, length), data in zip(ranges, datas, strict=True):
-                if len(data) != length:
-                    raise ObdError(
-                        f"upstream returned {len(data)} bytes for the {length} at offset {off}",
-                        path=self.name,
-                        field="fetch",
-                    )
-                views.append(memoryview(data).cast("B"))
-            self.stats.incr(FETCH_CALLS)
-            self.stats.incr(FETCH_RANGES, len(ranges))
-            self.stats.incr(FETCH_BYTES, total)
-            if n_extra:
-                self.stats.incr(READAHEAD_BYTES, n_extra * ps)
-            if out is None:
-                self.stats.incr(PREFETCH_BYTES, total)
-            for f, v in zip(fetches, views, strict=True):
-                f.data = v
-            self._store_and_copy(blob, runs, views, claimed, out)
-        except BaseException as e:
-            for f in fetches:
-                f.error = e
-                f.data = None
-            raise
-        finally:
-            with self._lock:
-                self._epoch += 1
-                for f, pages in zip(fetches, _split(claimed, runs), strict=True):
-                    for p in pages.tolist():
-                        if self._inflight.get(p) is f:
-                            del self._inflight[p]
-            for f in fetches:
-                f.done.set()
+            views.append(memoryview(data).cast("B"))
+        self.stats.incr(FETCH_CALLS)
+        self.stats.incr(FETCH_RANGES, len(ranges))
+        self.stats.incr(FETCH_BYTES, total)
+        if out is None:
+            self.stats.incr(PREFETCH_BYTES, total)
+        else:
+            self.stats.incr(CACHE_MISSES, len(missing))
+            self.stats.incr(MISS_BYTES, sum(out.overlap(p) for p in missing.tolist()))
+        self._store_and_copy(blob, runs, views, out)
         return total
 
     def _store_and_copy(
-        self,
-        blob: BlobCache,
-        runs: list[tuple[int, int]],
-        views: list[memoryview],
-        claimed: np.ndarray,
-        out: _Out | None,
+        self, blob: BlobCache, runs: list[tuple[int, int]], views: list[memoryview], out: _Out | None
     ) -> None:
         ps = self.page_size
-        pieces = []  # (first page, bytes, crcs) of each run of claimed pages
-        for (a, _), data, mine in zip(runs, views, _split(claimed, runs), strict=True):
-            for c, d in _runs(mine):
-                chunk = data[(c - a) * ps : (d - a) * ps + min(ps, len(data) - (d - a) * ps)]
-                crcs = np.array(page_crcs(chunk, ps), dtype=np.uint32)
-                pieces.append((c, chunk, crcs))
-                if out is not None and c <= out.last and d >= out.first:
-                    c0, d0 = max(c, out.first), min(d, out.last)
-                    pos = (c0 - c) * ps
-                    for v in out.views(c0, d0):
-                        v[:] = chunk[pos : pos + len(v)]
-                        pos += len(v)
-        nbytes = sum(len(chunk) for _, chunk, _ in pieces)
+        if out is not None:
+            for (a, b), data in zip(runs, views, strict=True):
+                pos = 0
+                for v in out.views(a, b):
+                    v[:] = data[pos : pos + len(v)]
+                    pos += len(v)
+        nbytes = sum(len(data) for data in views)
         try:
             if not self.store.reserve(blob, nbytes):
                 self.stats.incr(BYPASS_BYTES, nbytes)
                 return
-            for c, chunk, _ in pieces:
-                blob.write_data(chunk, c * ps)
+            for (a, _), data in zip(runs, views, strict=True):
+                blob.write_data(data, a * ps)
             blob.sync_data()
-            for c, _, crcs in pieces:
-                blob.mark_present(c, crcs)
+            for (a, _), data in zip(runs, views, strict=True):
+                blob.mark_present(a, np.array(page_crcs(data, ps), dtype=np.uint32))
         except OSError as e:
             # the cache is an optimisation: a full or failing disk must not fail the read
             self.stats.incr(WRITE_ERRORS)
@@ -537,4 +374,4 @@ class CachedSource(Source):
         new.close()
 
 
-__all__ = ["DEFAULT_GAP", "CachedSource", "Upstream"]
+__all__ = ["CachedSource", "Upstream"]

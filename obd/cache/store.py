@@ -162,11 +162,11 @@ def expected_tags(first: int, crcs: np.ndarray, generation: int) -> np.ndarray:
     that is 0. Vectorised; a few pages (one small read) are done in plain integers, which is faster.
     """
     if len(crcs) <= 4:
-        tags = []
+        small = []
         for k, crc in enumerate(crcs.tolist()):
-            mixed = ((first + k) * _MIX + generation) & _M64
-            tags.append(((mixed >> 32) ^ mixed ^ crc) & _M32 or 1)
-        return np.array(tags, dtype=np.uint32)
+            mix = ((first + k) * _MIX + generation) & _M64
+            small.append(((mix >> 32) ^ mix ^ crc) & _M32 or 1)
+        return np.array(small, dtype=np.uint32)
     idx = np.arange(first, first + len(crcs), dtype=np.uint64)
     mixed = idx * np.uint64(_MIX) + np.uint64(generation)
     key = ((mixed >> np.uint64(32)) ^ mixed).astype(np.uint32)

@@ -2,9 +2,12 @@
 
 - :mod:`~obd.registry.reference`: ``parse_reference("python:3.12")`` → :class:`Reference`.
 - :mod:`~obd.registry.auth`: challenges, Bearer tokens, credentials (flags, env, docker config).
-- :mod:`~obd.registry.client`: :class:`RegistryClient`, the async aiohttp client.
+- :mod:`~obd.registry.client`: :class:`RegistryClient`, the async aiohttp client, built from
+  :mod:`~obd.registry.http` (transport, retries, redirects), :mod:`~obd.registry.manifests`,
+  :mod:`~obd.registry.ranges` (blob reads) and :mod:`~obd.registry.uploads`.
 - :mod:`~obd.registry.loop`: :class:`AsyncRunner`, the event-loop thread sync code submits to.
-- :mod:`~obd.registry.blob`: :class:`RemoteBlob`, a blob as an :class:`obd.io.source.Source`.
+- :mod:`~obd.registry.blob`: :class:`RemoteBlob`, a blob as an :class:`obd.io.source.Source`; the one
+  owner of readahead, range merging and sharing of fetches in flight.
 - :mod:`~obd.registry.push`: pushing OCI layouts and single-layer images.
 
 ``docs/registry.md`` describes the options, environment variables and credential lookup.

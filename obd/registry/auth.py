@@ -5,7 +5,7 @@ A registry that wants credentials answers 401 with ``WWW-Authenticate``. ``Basic
 means "get a token from ``realm`` for that service and scope, then send ``Authorization: Bearer
 <token>``". :func:`parse_challenges` reads the header robustly (spaces after commas, quoted values
 holding commas such as ``scope="repository:a:pull,push"``, escapes, several challenges in one header
-— overlaybd's splitter gets the first two wrong, FORMATS.md §5.2). :class:`TokenCache` fetches a token
+— overlaybd's splitter gets the first two wrong, docs/formats.md §5.2). :class:`TokenCache` fetches a token
 once per (realm, service, scopes), shares the fetch between concurrent requests, and refreshes it
 before ``expires_in`` (default 60 s) runs out.
 
@@ -268,9 +268,9 @@ def _parse_auth_entry(entry: Any, path: Path, key: str) -> Credentials | None:
         if not sep:
             raise ConfigError("auth is not base64 of user:password", path=path, field=f"auths[{key}].auth")
         return Credentials(user, password, source=source)
-    user, password = entry.get("username"), entry.get("password")
-    if isinstance(user, str) and isinstance(password, str) and user:
-        return Credentials(user, password, source=source)
+    username, secret = entry.get("username"), entry.get("password")
+    if isinstance(username, str) and isinstance(secret, str) and username:
+        return Credentials(username, secret, source=source)
     return None
 
 

@@ -1,8 +1,12 @@
 """A registry blob as an :class:`obd.io.source.Source`: ranged GETs, shared and merged while in flight.
 
 :class:`RemoteBlob` is what a remote layer reads through (directly, or wrapped by the block cache).
-Its synchronous methods may be called from any number of threads; the work happens on the
-:class:`~obd.registry.loop.AsyncRunner`'s loop, where all state lives, so no locks are needed.
+It is the one place obd decides which GETs a read becomes — readahead, merging of neighbouring and
+nearly neighbouring ranges, sharing of fetches in flight — because it is the one layer every read
+that may go to the network passes, with or without the cache; :class:`obd.cache.CachedSource`
+only asks it for the pages it is missing. Its synchronous methods may be called from any number
+of threads; the work happens on the :class:`~obd.registry.loop.AsyncRunner`'s loop, where all
+state lives, so no locks are needed.
 
 How a read becomes GETs:
 
@@ -10,8 +14,9 @@ How a read becomes GETs:
    fetched, or were fetched recently and kept for readahead. Pieces already covered wait on those
    flights (``shared`` in the stats); only the gaps become new flights.
 2. New flights wait ``coalesce_window`` seconds (default 1 ms) for neighbours. Then adjacent ones —
-   or ones at most ``merge_gap`` bytes apart — are merged into one GET of at most ``max_merge``
-   bytes (``coalesced`` counts the flights that rode along in another's GET).
+   or ones at most ``merge_gap`` bytes apart (default 8 KiB: another request costs more than that
+   much bandwidth) — are merged into one GET of at most ``max_merge`` bytes (``coalesced`` counts
+   the flights that rode along in another's GET; the bytes between them are fetched and dropped).
 3. With ``readahead`` > 0, a read whose following bytes are not already (mostly) in flight also
    fetches the next ``readahead`` bytes, and completed flights are kept (up to ``keep_bytes``) to
    serve the reads that follow. With the default of 0 nothing is kept: caching is the block
@@ -37,6 +42,7 @@ from obd.registry.reference import Reference, parse_reference, validate_digest
 
 DEFAULT_COALESCE_WINDOW = 0.001
 DEFAULT_MAX_MERGE = 4 << 20
+DEFAULT_MERGE_GAP = 8 << 10
 DEFAULT_TIMEOUT = 300.0
 
 
@@ -65,7 +71,7 @@ class RemoteBlob(Source):
         *,
         coalesce_window: float = DEFAULT_COALESCE_WINDOW,
         max_merge: int = DEFAULT_MAX_MERGE,
-        merge_gap: int = 0,
+        merge_gap: int = DEFAULT_MERGE_GAP,
         readahead: int = 0,
         keep_bytes: int | None = None,
         timeout: float | None = DEFAULT_TIMEOUT,
@@ -279,4 +285,4 @@ class RemoteBlob(Source):
             del self._flights[i]
 
 
-__all__ = ["RemoteBlob"]
+__all__ = ["DEFAULT_COALESCE_WINDOW", "DEFAULT_MAX_MERGE", "DEFAULT_MERGE_GAP", "RemoteBlob"]

@@ -25,7 +25,8 @@ from obd.oci.model import (
     REF_NAME,
     Descriptor,
 )
-from obd.registry.client import OCI_INDEX, OCI_MANIFEST, RegistryClient
+from obd.registry.client import RegistryClient
+from obd.registry.manifests import OCI_INDEX, OCI_MANIFEST
 from obd.registry.reference import Reference, parse_reference
 
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"

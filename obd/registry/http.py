@@ -1,0 +1,550 @@
+"""HTTP transport of the registry client: session, authentication round trips, retries, redirects.
+
+:class:`HttpTransport` is the base the request families of :class:`~obd.registry.client.RegistryClient`
+(manifests, blob reads, uploads) are built on. It owns what every request shares:
+
+- **One aiohttp session per event loop** (and per process: a runner restarted after ``fork`` gets a
+  new one), with a connection limit and connect/read timeouts on every attempt.
+- **Auth** (see :mod:`obd.registry.auth`): the challenge is learnt once per registry, tokens are
+  cached per scope and refreshed before expiry, and a 401 on a request that carried a token drops
+  that token and retries with a new one.
+- **Retries** with exponential backoff and jitter on 5xx, 429 (honouring ``Retry-After``),
+  connection errors, timeouts and whatever a request family raises as :class:`Retry` (short or
+  inconsistent bodies), ``attempts`` times at most.
+- **Redirects** of blob requests (blob storage behind the registry) are followed without
+  ``Authorization`` or cookies; the final URL is cached per blob for ``redirect_ttl`` seconds and
+  re-resolved through the registry as soon as it answers 401/403/404/410. An https → http redirect
+  is refused unless the target host is marked insecure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import random
+import ssl
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from typing import Any, TypeVar
+
+import aiohttp
+from yarl import URL
+
+from obd.errors import AuthError, ConfigError, ObdError, RegistryError
+from obd.observability import stats as st
+from obd.registry.auth import (
+    Challenge,
+    CredentialResolver,
+    Credentials,
+    TokenCache,
+    TokenServiceError,
+    parse_challenge,
+    safe_url,
+)
+from obd.registry.reference import Reference, parse_reference
+
+log = logging.getLogger("obd.registry")
+
+T = TypeVar("T")
+
+#: Whole-blob reads into memory (``get_blob``) are refused above this by default.
+DEFAULT_MAX_BLOB_BYTES = 64 << 20
+#: Blobs larger than this are pushed in PATCH chunks of this size instead of one PUT.
+DEFAULT_CHUNK_SIZE = 64 << 20
+MAX_REDIRECTS = 5
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+_USER_AGENT = "obd/0.1 (+overlaybd-py)"
+
+
+class Retry(Exception):
+    """A failure worth another attempt (raised inside an attempt); never escapes the client."""
+
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+@dataclass
+class _Redirect:
+    url: URL
+    expires_at: float
+
+
+@dataclass
+class _UsedAuth:
+    header: str
+    token_key: Any = None
+    token_value: str | None = None
+
+
+@dataclass
+class _HostAuth:
+    challenge: Challenge | None = None
+
+
+def _parse_retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def digest_of(data: bytes, algorithm: str = "sha256") -> str:
+    """``algorithm:<hex>`` of ``data``."""
+    return f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
+
+
+def media_type(content_type: str | None) -> str:
+    """The media type of a ``Content-Type`` value, without parameters, lowercased."""
+    return (content_type or "").split(";", 1)[0].strip().lower()
+
+
+class HttpTransport:
+    """The connection settings and request plumbing of a registry client (see the module docstring).
+
+    ``insecure`` is ``True`` (every registry over plain http) or the hosts (``host:port``) to reach
+    over plain http; everything else uses https with certificate verification, which only
+    ``tls_verify=False`` turns off. ``stats`` defaults to the process-wide
+    :data:`obd.observability.stats.STATS`. ``max_blob_bytes`` and ``chunk_size`` are the limits of
+    whole-blob reads and of upload chunks.
+    """
+
+    def __init__(
+        self,
+        *,
+        credentials: CredentialResolver | Credentials | Mapping[str, Credentials] | None = None,
+        insecure: bool | Iterable[str] = False,
+        tls_verify: bool = True,
+        ca_file: str | os.PathLike[str] | None = None,
+        max_connections: int = 16,
+        connect_timeout: float = 10.0,
+        read_timeout: float = 30.0,
+        request_timeout: float | None = 120.0,
+        attempts: int = 4,
+        backoff: float = 0.2,
+        max_backoff: float = 5.0,
+        max_retry_after: float = 30.0,
+        redirect_ttl: float = 300.0,
+        max_blob_bytes: int = DEFAULT_MAX_BLOB_BYTES,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        stats: st.Stats | None = None,
+        user_agent: str = _USER_AGENT,
+    ):
+        if attempts < 1:
+            raise ConfigError("attempts must be at least 1", field="attempts", value=attempts)
+        if max_connections < 1:
+            raise ConfigError(
+                "max_connections must be at least 1", field="max_connections", value=max_connections
+            )
+        if isinstance(credentials, CredentialResolver):
+            self.credentials = credentials
+        else:
+            self.credentials = CredentialResolver(credentials)
+        self._insecure_hosts: frozenset[str]
+        if isinstance(insecure, bool):
+            self._insecure_all, self._insecure_hosts = insecure, frozenset()
+        else:
+            self._insecure_all, self._insecure_hosts = False, frozenset(h.lower() for h in insecure)
+        self.tls_verify = tls_verify
+        self.ca_file = os.fspath(ca_file) if ca_file else None
+        self.max_connections = max_connections
+        self.timeout = aiohttp.ClientTimeout(
+            total=request_timeout, sock_connect=connect_timeout, sock_read=read_timeout
+        )
+        self.stream_timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=connect_timeout, sock_read=read_timeout
+        )
+        self.attempts = attempts
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.max_retry_after = max_retry_after
+        self.redirect_ttl = redirect_ttl
+        self.max_blob_bytes = max_blob_bytes
+        self.chunk_size = chunk_size
+        self.stats = stats if stats is not None else st.default_stats()
+        self.user_agent = user_agent
+        self._session_obj: aiohttp.ClientSession | None = None
+        self._session_loop: asyncio.AbstractEventLoop | None = None
+        self._session_pid = 0
+        self._tokens = TokenCache()
+        self._hosts: dict[str, _HostAuth] = {}
+        self._redirects: dict[tuple[str, str, str], _Redirect] = {}
+        self._creds: dict[str, Credentials | None] = {}
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    def is_insecure(self, host: str) -> bool:
+        """Whether ``host`` (``name[:port]``) may be reached over plain http."""
+        return self._insecure_all or host.lower() in self._insecure_hosts
+
+    def base_url(self, ref: Reference) -> URL:
+        return URL(ref.base_url(self.is_insecure(ref.api_host)))
+
+    def blob_url(self, ref: Reference, digest: str) -> URL:
+        return self.base_url(ref) / ref.repository / "blobs" / digest
+
+    def manifest_url(self, ref: Reference, target: str) -> URL:
+        return self.base_url(ref) / ref.repository / "manifests" / target
+
+    async def _session(self) -> aiohttp.ClientSession:
+        loop = asyncio.get_running_loop()
+        if self._session_obj is None or self._session_loop is not loop or self._session_pid != os.getpid():
+            # a new loop (first use, or a runner restarted after fork): the old session is unusable
+            ssl_arg: ssl.SSLContext | bool = True
+            if not self.tls_verify:
+                ssl_arg = False
+            elif self.ca_file:
+                ssl_arg = ssl.create_default_context(cafile=self.ca_file)
+            connector = aiohttp.TCPConnector(limit=self.max_connections, ssl=ssl_arg)
+            self._session_obj = aiohttp.ClientSession(
+                connector=connector,
+                auto_decompress=False,
+                cookie_jar=aiohttp.DummyCookieJar(),
+                headers={"User-Agent": self.user_agent, "Accept-Encoding": "identity"},
+            )
+            self._session_loop = loop
+            self._session_pid = os.getpid()
+            self._tokens = TokenCache()
+        return self._session_obj
+
+    async def aclose(self) -> None:
+        """Close the HTTP session (on the loop it was created on)."""
+        sess, self._session_obj = self._session_obj, None
+        if sess is not None and self._session_pid == os.getpid() and not sess.closed:
+            await sess.close()
+
+    def _repo(self, repo: Reference | str) -> Reference:
+        return repo if isinstance(repo, Reference) else parse_reference(repo)
+
+    async def _credentials(self, registry: str) -> Credentials | None:
+        if registry not in self._creds:
+            # config.json and credential helpers are read off the loop (a helper is a subprocess)
+            self._creds[registry] = await asyncio.to_thread(self.credentials.lookup, registry)
+        return self._creds[registry]
+
+    async def _authorization(self, ref: Reference, scopes: tuple[str, ...]) -> _UsedAuth | None:
+        host = self._hosts.get(ref.api_host)
+        if host is None or host.challenge is None:
+            return None
+        creds = await self._credentials(ref.registry)
+        if host.challenge.scheme == "basic":
+            if creds is None or not creds.username:
+                return None
+            return _UsedAuth(creds.basic_header())
+        if host.challenge.scheme == "bearer":
+            session = await self._session()
+            key, tok = await self._tokens.get(
+                session,
+                host.challenge,
+                scopes,
+                creds,
+                timeout=self.timeout,
+                allow_http=self.is_insecure(ref.api_host) or self.is_insecure(hostport(host.challenge.realm)),
+                on_request=self._count_token,
+            )
+            return _UsedAuth("Bearer " + tok.value, key, tok.value)
+        return None
+
+    def _count_token(self) -> None:
+        self.stats.incr(st.REQUESTS)
+        self.stats.incr(st.TOKENS)
+
+    async def _on_unauthorized(
+        self, ref: Reference, resp: aiohttp.ClientResponse, used: _UsedAuth | None, scopes: list[str]
+    ) -> bool:
+        """Learn from a 401; True when a retry with (new) credentials makes sense."""
+        challenge = parse_challenge(resp.headers.get("WWW-Authenticate", ""))
+        if challenge is None or challenge.scheme not in ("basic", "bearer"):
+            return False
+        host = self._hosts.setdefault(ref.api_host, _HostAuth())
+        if used is not None and used.token_key is not None:
+            self._tokens.invalidate(used.token_key, used.token_value)
+        if challenge.scheme == "basic":
+            creds = await self._credentials(ref.registry)
+            if creds is None or not creds.username or (used is not None and used.token_key is None):
+                return False  # nothing to send, or what we sent was refused
+        for scope in challenge.scopes:
+            if scope not in scopes:
+                scopes.append(scope)
+        host.challenge = Challenge(
+            challenge.scheme, {k: v for k, v in challenge.params.items() if k != "scope"}
+        )
+        return True
+
+    @contextlib.asynccontextmanager
+    async def _open(
+        self,
+        method: str,
+        url: URL,
+        ref: Reference | None,
+        scopes: Sequence[str] = (),
+        *,
+        headers: Mapping[str, str] | None = None,
+        data: bytes | None = None,
+        timeout: aiohttp.ClientTimeout | None = None,
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """Send one request; with ``ref``, authenticate to that registry and answer its 401s.
+
+        Without ``ref`` (a redirect target) no ``Authorization`` is ever sent. The response is
+        released when the block ends; a 401 that survives re-authentication becomes AuthError.
+        """
+        session = await self._session()
+        want = list(scopes)
+        for auth_round in range(3):
+            hdrs = dict(headers or {})
+            used = await self._authorization(ref, tuple(want)) if ref is not None else None
+            if used is not None:
+                hdrs["Authorization"] = used.header
+            self.stats.incr(st.REQUESTS)
+            started = time.monotonic()
+            resp = await session.request(
+                method, url, headers=hdrs, data=data, allow_redirects=False, timeout=timeout or self.timeout
+            )
+            try:
+                if ref is not None and resp.status == 401:
+                    if auth_round < 2 and await self._on_unauthorized(ref, resp, used, want):
+                        continue
+                    raise await self._auth_error(ref, url, resp, used)
+                if ref is not None and resp.status == 403:
+                    raise await self._auth_error(ref, url, resp, used)
+                yield resp
+                return
+            finally:
+                resp.release()
+                self.stats.observe_latency(time.monotonic() - started)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _auth_error(
+        self, ref: Reference, url: URL, resp: aiohttp.ClientResponse, used: _UsedAuth | None
+    ) -> AuthError:
+        creds = self._creds.get(ref.registry)
+        detail = await _error_detail(resp)
+        if creds is None:
+            hint = (
+                "no credentials found for this registry (looked at flags, OBD_REGISTRY_USER/"
+                f"OBD_REGISTRY_PASSWORD, {self.credentials.config_path})"
+            )
+        else:
+            hint = f"credentials from {creds.source or 'flags'} (user {creds.username!r}) were not accepted"
+        if resp.status == 403:
+            hint = "access denied" + (f"; {hint}" if creds is None else f" for user {creds.username!r}")
+        return AuthError(f"HTTP {resp.status}: {hint}{detail}", path=safe_url(url))
+
+    async def _retrying(self, what: str, url: URL, attempt: Callable[[int], Awaitable[T]]) -> T:
+        last: Retry | None = None
+        for i in range(self.attempts):
+            if i:
+                self.stats.incr(st.RETRIES)
+                delay = self._delay(i, last)
+                log.info(
+                    "%s: attempt %d/%d failed (%s); retrying in %.2f s",
+                    what,
+                    i,
+                    self.attempts,
+                    last,
+                    delay,
+                )
+                if delay:
+                    await asyncio.sleep(delay)
+            try:
+                return await attempt(i)
+            except Retry as e:
+                last = e
+            except TokenServiceError as e:
+                last = Retry(str(e))
+            except aiohttp.ClientSSLError as e:
+                self.stats.incr(st.ERRORS)
+                raise RegistryError(f"{what}: TLS failure: {e}", path=safe_url(url)) from None
+            except aiohttp.InvalidURL as e:
+                self.stats.incr(st.ERRORS)
+                raise RegistryError(f"{what}: {type(e).__name__}: {e}", path=safe_url(url)) from None
+            except (aiohttp.ClientError, TimeoutError, ConnectionError, asyncio.IncompleteReadError) as e:
+                last = Retry(_describe(e))
+            except ObdError:
+                self.stats.incr(st.ERRORS)
+                raise
+        self.stats.incr(st.ERRORS)
+        raise RegistryError(
+            f"{what}: failed after {self.attempts} attempts; last: {last}", path=safe_url(url)
+        )
+
+    def _delay(self, attempt: int, last: Retry | None) -> float:
+        base = min(self.max_backoff, self.backoff * (2 ** (attempt - 1)))
+        delay = base / 2 + random.uniform(0, base / 2)
+        if last is not None and last.retry_after is not None:
+            delay = min(max(delay, last.retry_after), self.max_retry_after)
+        return delay
+
+    async def _fail(self, resp: aiohttp.ClientResponse, url: URL, what: str) -> None:
+        """Raise for a status that is not the success the caller wanted (retryable or final)."""
+        status = resp.status
+        detail = await _error_detail(resp)
+        if status == 429:
+            raise Retry(
+                f"HTTP 429 (too many requests){detail}", _parse_retry_after(resp.headers.get("Retry-After"))
+            )
+        if status >= 500:
+            raise Retry(f"HTTP {status}{detail}")
+        if status == 404:
+            raise RegistryError(f"{what}: not found (HTTP 404){detail}", path=safe_url(url))
+        if status == 416:
+            said = resp.headers.get("Content-Range", "")
+            raise RegistryError(f"{what}: range not satisfiable (HTTP 416, {said!r})", path=safe_url(url))
+        if status in (401, 403):
+            raise AuthError(f"{what}: HTTP {status}{detail}", path=safe_url(url))
+        raise RegistryError(f"{what}: unexpected HTTP {status}{detail}", path=safe_url(url))
+
+    # -- blob requests, through the redirect cache -----------------------------------------------
+
+    async def _blob_get(
+        self,
+        ref: Reference,
+        digest: str,
+        headers: Mapping[str, str],
+        handle: Callable[[aiohttp.ClientResponse, URL], Awaitable[T]],
+        *,
+        method: str = "GET",
+        timeout: aiohttp.ClientTimeout | None = None,
+    ) -> T:
+        """One attempt at a blob request, through the cached redirect URL or the registry."""
+        key = (ref.api_host, ref.repository, digest)
+        cached = self._redirects.get(key)
+        if cached is not None:
+            if cached.expires_at <= time.monotonic():
+                del self._redirects[key]
+            else:
+                async with self._open(method, cached.url, None, headers=headers, timeout=timeout) as resp:
+                    if resp.status in (200, 206):
+                        return await handle(resp, cached.url)
+                    self._redirects.pop(key, None)
+                    if resp.status >= 500 or resp.status == 429:
+                        await self._fail(resp, cached.url, f"blob {digest}")
+                    log.info("redirect URL for %s answered %d; resolving it again", digest, resp.status)
+        url = self.blob_url(ref, digest)
+        scopes = (f"repository:{ref.repository}:pull",)
+        async with self._open(method, url, ref, scopes, headers=headers, timeout=timeout) as resp:
+            if resp.status in (200, 206):
+                return await handle(resp, url)
+            if resp.status not in REDIRECT_STATUSES:
+                await self._fail(resp, url, f"blob {digest}")
+            target = self._redirect_target(url, resp)
+        for _ in range(MAX_REDIRECTS):
+            self.stats.incr(st.REDIRECTS)
+            log.debug("blob %s redirected to %s", digest, safe_url(target))
+            async with self._open(method, target, None, headers=headers, timeout=timeout) as resp:
+                if resp.status in (200, 206):
+                    self._redirects[key] = _Redirect(target, time.monotonic() + self.redirect_ttl)
+                    return await handle(resp, target)
+                if resp.status not in REDIRECT_STATUSES:
+                    if resp.status in (401, 403, 404, 410):
+                        raise Retry(f"redirect target {safe_url(target)} answered HTTP {resp.status}")
+                    await self._fail(resp, target, f"blob {digest}")
+                target = self._redirect_target(target, resp)
+        raise RegistryError(f"blob {digest}: more than {MAX_REDIRECTS} redirects", path=safe_url(url))
+
+    def _redirect_target(self, url: URL, resp: aiohttp.ClientResponse) -> URL:
+        location = resp.headers.get("Location")
+        if not location:
+            raise Retry(f"HTTP {resp.status} without a Location header")
+        try:
+            target = url.join(URL(location))
+        except ValueError:
+            raise RegistryError("redirect Location is not a URL", path=safe_url(url)) from None
+        if target.scheme not in ("http", "https"):
+            raise RegistryError("redirect to a non-http URL", path=safe_url(url), value=safe_url(target))
+        if url.scheme == "https" and target.scheme == "http" and not self.is_insecure(hostport(target)):
+            raise RegistryError(
+                "refusing a redirect from https to plain http (mark the host insecure to allow it)",
+                path=safe_url(url),
+                value=safe_url(target),
+            )
+        return target
+
+
+def hostport(url: URL | str | None) -> str:
+    """``host[:port]`` of ``url`` ("" when it has no host)."""
+    try:
+        u = URL(str(url or ""))
+    except ValueError:
+        return ""
+    if not u.host:
+        return ""
+    return f"{u.host}:{u.explicit_port}" if u.explicit_port else u.host
+
+
+async def read_body(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The response body up to ``limit`` bytes (to the end when shorter)."""
+    parts = []
+    got = 0
+    while got < limit:
+        chunk = await resp.content.read(min(limit - got, 1 << 20))
+        if not chunk:
+            break
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
+
+
+async def read_capped(resp: aiohttp.ClientResponse, limit: int, url: URL, what: str) -> bytes:
+    """The whole body, refused (RegistryError) above ``limit`` bytes; a body shorter than its
+    ``Content-Length`` is retried."""
+    if resp.content_length is not None and resp.content_length > limit:
+        raise RegistryError(
+            f"{what} of {resp.content_length} bytes is larger than the {limit}-byte limit", path=safe_url(url)
+        )
+    data = await read_body(resp, limit + 1)
+    if len(data) > limit:
+        raise RegistryError(f"{what} is larger than the {limit}-byte limit", path=safe_url(url))
+    if resp.content_length is not None and len(data) != resp.content_length:
+        raise Retry(f"{what} body of {len(data)} bytes, Content-Length {resp.content_length}")
+    return data
+
+
+async def _error_detail(resp: aiohttp.ClientResponse) -> str:
+    """``: CODE: message`` from a registry error body, if there is one (at most 200 characters)."""
+    if resp.method == "HEAD":
+        return ""
+    try:
+        body = await asyncio.wait_for(resp.content.read(4096), 2.0)
+        obj = json.loads(body)
+        err = obj["errors"][0]
+        text = f"{err.get('code', '')}: {err.get('message', '')}".strip(": ")
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError, aiohttp.ClientError, TimeoutError):
+        return ""
+    return f": {text[:200]}" if text else ""
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, TimeoutError):
+        return "timed out"
+    if isinstance(e, asyncio.IncompleteReadError):
+        return f"connection closed after {len(e.partial)} of {e.expected} body bytes"
+    text = str(e) or type(e).__name__
+    return f"{type(e).__name__}: {text}"[:300]
+
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "DEFAULT_MAX_BLOB_BYTES",
+    "MAX_REDIRECTS",
+    "REDIRECT_STATUSES",
+    "HttpTransport",
+    "Retry",
+    "digest_of",
+    "hostport",
+    "media_type",
+    "read_body",
+    "read_capped",
+]

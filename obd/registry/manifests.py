@@ -1,0 +1,174 @@
+"""Manifests and indexes: fetch (digest-verified), resolve an index to a platform, push.
+
+Media types are the OCI and Docker v2 ones; Docker schema 1 is refused. Manifests are capped at
+:data:`MAX_MANIFEST_BYTES` before they are read, and every one fetched is checked against the
+digest asked for, or the registry's ``Docker-Content-Digest`` for a tag.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from obd.errors import ConfigError, FormatError, RegistryError, UnsupportedError
+from obd.oci.model import INDEX_TYPES, MANIFEST_TYPES, Descriptor, host_platform, platform_matches
+from obd.registry.auth import safe_url
+from obd.registry.http import HttpTransport, Retry, digest_of, media_type, read_capped
+from obd.registry.reference import Reference, validate_digest
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+DOCKER_SCHEMA1 = (
+    "application/vnd.docker.distribution.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.v1+prettyjws",
+)
+MANIFEST_ACCEPT = ", ".join([OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST])
+
+#: Manifests and configs larger than this are refused before they are read.
+MAX_MANIFEST_BYTES = 4 << 20
+
+
+@dataclass(frozen=True)
+class RawManifest:
+    """A manifest or index exactly as the registry sent it (digest verified)."""
+
+    digest: str
+    media_type: str
+    data: bytes
+
+    def json(self) -> dict[str, Any]:
+        try:
+            obj = json.loads(self.data)
+        except ValueError as e:
+            raise FormatError(f"manifest is not valid JSON: {e}", path=self.digest) from None
+        if not isinstance(obj, dict):
+            raise FormatError("manifest must be a JSON object", path=self.digest)
+        return obj
+
+
+class ManifestRequests(HttpTransport):
+    """Manifest and index requests of :class:`~obd.registry.client.RegistryClient`."""
+
+    async def fetch_manifest(self, ref: Reference | str, target: str | None = None) -> RawManifest:
+        """The manifest or index ``target`` (tag or digest; default: the reference's) exactly as stored."""
+        ref = self._repo(ref)
+        target = target or ref.target
+        want_digest = target if ":" in target else None
+        if want_digest:
+            validate_digest(want_digest)
+        url = self.manifest_url(ref, target)
+        scopes = (f"repository:{ref.repository}:pull",)
+
+        async def attempt(_: int) -> RawManifest:
+            async with self._open("GET", url, ref, scopes, headers={"Accept": MANIFEST_ACCEPT}) as resp:
+                if resp.status != 200:
+                    await self._fail(resp, url, f"manifest {target}")
+                data = await read_capped(resp, MAX_MANIFEST_BYTES, url, "manifest")
+                header_digest = resp.headers.get("Docker-Content-Digest")
+                content_type = media_type(resp.headers.get("Content-Type"))
+            if want_digest:
+                got = digest_of(data, want_digest.split(":", 1)[0])
+                if got != want_digest:
+                    raise Retry(f"manifest content has digest {got}, not {want_digest}")
+                digest = want_digest
+            else:
+                digest = digest_of(data)
+                if header_digest and header_digest.startswith("sha256:") and header_digest != digest:
+                    raise Retry(
+                        f"manifest content has digest {digest}, Docker-Content-Digest says {header_digest}"
+                    )
+            media = content_type
+            with contextlib.suppress(ValueError, AttributeError):
+                media = json.loads(data).get("mediaType") or content_type
+            if media in DOCKER_SCHEMA1:
+                raise UnsupportedError("Docker schema 1 manifests are not supported", path=str(ref))
+            return RawManifest(digest, media, data)
+
+        return await self._retrying(f"GET manifest {target}", url, attempt)
+
+    async def get_manifest(
+        self, ref: Reference | str, platform: str | None = None
+    ) -> tuple[str, dict[str, Any]]:
+        """``(digest, manifest)`` of an image; an index is resolved to ``platform`` (default: this host's).
+
+        The digest is verified against the reference's digest, or the registry's
+        ``Docker-Content-Digest``, and a platform manifest against the index entry naming it.
+        """
+        ref = self._repo(ref)
+        raw = await self.fetch_manifest(ref)
+        doc = raw.json()
+        if raw.media_type in INDEX_TYPES or ("manifests" in doc and "layers" not in doc):
+            desc = select_platform(doc, platform or host_platform(), str(ref))
+            child = await self.fetch_manifest(ref, desc.digest)
+            if len(child.data) != desc.size:
+                raise FormatError(
+                    f"manifest is {len(child.data)} bytes, the index says {desc.size}",
+                    path=str(ref),
+                    field="manifests.size",
+                )
+            doc = child.json()
+            if "manifests" in doc and "layers" not in doc:
+                raise UnsupportedError("nested image indexes are not supported", path=str(ref))
+            return child.digest, doc
+        return raw.digest, doc
+
+    async def put_manifest(
+        self, ref: Reference | str, data: bytes, media_type: str, *, target: str | None = None
+    ) -> str:
+        """PUT a manifest or index under ``target`` (default: the reference's tag or digest); its digest."""
+        ref = self._repo(ref)
+        target = target or ref.target
+        digest = digest_of(data)
+        url = self.manifest_url(ref, target)
+        scopes = (f"repository:{ref.repository}:pull,push",)
+
+        async def attempt(_: int) -> str:
+            hdrs = {"Content-Type": media_type}
+            async with self._open("PUT", url, ref, scopes, headers=hdrs, data=data) as resp:
+                if resp.status not in (200, 201):
+                    await self._fail(resp, url, f"PUT manifest {target}")
+                said = resp.headers.get("Docker-Content-Digest")
+            if said and said != digest:
+                raise RegistryError(
+                    f"registry stored the manifest as {said}, not {digest}", path=safe_url(url)
+                )
+            return digest
+
+        return await self._retrying(f"PUT manifest {target}", url, attempt)
+
+
+def select_platform(index: Mapping[str, Any], platform: str, where: str) -> Descriptor:
+    """The index entry for ``platform`` (``os/arch[/variant]``); ConfigError listing what there is."""
+    entries = index.get("manifests")
+    if not isinstance(entries, list):
+        raise FormatError("index has no manifests list", path=where, field="manifests")
+    descs = [Descriptor.parse(m, f"manifests[{i}]", where) for i, m in enumerate(entries)]
+    candidates = [d for d in descs if d.platform_name and platform_matches(d.platform_name, platform)]
+    if not candidates:
+        have = ", ".join(d.platform_name or "?" for d in descs)
+        raise ConfigError(f"no manifest for platform {platform} (have: {have})", path=where)
+    # an exact variant match beats an entry without a variant
+    candidates.sort(key=lambda d: d.platform_name != platform)
+    for d in candidates:
+        if d.media_type in MANIFEST_TYPES or not d.media_type:
+            return d
+    return candidates[0]
+
+
+__all__ = [
+    "DOCKER_LIST",
+    "DOCKER_MANIFEST",
+    "DOCKER_SCHEMA1",
+    "MANIFEST_ACCEPT",
+    "MAX_MANIFEST_BYTES",
+    "OCI_INDEX",
+    "OCI_MANIFEST",
+    "ManifestRequests",
+    "RawManifest",
+    "select_platform",
+]
