@@ -15,14 +15,9 @@ import pytest
 from fixtures import FIXTURES, fixture_path, materialize, resolved_config
 from obd.cli import main
 from obd.errors import ObdError
-from obd.inspect.report import (
-    HISTOGRAM_BUCKETS,
-    coverage,
-    inspect_files,
-    length_histogram,
-    referenced_sectors,
-    short_names,
-)
+from obd.inspect.report import inspect_files
+from obd.inspect.stack import short_names
+from obd.inspect.stats import HISTOGRAM_BUCKETS, coverage, length_histogram, referenced_sectors
 from obd.lsmt.format import INVALID_ENTRY, HeaderTrailer, encode_mapping
 
 OBD = "overlaybd"

@@ -1,4 +1,4 @@
 """Small on-disk formats beside LSMT and ZFile.
 
-overlaybd's CRC32C, its tar envelope, and turboOCI's gzip index.
+overlaybd's CRC32C, its tar envelope, turboOCI's gzip index, and the ext4 metadata structures.
 """

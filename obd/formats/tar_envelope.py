@@ -1,4 +1,4 @@
-"""overlaybd's tar envelope: one regular-file tar entry wrapped around a layer blob (FORMATS.md §3).
+"""overlaybd's tar envelope: one regular-file tar entry wrapped around a layer blob (docs/formats.md §3).
 
 Registry layers made with ``overlaybd-commit -t`` / ``overlaybd-zfile -t`` (and so by the
 convertor) are a ZFile inside a minimal tar archive::

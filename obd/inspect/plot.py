@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 
 from obd.errors import ObdError
-from obd.inspect.report import HISTOGRAM_BUCKETS, Band, Layout, length_histogram
+from obd.inspect.stack import Band, Layout
+from obd.inspect.stats import HISTOGRAM_BUCKETS, length_histogram
 
 ZERO_COLOUR = "#9e9e9e"
 #: Bars narrower than this fraction of the axis are widened to it (about two pixels at the default size).
@@ -28,6 +29,7 @@ MIN_WIDTH_FRACTION = 1 / 600
 
 
 def _matplotlib() -> Any:
+    # matplotlib is an optional extra (and slow to import): loaded only when a plot is drawn
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -68,7 +70,7 @@ def coalesce(start: np.ndarray, length: np.ndarray, min_width: float) -> tuple[n
 
 
 def _colours(n: int) -> list[Any]:
-    from matplotlib import colormaps
+    from matplotlib import colormaps  # optional extra; _matplotlib() has checked it imports
 
     cmap = colormaps["tab10" if n <= 10 else "tab20" if n <= 20 else "turbo"]
     if n > 20:
@@ -168,6 +170,6 @@ def plot_layout(
 
 
 def _patch(colour: Any, label: str) -> Any:
-    from matplotlib.patches import Patch
+    from matplotlib.patches import Patch  # optional extra; _matplotlib() has checked it imports
 
     return Patch(facecolor=colour, label=label)
