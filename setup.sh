@@ -2,7 +2,8 @@
 # Set up obd on Debian 12 and optionally run it:
 #
 #   ./setup.sh                     install what is missing (Debian packages, .venv, obd in editable mode)
-#   ./setup.sh test [PYTEST ARGS]  install, then run the test suite:  .venv/bin/python -m pytest ARGS
+#   ./setup.sh test [PYTEST ARGS]  install, then run the gates (ruff check, ruff format --check, mypy)
+#                                  and the test suite: .venv/bin/python -m pytest ARGS
 #   ./setup.sh demo [ARGS]         install, then run the demo:        .venv/bin/obd demo ARGS
 #
 # Run it as root on a fresh machine (apt-get needs root; the tests create device nodes). On a machine
@@ -43,7 +44,7 @@ say() { printf 'setup: %s\n' "$*"; }
 die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 
 usage() {
-    sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'
 }
 
 install_packages() {
@@ -123,6 +124,11 @@ main() {
     install_project
     case "$action" in
         test)
+            # The gates first: they take seconds and a failure there is cheaper to see before the suite.
+            say "running: .venv/bin/ruff check . && .venv/bin/ruff format --check . && .venv/bin/mypy"
+            "$VENV/bin/ruff" check --quiet .
+            "$VENV/bin/ruff" format --check --quiet .
+            "$VENV/bin/mypy"
             say "running: .venv/bin/python -m pytest $*"
             exec "$VENV/bin/python" -m pytest "$@"
             ;;

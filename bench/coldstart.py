@@ -55,7 +55,7 @@ from images import (  # noqa: E402
 from frontends.run.images import mkfs_ext4, push_image  # noqa: E402
 from frontends.run.launcher import RunOptions, run_image  # noqa: E402
 from frontends.run.registry import LocalRegistry  # noqa: E402
-from frontends.vm import boot, ensure_assets, resolve_accel  # noqa: E402
+from frontends.run.vm import boot, ensure_assets, resolve_accel  # noqa: E402
 from obd.image.assemble import push_trace_image  # noqa: E402
 from obd.image.remote import RemoteOptions  # noqa: E402
 from obd.observability.stats import Stats  # noqa: E402

@@ -64,8 +64,8 @@ def materialized() -> Callable[[str], Path]:
 
 @pytest.fixture(scope="session")
 def assets():  # type: ignore[no-untyped-def]
-    """The microVM kernel + initramfs (``frontends.vm.ensure_assets``), built once per machine."""
-    from frontends.vm import ensure_assets
+    """The microVM kernel + initramfs (``frontends.run.vm.ensure_assets``), built once per machine."""
+    from frontends.run.vm import ensure_assets
 
     fixtures.require_tool("qemu-system-x86_64")
     fixtures.require_tool("busybox")

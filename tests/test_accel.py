@@ -1,8 +1,8 @@
-"""Acceleration layers (FORMATS.md §7.3): a prefetch trace shipped inside an overlaybd image.
+"""Acceleration layers (docs/formats.md §7.3): a prefetch trace shipped inside an overlaybd image.
 
 ``obd trace attach`` pushes an image again with the trace as a tar layer on top; resolving the
 image leaves the device unchanged and remembers the layer; the frontends replay it by themselves
-on open (here: the nbd backend's ``start_prefetch``, which ``obd mount`` and ``obd run`` share);
+on open (here: the device's ``start_prefetch``, which ``obd nbd``, ``mount`` and ``run`` share);
 ``obd trace replay REF`` without a file uses it; a hostile layer gives a clear error.
 """
 
@@ -21,11 +21,13 @@ from fixtures import data_offsets, materialize
 from obd.cli import main
 from obd.errors import FormatError, ObdError
 from obd.image.accel import META_KEY, load_image_trace, trace_from_layer, trace_layer_tar
+from obd.image.device import open_device, start_prefetch
 from obd.image.local import open_config, open_layers
 from obd.image.remote import RemoteOptions, registry_config
 from obd.observability.stats import Stats
 from obd.oci.model import ACCELERATION_LAYER
 from obd.prefetch.trace import TraceRecorder, encode, load
+from obd.registry.client import RegistryClient
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -76,8 +78,6 @@ def test_attach_then_open_replays_the_images_own_trace(image, tmp_path, capsys):
     assert load_image_trace(cfg, o) == load(trace)
 
     # the manifest looks like ctr record-trace's: a tar layer on top with the annotations
-    from obd.registry.client import RegistryClient
-
     client = RegistryClient(insecure=(host,))
     try:
         img = o.runner.run(client.get_image(dst), 60)
@@ -99,9 +99,9 @@ def test_attach_then_open_replays_the_images_own_trace(image, tmp_path, capsys):
             be.config(key, value)
         be.config_complete()
         opts = be._STATE.options
-        dev = be.open_device(opts)
+        dev = open_device(opts)
         try:
-            thread = be.start_prefetch(dev, opts)
+            thread = start_prefetch(dev, opts)
             assert thread is not None
             thread.join(60)
             before = dev.remote.stats.snapshot()["requests"]
@@ -160,9 +160,9 @@ def test_upper_directories_keep_the_images_trace_through_snapshot_and_fork(image
             for key, value in params:
                 be.config(key, value)
             be.config_complete()
-            dev = be.open_device(be._STATE.options)
+            dev = open_device(be._STATE.options)
             try:
-                thread = be.start_prefetch(dev, be._STATE.options)
+                thread = start_prefetch(dev, be._STATE.options)
                 assert thread is not None
                 thread.join(60)
                 return hashlib.sha256(dev.stack.pread(0, dev.stack.size)).hexdigest()

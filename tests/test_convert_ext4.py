@@ -52,7 +52,7 @@ def _tools():
 class Model:
     """Expected file tree of a layer stack, in the shape :func:`ext4tree.read_tree` returns.
 
-    Written from the OCI layer rules plus overlaybd-apply's documented behaviour (FORMATS.md §9,
+    Written from the OCI layer rules plus overlaybd-apply's documented behaviour (docs/formats.md §9,
     MANIFEST §3): whiteouts hide lower paths only, a non-directory over a directory removes it, a
     hard-link entry re-applies its own mode and owner to the shared inode.
     """

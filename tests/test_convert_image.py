@@ -110,7 +110,7 @@ def test_hello_world_converts_like_the_convertor(tmp_path):
     assert {k: v for k, v in config.items() if k != "rootfs"} == {
         k: v for k, v in src_config.items() if k != "rootfs"
     }
-    # the uuid comes from the chain id, as in ACI's converted layer (FORMATS.md F2)
+    # the uuid comes from the chain id, as in ACI's converted layer (docs/formats.md F2)
     assert res.layers[1].uuid.upper() == F2_UUID
     assert chain_ids(src_config["rootfs"]["diff_ids"])[0] == src_config["rootfs"]["diff_ids"][0]
     from obd.image.local import open_layer

@@ -32,6 +32,7 @@ from typing import Any
 
 from obd.errors import ConfigError, ObdError
 from obd.host.programs import SBIN_DIRS, find_program
+from obd.io.publish import publish_path
 from obd.layer.tools import OutputOptions, import_raw
 
 #: The Debian release the python image is made of (the host's own: its keyring verifies it).
@@ -222,7 +223,7 @@ def debian_python_rootfs(
             (tmp / "root" / ".obd-complete").write_text(f"{suite} {mirror} {time.time():.0f}\n")
             if final.exists():
                 shutil.rmtree(final)
-            os.rename(tmp / "root", final)
+            publish_path(tmp / "root", final)
             say(f"root file system ready in {time.monotonic() - t0:.1f} s: {final}")
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -310,7 +311,7 @@ def build_layer(
         import_raw(
             str(raw), str(part), options=OutputOptions(compress=compress, tar=tar, block_size=block_size)
         )
-        os.replace(part, out)
+        publish_path(part, out)
     return out
 
 
@@ -357,6 +358,7 @@ def push_image(
     timeout: float = 600,
 ) -> str:
     """Push overlaybd layer files (lowest first) with OCI run ``config`` as ``reference``; its digest."""
+    # The registry client (aiohttp) loads only when an image is pushed, not for building roots.
     from obd.image.assemble import push_files_image
     from obd.registry.client import RegistryClient
     from obd.registry.loop import default_runner

@@ -22,10 +22,13 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from obd.errors import ConfigError, UnsupportedError
 
@@ -136,8 +139,6 @@ def find(path: str | os.PathLike[str]) -> Path:
 
 def load(path: str | os.PathLike[str]) -> Sandboxfile:
     """Parse and validate a Sandboxfile (YAML; JSON works too)."""
-    import yaml
-
     p = find(path)
     where = str(p)
     size = p.stat().st_size
@@ -337,8 +338,6 @@ def _argv(value: Any, where: str, at: str) -> list[str] | None:
     if value is None:
         return None
     if isinstance(value, str):
-        import shlex
-
         try:
             return shlex.split(value)
         except ValueError as e:

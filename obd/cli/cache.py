@@ -137,12 +137,12 @@ def _ls(store: CacheStore, args: argparse.Namespace) -> int:
         )
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r, e in zip(rows, [None, *entries], strict=True):
+    for r, shown in zip(rows, [None, *entries], strict=True):
         line = "  ".join(
             c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
         )
-        if e is not None and e.problem is not None:
-            line += f"  broken: {e.problem}"
+        if shown is not None and shown.problem is not None:
+            line += f"  broken: {shown.problem}"
         print(line.rstrip())
     return 0
 

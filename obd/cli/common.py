@@ -21,7 +21,7 @@ LAYERS_HELP = (
 class _SplitAtDashDash(argparse.ArgumentParser):
     """Sub-parser that keeps everything after ``--`` in ``args.after_dashdash`` instead of parsing it."""
 
-    def parse_known_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def]
+    def parse_known_args(self, args=None, namespace=None):
         args = list(sys.argv[1:] if args is None else args)
         after: list[str] = []
         if "--" in args:
@@ -88,7 +88,7 @@ def add_remote_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--stats", action="store_true", help="print fetch/cache counters and latencies at the end")
 
 
-def remote_options(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def remote_options(args: argparse.Namespace):
     """A :class:`~obd.image.remote.RemoteOptions` from the registry options of ``args``."""
     from obd.cache.store import parse_size
     from obd.image.remote import RemoteOptions, set_default_remote_options
@@ -125,7 +125,7 @@ def print_stats(args: argparse.Namespace) -> None:
         print(default_stats().format(), file=sys.stderr)
 
 
-def open_stack_from_args(args: argparse.Namespace, *, readonly: bool = True):  # type: ignore[no-untyped-def]
+def open_stack_from_args(args: argparse.Namespace, *, readonly: bool = True):
     """The stack ``args`` name (IMAGE..., --config, --upper), local or remote."""
     from obd.image.local import open_config
     from obd.image.resolve import image_config

@@ -32,12 +32,15 @@ import subprocess
 import tarfile
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from obd.errors import ObdError
 from obd.image.local import open_oci_layout
 from obd.layer.export import export_stack
 from obd.observability.progress import human_bytes
+from obd.observability.stats import Stats
 from obd.oci.layout import OCILayout
 
 DEFAULT_LAYOUT = Path(__file__).resolve().parents[2] / "fixtures" / "aci-hello-world"
@@ -111,7 +114,7 @@ def fixture_check(args: argparse.Namespace) -> None:
         blob = ly.blob  # type: ignore[attr-defined]
         print(
             f"    opened {os.path.basename(ly.name)[:19]}…: {blob.kind}, {len(ly.index)} mappings, "
-            f"uuid {ly.uuid}"
+            f"uuid {ly.uuid}"  # type: ignore[attr-defined]
         )
     print(f"    virtual disk: {human_bytes(stack.size)} in {(time.monotonic() - t0) * 1000:.1f} ms")
     workdir = args.keep or tempfile.mkdtemp(prefix="obd-demo-")
@@ -160,6 +163,8 @@ def fixture_check(args: argparse.Namespace) -> None:
 
 def python_demo(args: argparse.Namespace) -> None:
     """Steps 2–4: build and convert a python image, push it to a private registry, cold-start it."""
+    # The run frontend and the registry client load only when the demo runs: every obd command
+    # imports this module to list its options.
     from frontends.run.images import (
         cached_layer,
         debian_python_rootfs,
@@ -169,9 +174,8 @@ def python_demo(args: argparse.Namespace) -> None:
     )
     from frontends.run.launcher import RunOptions, run_image
     from frontends.run.registry import LocalRegistry
-    from frontends.vm import ensure_assets, write_stdout
+    from frontends.run.vm import ensure_assets, write_stdout
     from obd.image.remote import RemoteOptions
-    from obd.observability.stats import Stats
 
     def say(msg: str) -> None:
         print(f"    {msg}", flush=True)
@@ -195,11 +199,12 @@ def python_demo(args: argparse.Namespace) -> None:
         argv = ["python3", "-c", 'print("hello world!")']
         trace = os.path.join(tmp, "boot.trace")
         accel_ref = f"{reg.host}/demo/python:3-accel"
-        results = []
-        for label, image, extra in (
+        results: list[float] = []
+        runs: tuple[tuple[str, str, dict[str, Any]], ...] = (
             ("lazily, cold cache; recording a prefetch trace", ref, {"record_trace": trace}),
             ("the same image with that trace attached as its acceleration layer, cold cache", accel_ref, {}),
-        ):
+        )
+        for label, image, extra in runs:
             if image == accel_ref:
                 step(f"obd trace attach {ref} boot.trace {accel_ref}")
                 _attach(ref, trace, accel_ref)
@@ -235,6 +240,7 @@ def python_demo(args: argparse.Namespace) -> None:
 
 def _attach(ref: str, trace: str, dest: str) -> None:
     """Push ``ref`` again as ``dest`` with ``trace`` as its acceleration layer (obd trace attach)."""
+    # Loaded only when the demo runs (see python_demo).
     from obd.image.assemble import push_trace_image
     from obd.image.remote import RemoteOptions
 
@@ -245,7 +251,7 @@ def _attach(ref: str, trace: str, dest: str) -> None:
     print(f"    {dest}@{res.digest}: the same layers plus a {len(data)}-byte trace on top")
 
 
-def _indented(write):  # type: ignore[no-untyped-def]
+def _indented(write: Callable[[bytes], None]) -> Callable[[bytes], None]:
     """Prefix the command's output lines with ``  | `` so they stand out from the demo's own."""
     state = {"bol": True}
 

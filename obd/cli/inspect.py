@@ -10,6 +10,10 @@ from collections.abc import Iterable
 from typing import Any
 
 from obd.cli.common import add_remote_args, print_stats, remote_options
+from obd.errors import ObdError
+from obd.image.resolve import image_config, looks_like_reference
+from obd.inspect.lsmt import VARIANT_TEXT
+from obd.inspect.plot import plot_layout
 from obd.inspect.report import inspect_files
 from obd.observability.progress import human_bytes
 
@@ -80,8 +84,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     files, config, remote = list(args.files), args.config, None
-    from obd.image.resolve import image_config, looks_like_reference
-
     if (
         len(files) == 1
         and not os.path.exists(files[0])
@@ -94,9 +96,6 @@ def run(args: argparse.Namespace) -> int:
     inspection = inspect_files(files, config=config, upper=args.upper, remote=remote)
     print_stats(args)
     if args.plot:
-        from obd.errors import ObdError
-        from obd.inspect.plot import plot_layout
-
         if inspection.layout is None:
             raise ObdError("nothing to plot: none of the files is an LSMT layer", field="plot")
         plot_layout(inspection.layout, args.plot)
@@ -154,11 +153,11 @@ class _Out:
 
     def table(self, rows: Iterable[Iterable[str]], indent: int = 2, *, align: bool = False) -> None:
         """Left-aligned columns; ``align`` starts the second column where :meth:`row` values start."""
-        rows = [list(r) for r in rows]
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        grid = [list(r) for r in rows]
+        widths = [max(len(r[i]) for r in grid) for i in range(len(grid[0]))]
         if align:
             widths[0] = max(widths[0], LABEL - indent - 1)
-        for r in rows:
+        for r in grid:
             cells = [c.ljust(w) for c, w in zip(r, widths, strict=True)]
             self.lines.append((" " * indent + "  ".join(cells)).rstrip())
 
@@ -322,8 +321,6 @@ def _fragmentation(out: _Out, fr: dict[str, Any], label: str = "mappings") -> No
 
 
 def _lsmt(out: _Out, m: dict[str, Any]) -> None:
-    from obd.inspect.report import VARIANT_TEXT
-
     out.head(f"lsmt layer: {VARIANT_TEXT[m['variant']]}")
     out.table(_record_rows([m["header"], m["trailer"]], ["header", "trailer (used)"]), align=True)
     out.row("virtual size", size(m["virtual_size"]))

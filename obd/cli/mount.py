@@ -7,10 +7,10 @@ import os
 import subprocess
 import sys
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from frontends.fuse import check_fuse_available, check_mountpoint, unmount
 from obd.cli.common import add_remote_args, print_stats, remote_options
 from obd.errors import ObdError, UnsupportedError
 
@@ -49,7 +49,7 @@ class _IntermixedParser(argparse.ArgumentParser):
 
     _inner = False
 
-    def parse_known_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def]
+    def parse_known_args(self, args=None, namespace=None):
         if self._inner:
             return super().parse_known_args(args, namespace)
         self._inner = True
@@ -140,29 +140,21 @@ def _abs_spec(spec: str) -> str:
 
 
 def open_disk(args: argparse.Namespace, images: list[str]) -> Any:
-    """The device, opened exactly as the NBD frontend opens it (``frontends.nbd.backend.open_device``);
-    an acceleration layer's trace, if the image has one, starts prefetching in the background."""
-    from frontends.nbd.backend import Options, open_device, start_prefetch
+    """The device, opened exactly as the NBD frontend opens it (:func:`obd.image.device.open_device`),
+    with the registry options of this command line; an acceleration layer's trace, if the image has
+    one, starts prefetching in the background."""
+    # the engine (numpy, codecs, layer formats) loads only when a disk is really opened, not for --help
+    from obd.image.device import DeviceOptions, open_device, start_prefetch
 
-    @dataclass
-    class MountOptions(Options):
-        """The nbd plugin's options, with the registry options of this command line."""
-
-        remote_options: Any = None
-
-        def remote(self):  # type: ignore[no-untyped-def]
-            return self.remote_options
-
-    opts = MountOptions(
+    opts = DeviceOptions(
         image=[_abs_spec(s) for s in images],
         config=os.path.abspath(args.config) if args.config else None,
         upper=os.path.abspath(args.upper) if args.upper else None,
         sparse=args.sparse,
         readonly=args.readonly,
         platform=args.platform,
-        remote_options=remote_options(args),
     )
-    device = open_device(opts)
+    device = open_device(opts, remote=remote_options(args))
     start_prefetch(device, opts)
     return device
 
@@ -170,7 +162,7 @@ def open_disk(args: argparse.Namespace, images: list[str]) -> Any:
 # --- serving --------------------------------------------------------------------------------------
 def _fuse_modules() -> Any:
     try:
-        from frontends.fuse import fs
+        from frontends.fuse import fs  # optional dependencies: pyfuse3 and trio
     except ImportError as e:
         raise UnsupportedError(
             f"the FUSE frontend needs pyfuse3 and trio ({e}): pip install 'pyfuse3>=3.3' trio "
@@ -190,8 +182,6 @@ def _detach(log_path: str | None) -> None:
 
 
 def serve_foreground(args: argparse.Namespace) -> int:
-    from frontends.fuse import check_fuse_available, check_mountpoint
-
     images, mountpoint = _split_paths(args)
     mnt = check_mountpoint(mountpoint)
     check_fuse_available()
@@ -266,8 +256,6 @@ def background_command(
 
 def serve_background(args: argparse.Namespace) -> int:
     """Start the server in its own session and wait for its handshake: ready, or its exit status."""
-    from frontends.fuse import check_fuse_available, check_mountpoint
-
     images, mountpoint = _split_paths(args)
     mnt = check_mountpoint(mountpoint)
     check_fuse_available()
@@ -311,8 +299,6 @@ def run_mount(args: argparse.Namespace) -> int:
 
 
 def run_umount(args: argparse.Namespace) -> int:
-    from frontends.fuse import unmount
-
     pid = unmount(args.mountpoint, lazy=args.lazy, timeout=args.timeout)
     what = f" (server pid {pid} finished)" if pid is not None and not args.lazy else ""
     print(f"obd: unmounted {os.path.realpath(args.mountpoint)}{what}", file=sys.stderr)

@@ -6,15 +6,14 @@ import argparse
 import errno
 import os
 import shlex
-import shutil
 import socket
 import stat
 import subprocess
 import sys
-from pathlib import Path
 
 from obd.cli.common import add_dashdash_parser
-from obd.errors import ConfigError, ObdError
+from obd.errors import ObdError
+from obd.host.nbdkit import find_nbdkit, nbdkit_env, plugin_path
 
 DESCRIPTION = """\
 Serve a layer stack as a network block device: start nbdkit with obd's Python plugin.
@@ -37,9 +36,6 @@ examples:
   qemu-system-x86_64 ... -blockdev driver=nbd,server.type=unix,server.path=/tmp/vm1.sock,\\
       node-name=d0,reconnect-delay=10 -device virtio-blk-pci,drive=d0
 """
-
-#: Where nbdkit is looked for when it is not on PATH (sbin dirs are missing from some PATHs).
-_EXTRA_PATH = ("/usr/sbin", "/usr/local/sbin", "/usr/bin", "/sbin")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -74,47 +70,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nbdkit-verbose", action="store_true", help="nbdkit -v (debug messages)")
     p.add_argument("--print-command", action="store_true", help="print the nbdkit command and exit")
     p.set_defaults(func=run)
-
-
-def plugin_path() -> Path:
-    """The plugin script nbdkit loads: ``frontends/nbd/plugin.py`` of this checkout or install."""
-    here = Path(__file__).resolve().parent.parent.parent / "frontends" / "nbd" / "plugin.py"
-    if here.is_file():
-        return here
-    import importlib.util
-
-    spec = importlib.util.find_spec("frontends")
-    if spec is not None and spec.submodule_search_locations:
-        for loc in spec.submodule_search_locations:
-            cand = Path(loc) / "nbd" / "plugin.py"
-            if cand.is_file():
-                return cand
-    raise ConfigError("cannot find frontends/nbd/plugin.py (is obd installed with its frontends?)")
-
-
-def find_nbdkit(explicit: str | None = None) -> str:
-    if explicit:
-        return explicit
-    found = shutil.which("nbdkit") or shutil.which("nbdkit", path=os.pathsep.join(_EXTRA_PATH))
-    if not found:
-        raise ObdError("nbdkit not found: install the Debian packages nbdkit and nbdkit-plugin-python")
-    return found
-
-
-def nbdkit_env(base: dict[str, str] | None = None) -> dict[str, str]:
-    """nbdkit's environment: no active venv (its embedded Python would adopt it), ``OBD_VENV`` set.
-
-    The embedded interpreter is Debian's; it finds the engine through the plugin script's own
-    path logic and the venv's site-packages through ``OBD_VENV`` (this interpreter's venv).
-    """
-    env = dict(os.environ if base is None else base)
-    for key in ("VIRTUAL_ENV", "PYTHONHOME", "PYTHONSTARTUP", "__PYVENV_LAUNCHER__"):
-        env.pop(key, None)
-    parts = [p for p in env.get("PATH", "/usr/bin:/bin").split(os.pathsep) if p]
-    env["PATH"] = os.pathsep.join(p for p in parts if not (Path(p).parent / "pyvenv.cfg").is_file())
-    if sys.prefix != sys.base_prefix:
-        env["OBD_VENV"] = sys.prefix
-    return env
 
 
 def build_command(args: argparse.Namespace) -> list[str]:

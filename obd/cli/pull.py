@@ -60,11 +60,12 @@ def run(args: argparse.Namespace) -> int:
             raise ObdError("the destination must be an OCI layout, oci:DIR[:TAG]", value=args.destination)
         layout, tag = parse_oci_reference(args.destination)
     with progress(args, "pull") as prog:
-        kwargs = {
-            "parallel": args.parallel,
-            "max_rate": rate,
-            "progress": lambda done, total: (setattr(prog, "total", total), prog.update(done)),
-        }
+
+        def report(done: int, total: int) -> None:
+            prog.total = total
+            prog.update(done)
+
+        kwargs = {"parallel": args.parallel, "max_rate": rate, "progress": report}
         if layout is None:
             res = pull_image(args.reference, opts, **kwargs)
         else:

@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from obd.cli.common import add_dashdash_parser, add_remote_args, remote_options
 from obd.errors import ConfigError, ObdError
+from obd.observability.progress import human_bytes
+
+if TYPE_CHECKING:
+    from frontends.run.launcher import RunOptions, RunResult
 
 DESCRIPTION = """\
 Run a command in a fresh microVM (QEMU -M microvm; KVM when it works, else TCG) whose root disk is
@@ -107,26 +114,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _say(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _say(args: argparse.Namespace) -> Callable[[str], None] | None:
     if args.quiet or not args.verbose:
         return None
     return lambda msg: print(f"obd: {msg}", file=sys.stderr, flush=True)
 
 
-def build_options(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def build_options(args: argparse.Namespace) -> tuple[list[str] | None, list[str], RunOptions]:
     """(image, command args, RunOptions) from the parsed arguments and the Sandboxfile, if any."""
-    import shlex
-
+    # The launcher (nbdkit, QEMU, the registry client) loads only when obd run runs: every obd command
+    # imports this module to list its options.
     from frontends.run.launcher import RunOptions, sandbox_dir, state_dir
-    from frontends.run.sandboxfile import memory_setting
-    from frontends.vm import write_stdout
+    from frontends.run.sandboxfile import load, memory_setting
+    from frontends.run.vm import write_stdout
+    from obd.cache.store import parse_size
 
     box = None
     image: list[str] | None = list(args.image) or None
     command = list(args.after_dashdash)
     if args.file:
-        from frontends.run.sandboxfile import load
-
         if not args.image or len(args.image) != 1:
             raise ConfigError("with -f SANDBOXFILE give one sandbox NAME[~SCRIPT]", field="image")
         name, _, script = args.image[0].partition("~")
@@ -145,8 +151,6 @@ def build_options(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         raise ConfigError("--script needs -f SANDBOXFILE", field="script")
 
     if args.readahead:
-        from obd.cache.store import parse_size
-
         remote = remote_options(args)
         remote.readahead = parse_size(args.readahead)
     else:
@@ -205,8 +209,9 @@ def build_options(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 
 def run(args: argparse.Namespace) -> int:
+    # Loaded only when obd run runs (see build_options).
     from frontends.run.launcher import Interrupted, commit_upper, run_image, signals_interrupt
-    from frontends.vm import GuestError, VMTimeoutError
+    from frontends.run.vm import GuestError, VMTimeoutError
 
     try:
         image, command, opts = build_options(args)
@@ -254,10 +259,8 @@ def run(args: argparse.Namespace) -> int:
     return exit_code
 
 
-def summary(result) -> str:  # type: ignore[no-untyped-def]
+def summary(result: RunResult) -> str:
     """The ``--stats`` block: where the time went and what was fetched."""
-    from obd.observability.progress import human_bytes
-
     t = result.timings
     s = result.stats
     r = result.resolve_stats

@@ -111,9 +111,10 @@ def run_replay(args: argparse.Namespace) -> int:
     else:
         from obd.image.accel import load_image_trace
 
-        records = load_image_trace(cfg, remote)
-        if records is None:
+        found = load_image_trace(cfg, remote)
+        if found is None:
             raise ObdError("the image has no acceleration layer: give a TRACE file", path=args.image)
+        records = found
     stack = open_config(cfg, readonly=True, remote=remote)
     try:
         res = replay(stack, records, workers=args.workers)

@@ -9,7 +9,8 @@ import sys
 from obd.cli.common import progress
 from obd.cli.output_args import BLOCK_SIZES_KIB
 from obd.errors import FormatError, ObdError
-from obd.layer.blob import open_blob
+from obd.io.publish import publishing
+from obd.layer.blob import Blob, open_blob
 from obd.layer.writer import BlobWriter
 from obd.observability.progress import human_bytes
 
@@ -107,7 +108,7 @@ def run_compress(args: argparse.Namespace) -> int:
     return 0
 
 
-def _open_zfile(path: str):  # type: ignore[no-untyped-def]
+def _open_zfile(path: str) -> Blob:
     blob = open_blob(path)
     if blob.zfile is None:
         blob.close()
@@ -118,9 +119,8 @@ def _open_zfile(path: str):  # type: ignore[no-untyped-def]
 def run_decompress(args: argparse.Namespace) -> int:
     blob = _open_zfile(args.input)
     reader = blob.zfile
-    tmp = f"{args.output}.obd-tmp{os.getpid()}"
     try:
-        with open(tmp, "wb") as out, progress(args, "decompress", reader.size) as prog:
+        with publishing(args.output) as out, progress(args, "decompress", reader.size) as prog:
             buf = bytearray(IO_PIECE)
             view = memoryview(buf)
             pos = 0
@@ -129,13 +129,6 @@ def run_decompress(args: argparse.Namespace) -> int:
                 out.write(view[:n])
                 pos += n
                 prog.update(pos)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, args.output)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     finally:
         blob.close()
     return 0

@@ -1,4 +1,4 @@
-"""Converting OCI/Docker images into overlaybd images (``obd convert``; FORMATS.md §7.1, §9).
+"""Converting OCI/Docker images into overlaybd images (``obd convert``; docs/formats.md §7.1, §9).
 
 - :mod:`~obd.convert.layertar`: reading layer tars (validated, hostile input refused, data spooled).
 - :mod:`~obd.convert.debugfs` and :mod:`~obd.convert.ext4`: applying a tar to an ext4 image with

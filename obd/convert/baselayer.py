@@ -1,7 +1,7 @@
 """overlaybd's stock base layer, shipped in ``obd/data``, and the blob the convertor pushes for it.
 
 The convertor without ``--mkfs`` stacks every image on ``/opt/overlaybd/baselayers/ext4_64`` and
-pushes that file as the image's first layer, wrapped by Go's ``archive/tar`` (FORMATS.md §7.1,
+pushes that file as the image's first layer, wrapped by Go's ``archive/tar`` (docs/formats.md §7.1,
 ``uploadBaseLayer``): one USTAR header for ``overlaybd.commit`` (mode 0444, owner 0:0, mtime 0, no
 user or group names), the file, zero padding to 512 bytes and the two zero blocks ``Close`` adds.
 :func:`go_tar_header` writes that header the way Go formats it (zero-padded octal fields, a

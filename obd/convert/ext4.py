@@ -6,7 +6,7 @@ entries in archive order against that model and produces debugfs commands; nothi
 whole layer has been planned, so every query sees the image as it was before the layer and any error
 found while planning leaves the image untouched.
 
-Semantics (FORMATS.md §9, overlaybd ``UnTar``):
+Semantics (docs/formats.md §9, overlaybd ``UnTar``):
 
 * missing parent directories are created (mode 0755, owner 0:0); a parent that exists but is not a
   directory — a symlink included: nothing is ever followed — is an error, as in overlaybd;
@@ -185,12 +185,12 @@ class LayerApplier:
         targets = []
         for e in entries:
             if e.kind == HARDLINK:
-                node = self._find(tuple(e.link.split(b"/")), load=False)
-                if node is not None and not node.new and node.inode.nlink is None:
-                    targets.append(node.inode)
+                linked = self._find(tuple(e.link.split(b"/")), load=False)
+                if linked is not None and not linked.new and linked.inode.nlink is None:
+                    targets.append(linked.inode)
         if targets:
             unique = list({id(i): i for i in targets}.values())
-            for inode, n in zip(unique, self.fs.links([i.ino for i in unique]), strict=True):  # type: ignore[misc]
+            for inode, n in zip(unique, self.fs.links([i.ino for i in unique]), strict=True):  # type: ignore[misc]  # lower inodes have numbers
                 inode.nlink = n
 
     def _nlink(self, inode: _Inode) -> int:
@@ -306,8 +306,8 @@ class LayerApplier:
         if parent is None or parent.kind != DIR:
             return  # nothing below to hide
         if marker == OPAQUE:
-            for cname, child in list(self._children(parent).items()):
-                self._remove((*parts[:-1], cname), parent, cname, child, lower_only=True)
+            for cname, cnode in list(self._children(parent).items()):
+                self._remove((*parts[:-1], cname), parent, cname, cnode, lower_only=True)
             return
         if marker.startswith(WHITEOUT_META):
             return  # reserved for other markers; docker ignores them too

@@ -1,4 +1,4 @@
-"""``obd convert``: an OCI/Docker image in, an overlaybd image out (FORMATS.md §7.1).
+"""``obd convert``: an OCI/Docker image in, an overlaybd image out (docs/formats.md §7.1).
 
 As accelerated-container-image's userspace convertor does, each source layer becomes one overlaybd
 layer: its tar is applied to the ext4 file system of the layers below it (the stock base layer, or a

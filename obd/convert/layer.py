@@ -4,7 +4,7 @@ The image being built lives twice: as the stack of layers committed so far (read
 and as one sparse raw file, the same device, which debugfs edits in place. After a tar has been
 applied to the raw file, every 4 KiB block of its data extents is compared with the stack (numpy,
 a few MiB at a time); the blocks that differ — and only those — are written into a fresh sparse RW
-layer, which is committed ``-z -t`` like the convertor does (FORMATS.md §7.1). The committed layer
+layer, which is committed ``-z -t`` like the convertor does (docs/formats.md §7.1). The committed layer
 then joins the stack, and the raw file stays in step for the next tar.
 
 The raw file starts as the base layer's device (only its non-zero blocks are written, so a 64 GiB
@@ -67,7 +67,7 @@ class BuiltLayer:
     stats: LayerStats = field(default_factory=LayerStats)
 
 
-def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
+def _runs(mask: np.ndarray | np.bool_) -> list[tuple[int, int]]:
     """``[start, end)`` index runs where ``mask`` is true."""
     idx = np.flatnonzero(mask)
     if not idx.size:
@@ -264,7 +264,7 @@ class DeviceBuilder:
         rw = create_rw(data, None, self.vsize if self.count == 0 else 0, sparse=True)
         try:
             if rw.virtual_size == 0 and stack is not None:
-                rw.update_vsize(stack.size)  # what stacking a vsize-0 layer does (FORMATS.md §1.11)
+                rw.update_vsize(stack.size)  # what stacking a vsize-0 layer does (docs/formats.md §1.11)
             stats.compared_bytes, stats.changed_bytes = write_changes(self.raw, stack, rw)
             rw.flush()
             stats.diff_seconds = time.monotonic() - t0

@@ -6,7 +6,7 @@ written to the image. The result is a list of :class:`TarEntry` in archive order
 private spool directory, so the ext4 writer never reads the tar again and nothing in the tar ever
 names a host path.
 
-Parsing follows overlaybd's ``TarCore`` (FORMATS.md §9): two zero blocks (or the end of the stream)
+Parsing follows overlaybd's ``TarCore`` (docs/formats.md §9): two zero blocks (or the end of the stream)
 end the archive; PAX ``x`` records give ``path``, ``linkpath``, ``size`` (and here also ``uid``,
 ``gid``, ``mtime``) and ``SCHILY.xattr.*``; ``g`` headers are ignored; GNU ``L``/``K`` long names are
 honoured; the ustar ``prefix`` counts only with the POSIX magic; names are cleaned Plan 9 style.
@@ -434,7 +434,7 @@ def open_stream(path: str | os.PathLike[str]) -> tuple[BinaryIO, BinaryIO, str]:
             import zstandard
 
             reader = zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True)
-            return reader, f, kind  # type: ignore[return-value]
+            return reader, f, kind
         return f, f, kind
     except BaseException:
         f.close()
@@ -624,10 +624,10 @@ def _entry(
         gid = _pax_int(pax[b"gid"], path=path, where=f"{where}.pax.gid")
     if b"mtime" in pax:
         mtime = _pax_int(pax[b"mtime"], path=path, where=f"{where}.pax.mtime", allow_fraction=True)
-    for what, value in (("uid", uid), ("gid", gid)):
-        if not 0 <= value <= 0xFFFFFFFF:
+    for what, ident in (("uid", uid), ("gid", gid)):
+        if not 0 <= ident <= 0xFFFFFFFF:
             raise FormatError(
-                f"{shown}: {what} does not fit 32 bits", path=path, field=f"{where}.{what}", value=value
+                f"{shown}: {what} does not fit 32 bits", path=path, field=f"{where}.{what}", value=ident
             )
     mtime = min(max(mtime, MIN_TIME), MAX_TIME)
     entry = TarEntry(index, offset, name, kind, mode, uid, gid, mtime, size if kind == FILE else 0)
@@ -672,7 +672,7 @@ def _entry(
         entry.devmajor, entry.devminor = major, minor
     # extended attributes
     xattrs: dict[bytes, bytes] = {}
-    total = 0
+    xattr_bytes = 0
     for key, value in pax.items():
         if key.startswith(b"SCHILY.xattr."):
             xname = key[len(b"SCHILY.xattr.") :]
@@ -681,10 +681,13 @@ def _entry(
                     f"{shown}: malformed xattr name", path=path, field=f"{where}.pax", value=_show(xname)
                 )
             xattrs[xname] = value
-            total += len(xname) + len(value)
-    if total > limits.max_xattr_bytes:
+            xattr_bytes += len(xname) + len(value)
+    if xattr_bytes > limits.max_xattr_bytes:
         raise HostileTarError(
-            f"{shown}: {total} bytes of extended attributes", path=path, field=f"{where}.pax", value=total
+            f"{shown}: {xattr_bytes} bytes of extended attributes",
+            path=path,
+            field=f"{where}.pax",
+            value=xattr_bytes,
         )
     entry.xattrs = xattrs
     return entry, size

@@ -1,1 +1,1 @@
-"""Images: overlaybd configs, OCI layouts and manifests, assembled into stacks."""
+"""Images: overlaybd configs, OCI layouts and manifests, assembled into stacks and served as devices."""

@@ -1,4 +1,4 @@
-"""Acceleration layers: a prefetch trace shipped inside an overlaybd image (FORMATS.md §7.3).
+"""Acceleration layers: a prefetch trace shipped inside an overlaybd image (docs/formats.md §7.3).
 
 accelerated-container-image's ``ctr record-trace`` appends one more layer **on top** of an
 overlaybd image: a plain tar holding a single file ``trace`` (overlaybd's binary trace, see

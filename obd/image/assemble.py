@@ -34,7 +34,7 @@ async def push_trace_image(
     platform: str | None = None,
 ) -> PushResult:
     """Push overlaybd image ``source`` again as ``dest`` (same repository, another tag) with an
-    acceleration layer holding ``trace`` on top, as ``ctr record-trace`` does (FORMATS.md §7.3).
+    acceleration layer holding ``trace`` on top, as ``ctr record-trace`` does (docs/formats.md §7.3).
 
     An acceleration layer the source already has is replaced. The config gets the layer's
     ``diff_id`` (and a history entry when it keeps a history); every other byte of the source's
@@ -114,7 +114,7 @@ def layers_image(
     """``(manifest, config)`` bytes of an OCI image around existing blobs ``(digest, size)``, lowest first.
 
     With ``overlaybd`` each layer carries the annotations overlaybd's convertor writes (blob-digest,
-    blob-size, version; FORMATS.md §7.1) so the image is recognised as an overlaybd image; the layer
+    blob-size, version; docs/formats.md §7.1) so the image is recognised as an overlaybd image; the layer
     media type says "uncompressed tar", so the config's ``diff_ids`` are the blob digests.
     ``config`` is the image config's ``config`` object (how to run it: ``Entrypoint``, ``Cmd``,
     ``Env``, ``WorkingDir``, ``User``...); empty by default.

@@ -1,4 +1,4 @@
-"""overlaybd's per-device image config, ``config.v1.json`` (FORMATS.md §4.1).
+"""overlaybd's per-device image config, ``config.v1.json`` (docs/formats.md §4.1).
 
 The file is parsed strictly, as overlaybd's rapidjson reader does: keys may be missing (they take
 their defaults) but present keys must have the right JSON type. Unknown keys are kept and ignored.

@@ -148,7 +148,7 @@ def open_config(
     if cfg.accelerationLayer and lowers:
         lowers = lowers[:-1]  # the last lower is a trace layer, not part of the device
     layers: list[SealedLayer] = []
-    upper = None
+    upper: RWLayer | None = None
     try:
         for i, lower in enumerate(lowers):
             path = _lower_path(cfg, lower, i)

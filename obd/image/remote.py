@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from obd.errors import ChecksumError, ConfigError, UnsupportedError
@@ -33,6 +34,9 @@ from obd.registry.blob import RemoteBlob
 from obd.registry.client import RegistryClient
 from obd.registry.loop import AsyncRunner, default_runner
 from obd.registry.reference import DOCKER_HUB_API, Reference, parse_reference
+
+if TYPE_CHECKING:
+    from obd.cache import CacheStore
 
 #: How long resolving a manifest and config may take, in seconds.
 RESOLVE_TIMEOUT = 120.0
@@ -53,7 +57,7 @@ class RemoteOptions:
     readahead: int = 0
     stats: Stats = field(default_factory=default_stats)
     _clients: dict[frozenset[str] | bool, RegistryClient] = field(default_factory=dict, repr=False)
-    _store: object = field(default=None, repr=False)
+    _store: CacheStore | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -83,7 +87,7 @@ class RemoteOptions:
                 _live.append(self)
             return client
 
-    def store(self) -> object | None:
+    def store(self) -> CacheStore | None:
         """The persistent block cache (None with ``no_cache``)."""
         if self.no_cache:
             return None

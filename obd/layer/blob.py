@@ -1,4 +1,4 @@
-"""Opening a layer blob: unwrap the tar envelope, then ZFile, down to the LSMT bytes (FORMATS.md §2.13).
+"""Opening a layer blob: unwrap the tar envelope, then ZFile, down to the LSMT bytes (docs/formats.md §2.13).
 
 overlaybd stacks its readers as ``raw bytes → tar envelope (if a ustar header is present) → ZFile
 (if the magic matches) → LSMT``. :func:`open_blob` does the same and remembers each step, so that
@@ -12,9 +12,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from obd.errors import FormatError, TruncatedError
+from obd.formats.tar_envelope import is_tar_envelope, open_envelope
 from obd.io.source import FileSource, Source
 from obd.lsmt.format import MAGIC0 as LSMT_MAGIC0
 from obd.lsmt.format import MAGIC1 as LSMT_MAGIC1
+from obd.zfile import ZFileReader, is_zfile
 
 GZIP_MAGIC = b"\x1f\x8b"
 
@@ -40,9 +42,6 @@ class Blob:
 
 def open_source(source: Source, path: str | None = None) -> Blob:
     """Peel the wrappers off an already-open source."""
-    from obd.formats.tar_envelope import is_tar_envelope, open_envelope
-    from obd.zfile import ZFileReader, is_zfile
-
     path = path or source.name
     blob = Blob(path=path, raw=source, source=source)
     head = source.pread(0, 32)

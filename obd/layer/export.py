@@ -3,7 +3,7 @@
 The output is **sparse**: it is sized to the device, and only ranges some layer maps to data are
 written; unmapped and discarded ranges stay holes (they read as zeros either way). A 64 GiB ext4
 device with a few MiB of data therefore exports in well under a second and takes a few MiB of disk.
-The file is written under a temporary name and renamed into place when complete.
+The file is written under a temporary name and published (:mod:`obd.io.publish`) when complete.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from obd.errors import ObdError
+from obd.io.publish import publish_path, temp_path
 from obd.lsmt.stack import Stack
 from obd.observability.progress import Progress
 
@@ -36,7 +37,7 @@ def export_stack(stack: Stack, out_path: str, *, progress: Progress | None = Non
     total = sum(e.length for e in data)
     if progress is not None:
         progress.total = total
-    tmp = f"{out_path}.obd-tmp{os.getpid()}"
+    tmp = temp_path(out_path)
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     except OSError as e:
@@ -65,7 +66,7 @@ def export_stack(stack: Stack, out_path: str, *, progress: Progress | None = Non
         os.unlink(tmp)
         raise
     os.close(fd)
-    os.replace(tmp, out_path)
+    publish_path(tmp, out_path)
     return ExportResult(
         path=out_path,
         virtual_size=stack.size,

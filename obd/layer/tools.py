@@ -1,6 +1,6 @@
 """The operations of overlaybd's command-line tools, as functions: create, commit, seal, merge.
 
-Each mirrors its overlaybd counterpart byte for byte where the format allows (FORMATS.md §1.12–
+Each mirrors its overlaybd counterpart byte for byte where the format allows (docs/formats.md §1.12–
 §1.16): ``overlaybd-create``, ``overlaybd-commit`` (plain, ``-z``, ``-t``, ``--seal``,
 ``--commit_sealed``, ``--turboOCI``) and ``overlaybd-merge``. Outputs are published atomically.
 """

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import os
 from types import TracebackType
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from obd.errors import ObdError
+from obd.formats.tar_envelope import TarEnvelopeWriter
+from obd.io.publish import publish_path, temp_path
+from obd.zfile import ZFileWriter
 
 
 class BlobWriter:
@@ -37,7 +40,7 @@ class BlobWriter:
         mode: int = 0o644,
     ):
         self.path = os.fspath(path)
-        self.tmp = f"{self.path}.obd-tmp{os.getpid()}"
+        self.tmp = temp_path(self.path)
         self.mode = mode
         try:
             self._file: BinaryIO = open(self.tmp, "w+b")  # noqa: SIM115 - closed in close()
@@ -45,15 +48,11 @@ class BlobWriter:
             raise ObdError(f"cannot create: {e.strerror}", path=self.tmp) from e
         self._env = None
         self._zfile = None
-        out: object = self._file
+        out: Any = self._file  # the innermost writer: file, tar envelope or ZFile
         if tar:
-            from obd.formats.tar_envelope import TarEnvelopeWriter
-
             self._env = TarEnvelopeWriter(self._file, mode=0o100000 | mode)
             out = self._env
         if compress:
-            from obd.zfile import ZFileWriter
-
             self._zfile = ZFileWriter(
                 out,
                 algorithm=compress,
@@ -68,12 +67,12 @@ class BlobWriter:
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         n = len(data)
-        self._out.write(data)  # type: ignore[attr-defined]
+        self._out.write(data)
         self.written += n
         return n
 
     def close(self) -> None:
-        """Finish the wrappers, fsync, and rename into place."""
+        """Finish the wrappers, fsync, and rename into place (:func:`obd.io.publish.publish_path`)."""
         if self._zfile is not None:
             self._zfile.close()
         if self._env is not None:
@@ -83,7 +82,7 @@ class BlobWriter:
         self.size = os.fstat(self._file.fileno()).st_size
         self._file.close()
         os.chmod(self.tmp, self.mode)
-        os.replace(self.tmp, self.path)
+        publish_path(self.tmp, self.path)
 
     def abort(self) -> None:
         """Drop the partial output."""
