@@ -11,7 +11,7 @@
 set -euo pipefail
 
 # Debian packages the project needs. One per line, with the reason; later work adds to this list
-# (nbdkit, qemu, docker-registry, fuse3, ...). tests/fixtures.py maps programs to these packages.
+# (nbdkit, qemu, docker-registry, fuse3, ...). tests/helpers/fixtures.py maps programs to these packages.
 PACKAGES=(
     python3-venv    # /usr/bin/python3 -m venv: Debian's Python 3.11, the interpreter nbdkit's plugin embeds
     e2fsprogs       # debugfs, e2fsck, mke2fs: read and check ext4 images in tests

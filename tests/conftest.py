@@ -1,8 +1,9 @@
-"""Suite-wide pytest plumbing: the ``--run-slow`` switch and session fixtures over ``tests/fixtures.py``.
+"""Suite-wide pytest plumbing: the ``--run-slow`` switch and session fixtures over ``helpers/fixtures.py``.
 
-Helpers (``FIXTURES``, ``fixture_path``, ``materialize``, ``expected``, ``require_tool`` ...) live in
-``tests/fixtures.py`` so that plain functions and benchmarks can use them too; import them with
-``from fixtures import ...``.
+Test modules live in one folder per part (``tests/formats/``, ``tests/remote/``, ...). Shared helpers
+(``FIXTURES``, ``fixture_path``, ``materialize``, ``expected``, ``require_tool`` ..., the registry servers,
+the ext4 tree reader) live in ``tests/helpers/`` so that plain functions and benchmarks can use them too;
+import them as top-level modules: ``from fixtures import ...``, ``from registry_server import ...``.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ from typing import Any
 
 import pytest
 
-# tests/ is not a package: make its helper modules importable under any --import-mode.
-_TESTS = str(Path(__file__).resolve().parent)
-if _TESTS not in sys.path:
-    sys.path.insert(0, _TESTS)
+# tests/ is not a package: make the helper modules importable under any --import-mode.
+_HELPERS = str(Path(__file__).resolve().parent / "helpers")
+if _HELPERS not in sys.path:
+    sys.path.insert(0, _HELPERS)
 
 import fixtures  # noqa: E402
 

@@ -13,11 +13,12 @@ from __future__ import annotations
 import hashlib
 import os
 import tarfile
-import tempfile
 from importlib import resources
 from pathlib import Path
 
+from obd.cache.store import default_cache_dir
 from obd.errors import ChecksumError, ObdError
+from obd.io.publish import publishing
 
 BASE_NAME = "ext4_64"
 BASE_SHA256 = "c3a417552a6cf9ffa959b541850bab7d7f08f4255425bf8b48c85f7b36b378d9"
@@ -60,8 +61,6 @@ def go_tar_header(name: str, size: int, *, mode: int = 0o444) -> bytes:
 
 def _cache_root(cache_dir: str | os.PathLike[str] | None) -> Path:
     if cache_dir is None:
-        from obd.cache.store import default_cache_dir
-
         cache_dir = default_cache_dir()
     root = Path(cache_dir) / "convert" / "base"
     root.mkdir(parents=True, exist_ok=True)
@@ -74,30 +73,24 @@ def base_layer_path(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     out = root / BASE_NAME
     if out.is_file() and out.stat().st_size == BASE_SIZE:
         return out
-    fd, tmp = tempfile.mkstemp(dir=root, prefix=".part-")
-    try:
-        h = hashlib.sha256()
-        with (
-            os.fdopen(fd, "wb") as dst,
-            resources.files("obd.data").joinpath("ext4_64.tar.gz").open("rb") as packed,
-            tarfile.open(fileobj=packed, mode="r:gz") as tar,
-        ):
-            member = tar.getmember(BASE_NAME)
-            src = tar.extractfile(member)
-            if src is None:
-                raise ObdError("the packaged base layer archive holds no regular ext4_64")
-            while chunk := src.read(1 << 20):
-                h.update(chunk)
-                dst.write(chunk)
+    # A cache: losing it only costs unpacking it again, so no fsync.
+    h = hashlib.sha256()
+    with (
+        publishing(out, durable=False) as dst,
+        resources.files("obd.data").joinpath("ext4_64.tar.gz").open("rb") as packed,
+        tarfile.open(fileobj=packed, mode="r:gz") as tar,
+    ):
+        member = tar.getmember(BASE_NAME)
+        src = tar.extractfile(member)
+        if src is None:
+            raise ObdError("the packaged base layer archive holds no regular ext4_64")
+        while chunk := src.read(1 << 20):
+            h.update(chunk)
+            dst.write(chunk)
         if h.hexdigest() != BASE_SHA256:
             raise ChecksumError(
                 f"packaged base layer has sha256 {h.hexdigest()}", path=BASE_NAME, value=BASE_SHA256
             )
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return out
 
 
@@ -108,18 +101,11 @@ def base_layer_blob(cache_dir: str | os.PathLike[str] | None = None) -> tuple[Pa
     out = root / "ext4_64.go.tar"
     size = BLOCK + BASE_SIZE + (-BASE_SIZE % BLOCK) + 2 * BLOCK
     if not (out.is_file() and out.stat().st_size == size):
-        fd, tmp = tempfile.mkstemp(dir=root, prefix=".part-")
-        try:
-            with os.fdopen(fd, "wb") as dst, open(src, "rb") as f:
-                dst.write(go_tar_header(COMMIT_NAME, BASE_SIZE))
-                while chunk := f.read(1 << 20):
-                    dst.write(chunk)
-                dst.write(bytes(-BASE_SIZE % BLOCK + 2 * BLOCK))
-            os.replace(tmp, out)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with publishing(out, durable=False) as dst, open(src, "rb") as f:
+            dst.write(go_tar_header(COMMIT_NAME, BASE_SIZE))
+            while chunk := f.read(1 << 20):
+                dst.write(chunk)
+            dst.write(bytes(-BASE_SIZE % BLOCK + 2 * BLOCK))
     h = hashlib.sha256()
     with open(out, "rb") as f:
         while chunk := f.read(1 << 20):

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from obd.io.publish import publish_path
+
 #: Bumped whenever the converter's output bytes change for the same input.
 CONVERTER_VERSION = 1
 LAYER_FILE = "overlaybd.commit"
@@ -90,11 +92,11 @@ class ConvertCache:
                 json.dumps(meta, indent=1, sort_keys=True) + "\n", encoding="utf-8"
             )
             try:
-                os.rename(tmp, final)
+                publish_path(tmp, final)  # fails on an existing entry: someone else converted it too
             except OSError:
                 if self.get(key) is None:  # not a lost race: a broken entry; replace it
                     shutil.rmtree(final, ignore_errors=True)
-                    os.rename(tmp, final)
+                    publish_path(tmp, final)
         finally:
             if tmp.exists():
                 with contextlib.suppress(OSError):

@@ -22,14 +22,15 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from obd.cache.store import default_cache_dir
 from obd.convert.baselayer import BASE_SHA256, base_layer_blob, base_layer_path
 from obd.convert.cache import ConvertCache, cache_key
 from obd.convert.layer import BuiltLayer, DeviceBuilder, LayerStats
 from obd.convert.layertar import Spool, TarLimits, open_stream, read_layer
+from obd.convert.push import push_converted
 from obd.convert.source import (
     DOCKER_CONFIG,
     DOCKER_LAYER,
@@ -43,13 +44,13 @@ from obd.convert.source import (
     parse_transport,
 )
 from obd.errors import ConfigError, FormatError, UnsupportedError
+from obd.image.local import open_layer
+from obd.image.remote import RemoteOptions, default_remote_options
 from obd.layer.tools import OutputOptions
-from obd.observability.progress import Progress
+from obd.observability.progress import Progress, ProgressFactory
+from obd.oci.layout import write_layout
 from obd.oci.model import BLOB_DIGEST, BLOB_SIZE, VERSION
 from obd.registry.reference import parse_reference
-
-if TYPE_CHECKING:
-    from obd.image.remote import RemoteOptions
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +58,6 @@ GiB = 1 << 30
 #: What ``containerd.io/snapshot/overlaybd/version`` says on converted layers.
 OVERLAYBD_VERSION = "0.1.0"
 ALGORITHMS = ("lz4", "zstd")
-
-#: ``progress(label, total)`` → a :class:`~obd.observability.progress.Progress` (the CLI passes
-#: one that draws).
-ProgressFactory = Callable[[str, int | None], Progress]
 
 
 @dataclass(frozen=True)
@@ -223,13 +220,9 @@ def convert_image(
         parse_reference(dest_t.location)  # a bad destination fails before any work
     bar = progress or _quiet
     if remote is None and "docker" in (source_t.kind, dest_t.kind):
-        from obd.image.remote import default_remote_options
-
         remote = default_remote_options()
     cache_root = options.cache_dir
     if cache_root is None:
-        from obd.cache.store import default_cache_dir
-
         cache_root = str(default_cache_dir())
     cache = ConvertCache(cache_root if options.use_cache else None)
     timings: dict[str, float] = {}
@@ -354,8 +347,6 @@ def _convert(
     blob_list: list[tuple[str, str | bytes]] = [(c.digest, c.path) for c in converted]
     blob_list.append((manifest["config"]["digest"], config_bytes))
     if dest.kind == "oci":
-        from obd.oci.layout import write_layout
-
         platform = {"os": config.get("os", "linux"), "architecture": config.get("architecture", "amd64")}
         if config.get("variant"):
             platform["variant"] = config["variant"]
@@ -368,8 +359,6 @@ def _convert(
             platform=platform,
         )
     else:
-        from obd.convert.push import push_converted
-
         assert remote is not None
         mount_from = None
         if options.mount and source.registry is not None:
@@ -445,8 +434,6 @@ def _layer(
 
 
 def _reopen(path: str) -> Any:
-    from obd.image.local import open_layer
-
     return open_layer(path)
 
 

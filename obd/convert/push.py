@@ -11,8 +11,8 @@ from obd.registry.push import PushResult, push_blob
 from obd.registry.reference import parse_reference
 
 if TYPE_CHECKING:
-    from obd.convert.image import ProgressFactory
     from obd.image.remote import RemoteOptions
+    from obd.observability.progress import ProgressFactory
 
 #: How many blobs go up at once.
 PARALLEL_UPLOADS = 4

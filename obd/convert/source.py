@@ -18,16 +18,14 @@ import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from obd.convert.layertar import SYMLINK, clean_name, detect_compression, read_layer
 from obd.errors import ConfigError, FormatError, UnsupportedError
+from obd.image.remote import RemoteOptions, default_remote_options
 from obd.oci.layout import OCILayout, file_digest, parse_oci_reference
 from obd.oci.model import BLOB_DIGEST, MAX_JSON_BYTES
 from obd.registry.reference import Reference, parse_reference, validate_digest
-
-if TYPE_CHECKING:
-    from obd.image.remote import RemoteOptions
 
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
@@ -328,8 +326,6 @@ def open_source(
     """The image a source transport names."""
     if transport.kind == "docker":
         if remote is None:
-            from obd.image.remote import default_remote_options
-
             remote = default_remote_options()
         return open_registry(transport.location, remote, platform)
     if transport.kind == "oci":

@@ -9,20 +9,18 @@ prefetches what its start-up reads, without anyone handing trace files around.
 
 obd does the same: resolving an image leaves the layer out of the device and keeps its reference
 (:func:`trace_layer_ref`) in the image config's ``obd`` metadata; the frontends call
-:func:`load_image_trace` and replay it in the background unless a trace was given explicitly; and
-:func:`trace_layer_tar` makes such a layer (``obd trace attach``,
+:func:`obd.image.acceltrace.load_image_trace` and replay it in the background unless a trace was
+given explicitly; and :func:`trace_layer_tar` makes such a layer (``obd trace attach``,
 :func:`obd.image.assemble.push_trace_image`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import tarfile
 from typing import Any
 
-from obd.errors import ChecksumError, FormatError
-from obd.image.config import ImageConfig
+from obd.errors import FormatError
 from obd.oci.model import OverlaybdLayer
 from obd.prefetch.trace import MAX_TRACE_BYTES, Record, decode
 
@@ -36,8 +34,8 @@ META_KEY = "trace_layer"
 
 
 def trace_layer_ref(layer: OverlaybdLayer, *, file: str | None = None) -> dict[str, Any]:
-    """What :func:`load_image_trace` needs to find the layer later: its digest and size, and the file
-    holding it for a local (``oci:``) image."""
+    """What :func:`~obd.image.acceltrace.load_image_trace` needs to find the layer later: its digest
+    and size, and the file holding it for a local (``oci:``) image."""
     ref: dict[str, Any] = {"digest": layer.digest, "size": layer.size}
     if file is not None:
         ref["file"] = file
@@ -85,45 +83,8 @@ def trace_from_layer(blob: bytes, *, path: object = None) -> list[Record]:
     raise FormatError("acceleration layer holds no trace file", path=path, field="trace")
 
 
-def load_image_trace(config: ImageConfig, remote: Any = None) -> list[Record] | None:
-    """The trace of the acceleration layer ``config`` names in its ``obd`` metadata, or None.
-
-    A registry image's layer is read through ``remote`` (the block cache; a few KiB to a few MiB);
-    a local one from its file.
-    """
-    ref = (config.extra.get("obd") or {}).get(META_KEY)
-    if not ref:
-        return None
-    digest, size = ref["digest"], int(ref["size"])
-    if size > MAX_LAYER_BYTES:
-        raise FormatError(f"{size} bytes is too large for an acceleration layer", path=digest, field="size")
-    if ref.get("file"):
-        with open(ref["file"], "rb") as f:
-            blob = f.read(MAX_LAYER_BYTES + 1)
-        return trace_from_layer(blob, path=ref["file"])
-    from obd.image.remote import open_remote_blob
-
-    src = open_remote_blob(config.repoBlobUrl, digest, size, remote)
-    try:
-        buf = bytearray(size)
-        view = memoryview(buf)
-        pos = 0
-        while pos < size:
-            n = src.readinto(view[pos:], pos)
-            if n <= 0:
-                raise FormatError("acceleration layer ended early", path=digest, field="size", value=pos)
-            pos += n
-    finally:
-        src.close()
-    alg, _, want = digest.partition(":")
-    if hashlib.new(alg, buf).hexdigest() != want:
-        raise ChecksumError("acceleration layer does not match its digest", path=digest, field="digest")
-    return trace_from_layer(bytes(buf), path=digest)
-
-
 __all__ = [
     "META_KEY",
-    "load_image_trace",
     "trace_from_layer",
     "trace_layer_ref",
     "trace_layer_tar",

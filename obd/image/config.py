@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from obd.errors import ConfigError
+from obd.io.publish import publishing
 from obd.lsmt.format import MAX_STACK_LAYERS
 
 #: Default of the per-image ``download`` object (also the global default).
@@ -40,6 +41,11 @@ def _json_name(py: str) -> str:
     return {"str": "string", "int": "number", "bool": "boolean", "list": "array", "dict": "object"}.get(
         py, py
     )
+
+
+def _private(path: str, flags: int) -> int:
+    """``open()`` opener that creates the file mode 0600, as overlaybd's snapshotter writes configs."""
+    return os.open(path, flags, 0o600)
 
 
 @dataclass
@@ -171,15 +177,10 @@ class ImageConfig:
         return json.dumps(obj, separators=(",", ":"))
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write atomically (temporary file + rename), mode 0600 like the snapshotter."""
-        path = os.fspath(path)
-        tmp = f"{path}.tmp{os.getpid()}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        """Write atomically and durably (:func:`~obd.io.publish.publishing`), mode 0600 like the
+        snapshotter."""
+        with publishing(path, "w", encoding="utf-8", opener=_private) as f:
             f.write(self.to_json())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
 
     # --- paths ------------------------------------------------------------------------------------
     def resolve(self, name: str) -> str | None:

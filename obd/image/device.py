@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from obd.errors import AlignmentError, LayerStateError, ObdError
-from obd.image.accel import META_KEY, load_image_trace
+from obd.image.accel import META_KEY
+from obd.image.acceltrace import load_image_trace
 from obd.image.local import open_config
 from obd.image.resolve import image_config
 from obd.image.upper import open_upper

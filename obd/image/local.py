@@ -29,6 +29,7 @@ def open_target(path: str, gzip_index: str | None = None) -> Source:
     """The uncompressed tar stream a warp layer's tag-1 mappings point into."""
     src = FileSource(path)
     if gzip_index:
+        # lazy: the gzip index reader costs ~6 ms at start-up and only gzip targets need it
         from obd.formats.gzindex import GzipIndexedSource
 
         return GzipIndexedSource(src, FileSource(gzip_index))
@@ -159,6 +160,7 @@ def open_config(
                         path=cfg.path,
                         field=f"lowers[{i}]",
                     )
+                # lazy: obd.image.remote pulls aiohttp (~110 ms), needed only for registry layers
                 from obd.image.remote import default_remote_options, open_remote_blob
 
                 remote = remote or default_remote_options()
@@ -211,11 +213,3 @@ def open_config(
         if upper is not None:
             upper.close()
         raise
-
-
-def open_oci_layout(reference: str, *, platform: str | None = None, upper: RWLayer | None = None) -> Stack:
-    """The device of an overlaybd image stored in an OCI layout, ``oci:DIR[:TAG]``."""
-    from obd.image.resolve import image_config
-
-    stack = open_config(image_config(reference, platform=platform), readonly=True)
-    return Stack(stack.lowers, upper, name=reference)

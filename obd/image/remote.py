@@ -13,7 +13,6 @@ process-wide event-loop thread.
 from __future__ import annotations
 
 import atexit
-import contextlib
 import hashlib
 import os
 import threading
@@ -21,22 +20,22 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
+from obd.cache import CachedSource, CacheStore
 from obd.errors import ChecksumError, ConfigError, UnsupportedError
+from obd.image.accel import META_KEY, trace_layer_ref
 from obd.image.config import ImageConfig, LowerConfig
+from obd.io.publish import publishing
 from obd.io.source import Source
 from obd.observability.stats import Stats, default_stats
+from obd.oci.layout import OCILayout, layout_blob_path, write_layout
 from obd.oci.model import Image
 from obd.registry.auth import CredentialResolver, Credentials
 from obd.registry.blob import RemoteBlob
 from obd.registry.client import RegistryClient
 from obd.registry.loop import AsyncRunner, default_runner
 from obd.registry.reference import DOCKER_HUB_API, Reference, parse_reference
-
-if TYPE_CHECKING:
-    from obd.cache import CacheStore
 
 #: How long resolving a manifest and config may take, in seconds.
 RESOLVE_TIMEOUT = 120.0
@@ -55,6 +54,10 @@ class RemoteOptions:
     no_cache: bool = False
     platform: str | None = None
     readahead: int = 0
+    #: containerd-style hosts.toml directories (mirrors, per-host TLS); None: the default ones
+    hosts_dirs: tuple[str, ...] | None = None
+    #: HTTP proxy for registry requests (else HTTP_PROXY/HTTPS_PROXY/NO_PROXY)
+    proxy: str | None = None
     stats: Stats = field(default_factory=default_stats)
     _clients: dict[frozenset[str] | bool, RegistryClient] = field(default_factory=dict, repr=False)
     _store: CacheStore | None = field(default=None, repr=False)
@@ -82,6 +85,8 @@ class RemoteOptions:
                     tls_verify=self.tls_verify,
                     ca_file=self.ca_file,
                     stats=self.stats,
+                    hosts=self.hosts_dirs,
+                    proxy=self.proxy,
                 )
                 self._clients[key] = client
                 _live.append(self)
@@ -93,8 +98,6 @@ class RemoteOptions:
             return None
         with self._lock:
             if self._store is None:
-                from obd.cache import CacheStore
-
                 self._store = CacheStore(self.cache_dir, limit_bytes=self.cache_limit, stats=self.stats)
             return self._store
 
@@ -175,8 +178,6 @@ def image_to_config(ref: Reference, image: Image, opts: RemoteOptions, *, label:
     """The ``config.v1.json`` of a resolved registry image: its layers as ``digest`` lowers under a
     ``repoBlobUrl``, and in the ``obd`` metadata the image (``label``), its manifest digest and its
     acceleration layer, if any (:mod:`obd.image.accel`)."""
-    from obd.image.accel import META_KEY, trace_layer_ref
-
     lowers = []
     accel = None
     for i, layer in enumerate(image.overlaybd_layers()):
@@ -214,8 +215,6 @@ def open_remote_blob(
     store = opts.store()
     if store is None:
         return remote
-    from obd.cache import CachedSource
-
     return CachedSource(remote, store, digest=digest, stats=opts.stats)
 
 
@@ -320,8 +319,6 @@ def pull_to_layout(
     (default: the reference's tag, else ``latest``) names it in ``index.json``; an entry with the
     same tag is replaced. Layers are copied out of the block cache, their digests checked on the way.
     """
-    from obd.oci.layout import OCILayout, layout_blob_path, write_layout
-
     ref, image = resolve_image(reference, opts)
     result = _pull_layers(
         ref, image, opts, parallel=parallel, piece=4 << 20, max_rate=max_rate, verify=False, progress=progress
@@ -359,17 +356,9 @@ def pull_to_layout(
 
 
 def _copy_verified(src: Source, digest: str, dest: str) -> None:
-    """Copy ``src`` to ``dest`` (via a temporary name, fsynced) if its content has ``digest``."""
-    tmp = f"{dest}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as out:
-            _verify_digest(src, digest, out.write)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, dest)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    """Copy ``src`` to ``dest`` (published atomically and durably) if its content has ``digest``."""
+    with publishing(dest) as out:
+        _verify_digest(src, digest, out.write)
 
 
 def _verify_digest(src: Source, digest: str, sink: Callable[[memoryview], object] | None = None) -> None:

@@ -5,7 +5,7 @@ An image is given as layer files (lowest first), a ``config.v1.json``, an OCI la
 :func:`image_config` returns an :class:`~obd.image.config.ImageConfig` with every path absolute:
 local layers as ``file`` lowers, registry layers as ``digest``/``size`` lowers under a
 ``repoBlobUrl``, exactly as overlaybd's snapshotter writes them. :func:`obd.image.local.open_config`
-then opens either kind.
+then opens either kind; :func:`open_image` and :func:`open_oci_layout` do both steps.
 """
 
 from __future__ import annotations
@@ -16,11 +16,15 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from obd.errors import ConfigError, FormatError, ObdError, UnsupportedError
+from obd.image.accel import META_KEY, trace_layer_ref
 from obd.image.config import ImageConfig, LowerConfig, UpperConfig
+from obd.image.local import open_config
+from obd.lsmt.stack import Stack
+from obd.oci.layout import OCILayout, parse_oci_reference
 
 if TYPE_CHECKING:
     from obd.image.remote import RemoteOptions
-    from obd.lsmt.stack import Stack
+    from obd.lsmt.rw import RWLayer
 
 
 def abs_path(path: str) -> str:
@@ -66,6 +70,7 @@ def image_config(
                     raise ConfigError(
                         "a registry image is a whole stack; give it alone", path=spec, field="image"
                     )
+                # lazy: obd.image.remote pulls aiohttp (~110 ms), needed only for registry images
                 from obd.image.remote import default_remote_options, registry_config
 
                 remote = remote or default_remote_options()
@@ -85,14 +90,19 @@ def open_image(
     remote: RemoteOptions | None = None,
 ) -> Stack:
     """The device of any image :func:`image_config` understands (read-only unless asked otherwise)."""
-    from obd.image.local import open_config
-
     cfg = image_config(image, platform=platform, remote=remote)
     return open_config(cfg, readonly=readonly, remote=remote)
 
 
+def open_oci_layout(reference: str, *, platform: str | None = None, upper: RWLayer | None = None) -> Stack:
+    """The device of an overlaybd image stored in an OCI layout, ``oci:DIR[:TAG]``, on top of ``upper``."""
+    stack = open_config(image_config(reference, platform=platform), readonly=True)
+    return Stack(stack.lowers, upper, name=reference)
+
+
 def looks_like_reference(spec: str) -> bool:
     """A name that parses as an image reference and does not look like a file path."""
+    # lazy: the obd.registry package pulls aiohttp (~110 ms), which local images never need
     from obd.registry.reference import parse_reference
 
     if spec.startswith(("/", "./", "../", "~")) or spec.endswith((".commit", ".json", ".sealed", ".zfile")):
@@ -138,8 +148,6 @@ def _resolved_config(path: str) -> ImageConfig:
 
 
 def _oci_config(reference: str, platform: str | None) -> ImageConfig:
-    from obd.oci.layout import OCILayout, parse_oci_reference
-
     root, tag = parse_oci_reference(reference)
     layout = OCILayout(root)
     image = layout.resolve(tag, platform=platform)
@@ -167,8 +175,6 @@ def _oci_config(reference: str, platform: str | None) -> ImageConfig:
         lowers.append(LowerConfig(file=abs_path(path), digest=layer.digest, size=layer.size))
     cfg = ImageConfig(lowers=lowers, path=None)
     if accel is not None:
-        from obd.image.accel import META_KEY, trace_layer_ref
-
         cfg.extra["obd"] = {META_KEY: trace_layer_ref(accel, file=abs_path(layout.blob_path(accel.digest)))}
     return cfg
 

@@ -12,13 +12,14 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import threading
 from collections.abc import Iterator
 from typing import IO, Any
 
 
 def temp_path(path: str | os.PathLike[str]) -> str:
-    """A temporary name beside ``path`` that no other process uses at the same time."""
-    return f"{os.fspath(path)}.tmp-{os.getpid()}"
+    """A temporary name beside ``path`` that no other process or thread uses at the same time."""
+    return f"{os.fspath(path)}.tmp-{os.getpid()}-{threading.get_ident()}"
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from typing import TextIO
 
 
@@ -83,3 +84,8 @@ class Progress:
             self.finish()
         elif self.tty and not self.quiet:
             self.stream.write("\n")
+
+
+#: ``progress(label, total)`` → a :class:`Progress`; long operations take one so the caller decides
+#: how progress shows (the CLI passes one that draws, library callers a quiet one).
+ProgressFactory = Callable[[str, int | None], Progress]

@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fixtures import FIXTURES
 from obd.errors import ChecksumError, FormatError, ObdError, TruncatedError, UnsupportedError
 from obd.formats.crc import crc32c_raw
 from obd.formats.gzindex import (
@@ -33,9 +34,8 @@ from obd.formats.gzindex import (
 )
 from obd.io.source import BytesSource, FileSource
 
-ROOT = Path(__file__).resolve().parents[1]
-LAYER1_GZ = ROOT / "fixtures" / "overlaybd" / "inputs" / "tar" / "layer1.tar.gz"
-LAYER1_TAR = ROOT / "fixtures" / "overlaybd" / "inputs" / "tar" / "layer1.tar"
+LAYER1_GZ = FIXTURES / "overlaybd" / "inputs" / "tar" / "layer1.tar.gz"
+LAYER1_TAR = FIXTURES / "overlaybd" / "inputs" / "tar" / "layer1.tar"
 #: sha256 of the gzip.meta overlaybd's turboOCI-apply built for layer1.tar.gz (MANIFEST §4.2).
 LAYER1_META_SHA256 = "446e6bfb9c0ce8ffc35e4c00f9a3c6fc0c2a190c5ac95765eb7e90338fc6e0af"
 

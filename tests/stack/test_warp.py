@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fixtures import FIXTURES
 from obd.errors import AlignmentError, FormatError, ObdError
 from obd.formats.gzindex import build_gzip_index
 from obd.image.config import ImageConfig, LowerConfig, UpperConfig
@@ -50,7 +51,7 @@ from obd.lsmt.sealed import SealedLayer
 from obd.lsmt.stack import Stack
 from obd.lsmt.warp import WarpRWLayer, commit_warp
 
-FIX = Path(__file__).resolve().parent.parent / "fixtures" / "overlaybd"
+FIX = FIXTURES / "overlaybd"
 TAR = FIX / "inputs" / "tar" / "layer1.tar"
 TGZ = FIX / "inputs" / "tar" / "layer1.tar.gz"
 FACTS = FIX / "facts" / "blob_facts.json"

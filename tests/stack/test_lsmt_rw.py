@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pytest
 
+from fixtures import FIXTURES
 from obd.errors import AlignmentError, FormatError, LayerStateError
 from obd.lsmt.format import HT_SPACE, INVALID_ENTRY, MAX_LENGTH, decode_mappings, encode_mapping
 from obd.lsmt.rw import AppendRWLayer, SparseRWLayer, create_rw, open_rw
 from obd.lsmt.stack import Stack
 
-ROOT = Path(__file__).resolve().parent.parent / "fixtures" / "overlaybd"
+ROOT = FIXTURES / "overlaybd"
 MiB = 1 << 20
 
 

@@ -150,7 +150,7 @@ def render_xattrs(path: str) -> str | None:
 
 
 def mounted_tree(root: Path, skip: tuple[str, ...] = ("/lost+found",)) -> list[dict[str, Any]]:
-    """The tree of a mounted file system in the shape of ``tests/ext4tree.py``'s :func:`read_tree`."""
+    """The tree of a mounted file system in the shape of ``tests/helpers/ext4tree.py``'s :func:`read_tree`."""
     rows = []
     for dirpath, dirnames, filenames in os.walk(root):
         rel = os.path.relpath(dirpath, root)

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from fixtures import REPO
+
+ROOT = REPO
 DOC = ROOT / "docs" / "formats.md"
 SCAN_DIRS = ("obd", "frontends", "tests", "bench", "docs", "fixtures")
 SCAN_FILES = ("README.md",)

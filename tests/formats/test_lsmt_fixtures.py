@@ -7,10 +7,10 @@ import hashlib
 import io
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 
+from fixtures import FIXTURES
 from obd.errors import FormatError, TruncatedError
 from obd.io.source import BytesSource, FileSource
 from obd.lsmt.commit import layer_info, seal_in_place, write_sealed
@@ -19,7 +19,7 @@ from obd.lsmt.rw import open_rw
 from obd.lsmt.sealed import SealedLayer
 from obd.lsmt.stack import Stack
 
-LSMT = Path(__file__).resolve().parent.parent / "fixtures" / "overlaybd" / "lsmt"
+LSMT = FIXTURES / "overlaybd" / "lsmt"
 FACTS = LSMT.parent / "facts"
 UUIDS = {
     "L0": "11111111-1111-4111-8111-111111111111",

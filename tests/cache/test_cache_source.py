@@ -21,6 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fixtures import REPO
 from obd.cache import CachedSource, CacheStore
 from obd.cache import source as cache_source
 from obd.cache.source import _Out, _runs
@@ -31,7 +32,6 @@ from obd.lsmt.sealed import SealedLayer
 from obd.lsmt.stack import Stack
 from obd.observability.stats import CACHE_BYTES, CACHE_HITS, CACHE_MISSES, Stats
 
-REPO = Path(__file__).resolve().parent.parent
 COMMIT_DIR = REPO / "fixtures" / "overlaybd" / "lsmt" / "commit"
 #: A real overlaybd blob (LSMT in an LZ4 ZFile, 2.1 MiB): the bytes a registry would serve.
 BLOB = COMMIT_DIR / "L0.lz4.commit"
@@ -285,7 +285,7 @@ def test_concurrent_readers_share_fetches(tmp_path):
         t.join()
     assert not errors
     # MemUpstream shares nothing, so threads that miss a page at once each fetch it (RemoteBlob makes
-    # that one GET: tests/test_registry_client.py); the bytes are right and each miss is counted
+    # that one GET: tests/remote/test_registry_client.py); the bytes are right and each miss is counted
     pages = [p for off, n in up.ranges for p in range(off // PS, (off + n) // PS)]
     assert set(pages) == set(range(64))
     assert stats[CACHE_MISSES] == len(pages)

@@ -37,7 +37,7 @@ def random_writes(h, model: bytearray, rng: random.Random, count: int, *, align:
 
 
 def qemu_io_bin() -> str:
-    """qemu-io comes with qemu-img in Debian's qemu-utils (tests/fixtures.py only knows qemu-img)."""
+    """qemu-io comes with qemu-img in Debian's qemu-utils (tests/helpers/fixtures.py only knows qemu-img)."""
     require_tool("qemu-img")
     found = find_tool("qemu-io")
     if not found:

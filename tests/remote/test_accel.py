@@ -20,7 +20,8 @@ import frontends.nbd.backend as be
 from fixtures import data_offsets, materialize
 from obd.cli import main
 from obd.errors import FormatError, ObdError
-from obd.image.accel import META_KEY, load_image_trace, trace_from_layer, trace_layer_tar
+from obd.image.accel import META_KEY, trace_from_layer, trace_layer_tar
+from obd.image.acceltrace import load_image_trace
 from obd.image.device import open_device, start_prefetch
 from obd.image.local import open_config, open_layers
 from obd.image.remote import RemoteOptions, registry_config

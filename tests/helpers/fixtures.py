@@ -6,7 +6,8 @@ sits inside a ``.tar.gz``; :func:`materialize` turns any of those into a plain f
 content-addressed cache outside the repository, verified against the index, so tests and benchmarks can
 open the real bytes without caring how they are stored.
 
-Import from tests as ``from fixtures import ...`` (``tests/`` is on ``sys.path``; it is not a package).
+Import from tests as ``from fixtures import ...``: ``tests/conftest.py`` puts ``tests/helpers/`` on
+``sys.path`` (it is not a package).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
+#: The repository root (this file is ``tests/helpers/fixtures.py``): every test locates repo files from here.
+REPO = Path(__file__).resolve().parents[2]
 FIXTURES = REPO / "fixtures"
 EXPECTED_JSON = FIXTURES / "expected.json"
 SETUP_SH = REPO / "setup.sh"
@@ -218,8 +220,8 @@ def require_tool(name: str) -> str:
     package = TOOL_PACKAGES.get(name)
     if package is None:
         pytest.fail(
-            f"required program {name!r} not found, and tests/fixtures.py does not know its Debian package: "
-            f"add it to TOOL_PACKAGES there and the package to the PACKAGES array in setup.sh",
+            f"required program {name!r} not found, and tests/helpers/fixtures.py does not know its Debian "
+            f"package: add it to TOOL_PACKAGES there and the package to the PACKAGES array in setup.sh",
             pytrace=False,
         )
     if package in setup_packages():

@@ -1,4 +1,4 @@
-"""fixtures/expected.json is complete and true, and the plumbing in tests/fixtures.py works on it."""
+"""fixtures/expected.json is complete and true, and the plumbing in tests/helpers/fixtures.py works on it."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The cache across real processes: kill -9 during a fetch storm, two processes filling one blob,
 eviction under a reader in another process.
 
-Children are this file run as a script (``python tests/test_cache_crash.py MODE ...``); they read a
+Children are this file run as a script (``python tests/cache/test_cache_crash.py MODE ...``); they read a
 real overlaybd blob through a :class:`CachedSource` whose upstream serves its bytes from memory,
 slowly, so that a kill lands while fetches and cache writes are in flight.
 
@@ -22,13 +22,14 @@ import threading
 import time
 from pathlib import Path
 
-TESTS = Path(__file__).resolve().parent
-REPO = TESTS.parent
-if str(TESTS) not in sys.path:  # when run as a child script
-    sys.path.insert(0, str(TESTS))
+# A child runs this file as a script: its folder is on sys.path then, the helpers conftest.py adds are not.
+HELPERS = Path(__file__).resolve().parents[1] / "helpers"
+if str(HELPERS) not in sys.path:
+    sys.path.insert(0, str(HELPERS))
 
 from test_cache_source import BLOB, MemUpstream, blob_bytes  # noqa: E402
 
+from fixtures import REPO  # noqa: E402
 from obd.cache import CachedSource, CacheStore  # noqa: E402
 from obd.cache import source as cache_source  # noqa: E402
 from obd.cache.store import HEADER_SIZE, MetaHeader, read_records  # noqa: E402

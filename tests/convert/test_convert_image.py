@@ -19,7 +19,7 @@ from registry_server import RegistryServer
 from test_convert_ext4 import LAYERS, Model
 from test_convert_tar import make_tar, member
 
-from fixtures import FIXTURES, require_tool
+from fixtures import FIXTURES, REPO, require_tool
 from obd.cli import main
 from obd.convert import ConvertOptions, HostileTarError, chain_ids, convert_image
 from obd.errors import FormatError, UnsupportedError
@@ -489,7 +489,7 @@ def test_debian_python_image_converts_to_the_right_tree(tmp_path):
     require_tool("debootstrap")
     import sys
 
-    sys.path.insert(0, str(FIXTURES.parent / "bench"))
+    sys.path.insert(0, str(REPO / "bench"))
     from images import debian_python_layout
 
     layout = debian_python_layout()

@@ -1,6 +1,6 @@
 """QEMU boots a guest from the FUSE disk file: ``-drive file=MOUNTPOINT/disk.img,format=raw``.
 
-The guest is the one the VM tests boot (``tests/test_vm_boot.py``: a busybox ext4 root), imported
+The guest is the one the VM tests boot (``tests/frontends/test_vm_boot.py``: a busybox ext4 root), imported
 into an overlaybd layer: its data extents written into an RW layer, committed with ``commit_layer``.
 """
 

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fixtures import FIXTURES
 from obd.errors import ChecksumError, FormatError, ObdError, TruncatedError
 from obd.formats import tar_envelope as te
 from obd.formats.tar_envelope import (
@@ -26,10 +27,9 @@ from obd.formats.tar_envelope import (
 )
 from obd.io.source import BytesSource, FileSource
 
-ROOT = Path(__file__).resolve().parents[1]
-FIX = ROOT / "fixtures" / "overlaybd"
+FIX = FIXTURES / "overlaybd"
 F2_DIGEST = "022231c3f1af70e0cc42f0c3781eabf174cff608210585bf93fc83e16d33672d"
-F2 = ROOT / "fixtures" / "aci-hello-world" / "blobs" / "sha256" / F2_DIGEST
+F2 = FIXTURES / "aci-hello-world" / "blobs" / "sha256" / F2_DIGEST
 ZFILE_MAGIC = b"ZFile\x00\x01\x00"
 
 PAIRS = [

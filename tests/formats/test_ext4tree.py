@@ -1,4 +1,4 @@
-"""Prove tests/ext4tree.py right without the rest of obd.
+"""Prove tests/helpers/ext4tree.py right without the rest of obd.
 
 A reference ext4 image is built with ``mke2fs -d`` from ``inputs/tar/layer1.tar`` extracted as root,
 then read back and compared with ``facts/ext4_L1.tree.json`` (what debugfs saw in the image overlaybd
