@@ -63,33 +63,94 @@ def add_stack_args(parser: argparse.ArgumentParser, *, layers_required: bool = F
     add_remote_args(parser)
 
 
-def add_remote_args(parser: argparse.ArgumentParser) -> None:
-    """Registry, cache and statistics options for commands that may read remote images."""
-    g = parser.add_argument_group("registry images (see docs/registry.md)")
+#: Title of the registry option group, the same in every command's --help.
+REGISTRY_GROUP = "registry options (see docs/registry.md)"
+
+
+def parse_bool(text: str) -> bool:
+    """``true``/``false`` (also 1/0, yes/no, on/off) as Go's flag package spells booleans."""
+    value = text.strip().lower()
+    if value in ("true", "1", "yes", "on"):
+        return True
+    if value in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def registry_host(text: str) -> str:
+    """A ``HOST[:PORT]`` for ``--insecure-registry``; an image reference there is refused, so that
+    ``--insecure-registry HOST/app:1`` cannot silently take the image as the host."""
+    if not text or text.startswith("-") or "/" in text or "@" in text:
+        raise argparse.ArgumentTypeError(
+            f"takes a registry HOST[:PORT], not {text!r}: write `--insecure-registry HOST IMAGE`, "
+            "or `--tls-verify=false` for every registry"
+        )
+    return text
+
+
+def add_remote_args(parser: argparse.ArgumentParser, *, stats: bool = True) -> None:
+    """The registry option group every command that takes an image has: how to reach registries,
+    the block cache, and (unless ``stats`` is False) the ``--stats`` counters."""
+    g = parser.add_argument_group(REGISTRY_GROUP)
     g.add_argument("--platform", metavar="OS/ARCH", help="platform to pick from a multi-platform image")
     g.add_argument(
         "--insecure-registry",
         metavar="HOST",
         action="append",
-        nargs="?",
-        const="*",
-        help="reach HOST (or, without HOST, every registry) over plain HTTP; repeatable",
+        type=registry_host,
+        help="reach registry HOST[:PORT] over plain HTTP; repeatable",
+    )
+    g.add_argument(
+        "--tls-verify",
+        metavar="BOOL",
+        type=parse_bool,
+        default=None,
+        help="as in skopeo: true (the default) requires HTTPS and verified certificates; "
+        "--tls-verify=false reaches every registry over plain HTTP, without certificate checks",
+    )
+    g.add_argument(
+        "--no-tls-verify",
+        dest="tls_verify",
+        action="store_false",
+        default=None,
+        help="the same as --tls-verify=false",
     )
     g.add_argument(
         "--creds",
         metavar="USER[:PASSWORD]",
         help="registry credentials (else $OBD_REGISTRY_USER/_PASSWORD, else ~/.docker/config.json)",
     )
-    g.add_argument("--no-tls-verify", action="store_true", help="do not verify registry TLS certificates")
     g.add_argument("--ca-file", metavar="PEM", help="extra CA certificates for registry TLS")
+    g.add_argument(
+        "--hosts-dir",
+        metavar="DIR",
+        action="append",
+        help="containerd-style hosts.toml directory for mirrors and per-host TLS; repeatable "
+        "(default: /etc/containerd/certs.d if present, then ~/.config/obd/certs.d)",
+    )
+    g.add_argument(
+        "--proxy", metavar="URL", help="HTTP proxy for registry requests (default: $HTTP_PROXY/$HTTPS_PROXY)"
+    )
     g.add_argument("--cache-dir", metavar="DIR", help="the block cache directory (default: see `obd cache`)")
     g.add_argument("--cache-limit", metavar="SIZE", help="block cache size limit, e.g. 512M, 10G")
     g.add_argument("--no-cache", action="store_true", help="read registry blobs without the persistent cache")
-    g.add_argument("--stats", action="store_true", help="print fetch/cache counters and latencies at the end")
+    if stats:
+        g.add_argument(
+            "--stats", action="store_true", help="print fetch/cache counters and latencies at the end"
+        )
+
+
+def _insecure(args: argparse.Namespace) -> bool | tuple[str, ...]:
+    """True (every registry over plain HTTP) or the hosts ``args`` reaches over plain HTTP."""
+    hosts = getattr(args, "insecure_registry", None) or []
+    if "*" in hosts or getattr(args, "tls_verify", None) is False:
+        return True
+    return tuple(hosts)
 
 
 def remote_options(args: argparse.Namespace):
     """A :class:`~obd.image.remote.RemoteOptions` from the registry options of ``args``."""
+    # the registry client (aiohttp) costs a quarter of a second to import: only once a command runs
     from obd.cache.store import parse_size
     from obd.image.remote import RemoteOptions, set_default_remote_options
     from obd.registry.auth import Credentials
@@ -98,25 +159,76 @@ def remote_options(args: argparse.Namespace):
     if getattr(args, "creds", None):
         user, _, password = args.creds.partition(":")
         creds = Credentials(user, password or os.environ.get("OBD_REGISTRY_PASSWORD", ""), source="flags")
-    insecure: bool | tuple[str, ...] = False
-    hosts = getattr(args, "insecure_registry", None) or []
-    if "*" in hosts:
-        insecure = True
-    elif hosts:
-        insecure = tuple(hosts)
     limit = getattr(args, "cache_limit", None)
     opts = RemoteOptions(
         credentials=creds,
-        insecure=insecure,
-        tls_verify=not getattr(args, "no_tls_verify", False),
+        insecure=_insecure(args),
+        tls_verify=getattr(args, "tls_verify", None) is not False,
         ca_file=getattr(args, "ca_file", None),
         cache_dir=getattr(args, "cache_dir", None),
         cache_limit=parse_size(limit) if limit else None,
         no_cache=getattr(args, "no_cache", False),
         platform=getattr(args, "platform", None),
+        hosts_dirs=tuple(args.hosts_dir) if getattr(args, "hosts_dir", None) else None,
+        proxy=getattr(args, "proxy", None),
     )
     set_default_remote_options(opts)  # for code paths that do not take options explicitly
     return opts
+
+
+def remote_params(args: argparse.Namespace) -> list[str]:
+    """The registry options of ``args`` as the nbd plugin's ``key=value`` parameters (docs/nbd.md).
+
+    Credentials are not among them: a command line is visible to every user (``ps``), so they
+    travel in the environment (:func:`remote_env`).
+    """
+    params: list[str] = []
+    insecure = _insecure(args)
+    if isinstance(insecure, tuple):
+        params += [f"insecure-registry={h}" for h in insecure]
+    elif insecure:
+        params.append("insecure-registry=true")
+    if getattr(args, "tls_verify", None) is False:
+        params.append("tls-verify=false")
+    for key, value in (("ca-file", args.ca_file), ("cache-dir", args.cache_dir)):
+        if value:
+            params.append(f"{key}={os.path.abspath(value)}")
+    if args.cache_limit:
+        params.append(f"cache-limit={args.cache_limit}")
+    if args.no_cache:
+        params.append("no-cache=true")
+    if args.platform:
+        params.append(f"platform={args.platform}")
+    return params
+
+
+def remote_argv(args: argparse.Namespace) -> list[str]:
+    """The registry options of ``args`` as command-line options again (for a child ``obd``), paths
+    absolute and credentials left out (:func:`remote_env` carries them)."""
+    argv = [f"--insecure-registry={h}" for h in getattr(args, "insecure_registry", None) or [] if h != "*"]
+    if getattr(args, "tls_verify", None) is False:
+        argv.append("--tls-verify=false")
+    for flag, value in (("--ca-file", args.ca_file), ("--cache-dir", args.cache_dir)):
+        if value:
+            argv += [flag, os.path.abspath(value)]
+    for flag, value in (("--platform", args.platform), ("--cache-limit", args.cache_limit)):
+        if value:
+            argv += [flag, value]
+    if args.no_cache:
+        argv.append("--no-cache")
+    if getattr(args, "stats", False):
+        argv.append("--stats")
+    return argv
+
+
+def remote_env(args: argparse.Namespace, env: dict[str, str]) -> dict[str, str]:
+    """``env`` with ``--creds`` as ``$OBD_REGISTRY_USER``/``_PASSWORD``, for a child process that
+    reaches registries: the environment is private to its process, unlike its command line."""
+    if getattr(args, "creds", None):
+        user, _, password = args.creds.partition(":")
+        env["OBD_REGISTRY_USER"] = user
+        env["OBD_REGISTRY_PASSWORD"] = password or env.get("OBD_REGISTRY_PASSWORD", "")
+    return env
 
 
 def print_stats(args: argparse.Namespace) -> None:

@@ -81,6 +81,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # lazy: obd.convert pulls the registry client (aiohttp, ~110 ms) into every obd command
     from obd.convert import ConvertOptions, convert_image
 
     remote = remote_options(args)

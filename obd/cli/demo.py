@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from obd.errors import ObdError
-from obd.image.local import open_oci_layout
+from obd.image.resolve import open_oci_layout
 from obd.layer.export import export_stack
 from obd.observability.progress import human_bytes
 from obd.observability.stats import Stats

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from frontends.fuse import check_fuse_available, check_mountpoint, unmount
-from obd.cli.common import add_remote_args, print_stats, remote_options
+from obd.cli.common import add_remote_args, print_stats, remote_argv, remote_env, remote_options
 from obd.errors import ObdError, UnsupportedError
 
 MOUNT_DESCRIPTION = """\
@@ -231,27 +231,17 @@ def background_command(
         ("--config", args.config),
         ("--upper", args.upper),
         ("--log", args.log),
-        ("--ca-file", args.ca_file),
-        ("--cache-dir", args.cache_dir),
     ):
         if value:
             cmd += [flag, os.path.abspath(value)]
-    for flag, value in (("--platform", args.platform), ("--cache-limit", args.cache_limit)):
-        if value:
-            cmd += [flag, value]
     for flag, on in (
         ("--sparse", args.sparse),
         ("--readonly", args.readonly),
         ("--allow-other", args.allow_other),
-        ("--no-tls-verify", args.no_tls_verify),
-        ("--no-cache", args.no_cache),
-        ("--stats", args.stats),
     ):
         if on:
             cmd.append(flag)
-    for host in args.insecure_registry or []:
-        cmd += ["--insecure-registry", host] if host != "*" else ["--insecure-registry"]
-    return cmd
+    return cmd + remote_argv(args)
 
 
 def serve_background(args: argparse.Namespace) -> int:
@@ -263,10 +253,7 @@ def serve_background(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parent.parent.parent)  # holds the obd and frontends packages
     env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
-    if args.creds:  # through the environment, not the command line other users can read
-        user, _, password = args.creds.partition(":")
-        env["OBD_REGISTRY_USER"] = user
-        env["OBD_REGISTRY_PASSWORD"] = password or env.get("OBD_REGISTRY_PASSWORD", "")
+    remote_env(args, env)  # credentials through the environment, not the command line others can read
     r, w = os.pipe()
     try:
         proc = subprocess.Popen(

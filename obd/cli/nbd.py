@@ -11,7 +11,7 @@ import stat
 import subprocess
 import sys
 
-from obd.cli.common import add_dashdash_parser
+from obd.cli.common import LAYERS_HELP, add_dashdash_parser, add_remote_args, remote_env, remote_params
 from obd.errors import ObdError
 from obd.host.nbdkit import find_nbdkit, nbdkit_env, plugin_path
 
@@ -31,10 +31,15 @@ key=value parameters (of filters) after it.
 
 examples:
   obd nbd oci:layout:app --socket /tmp/app.sock
+  obd nbd localhost:5000/app:1-obd --socket /tmp/app.sock --insecure-registry localhost:5000
   obd nbd base.commit app.commit --upper vm1.upper --socket /tmp/vm1.sock
   obd nbd --upper vm1.upper --port 10809 --foreground -- --filter=stats statsfile=/dev/stderr
   qemu-system-x86_64 ... -blockdev driver=nbd,server.type=unix,server.path=/tmp/vm1.sock,\\
       node-name=d0,reconnect-delay=10 -device virtio-blk-pci,drive=d0
+  nbdkit -U /tmp/app.sock python "$(obd nbd --plugin-path)" image=oci:layout:app
+
+Registry images take the registry options below; they reach the plugin as key=value parameters
+(docs/nbd.md), credentials (--creds) through its environment, never on nbdkit's command line.
 """
 
 
@@ -47,11 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
-        "image",
-        nargs="*",
-        metavar="IMAGE",
-        help="layer files lowest first, a config.v1.json, or oci:DIR[:TAG] (optional with an existing "
-        "--upper)",
+        "image", nargs="*", metavar="IMAGE", help=LAYERS_HELP + " (optional with an existing --upper)"
     )
     p.add_argument("-c", "--config", metavar="CONFIG", help="an overlaybd config.v1.json")
     p.add_argument("--upper", metavar="DIR", help="upper directory for writes (created on first use)")
@@ -64,11 +65,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
     p.add_argument("--threads", type=int, default=16, metavar="N", help="nbdkit worker threads (default 16)")
     p.add_argument("--pidfile", metavar="FILE", help="write the server's pid here once it is ready")
-    p.add_argument("--platform", help="platform of a multi-platform oci: image")
     p.add_argument("--no-extents", action="store_true", help="do not report holes and zeros")
     p.add_argument("--nbdkit", metavar="PROGRAM", help="the nbdkit binary (default: from PATH)")
     p.add_argument("--nbdkit-verbose", action="store_true", help="nbdkit -v (debug messages)")
     p.add_argument("--print-command", action="store_true", help="print the nbdkit command and exit")
+    p.add_argument(
+        "--plugin-path",
+        action="store_true",
+        help="print the path of obd's nbdkit plugin script and exit: "
+        '`nbdkit python "$(obd nbd --plugin-path)" image=IMAGE` serves IMAGE without obd nbd',
+    )
+    add_remote_args(p, stats=False)
     p.set_defaults(func=run)
 
 
@@ -110,8 +117,7 @@ def build_command(args: argparse.Namespace) -> list[str]:
         raise ObdError("--sparse needs --upper")
     if args.readonly:
         cmd.append("readonly=true")
-    if args.platform:
-        cmd.append(f"platform={args.platform}")
+    cmd += remote_params(args)
     if args.no_extents:
         cmd.append("extents=false")
     return cmd
@@ -155,8 +161,11 @@ def uri(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.plugin_path:
+        print(plugin_path())
+        return 0
     cmd = build_command(args)
-    env = nbdkit_env()
+    env = remote_env(args, nbdkit_env())
     if args.print_command:
         extra = f"OBD_VENV={shlex.quote(env['OBD_VENV'])} " if "OBD_VENV" in env else ""
         print(extra + shlex.join(cmd))

@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from obd.cache.store import parse_size
 from obd.cli.common import add_remote_args, print_stats, progress, remote_options
 from obd.errors import ObdError
 from obd.observability.progress import human_bytes
+from obd.oci.layout import parse_oci_reference
 
 DESCRIPTION = """\
 Download every layer blob of an overlaybd image from its registry into obd's block cache, so that
@@ -48,9 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from obd.cache.store import parse_size
+    # lazy: obd.image.remote pulls aiohttp (~110 ms) into every obd command that lists its options
     from obd.image.remote import pull_image, pull_to_layout
-    from obd.oci.layout import parse_oci_reference
 
     opts = remote_options(args)
     rate = parse_size(args.max_rate) if args.max_rate else None

@@ -40,6 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # lazy: the registry client (aiohttp, ~110 ms) loads only when obd push runs, not for every obd command
     from obd.image.assemble import push_files_image
     from obd.registry.push import push_layout
 

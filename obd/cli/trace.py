@@ -9,7 +9,11 @@ import sys
 
 from obd.cli.common import add_remote_args, print_stats, remote_options
 from obd.errors import ObdError
+from obd.image.acceltrace import load_image_trace
+from obd.image.local import open_config
+from obd.image.resolve import image_config
 from obd.observability.progress import human_bytes
+from obd.prefetch.trace import MAX_TRACE_BYTES, load, replay
 
 DESCRIPTION = """\
 A prefetch trace lists the ranges a workload read from each layer of an image (overlaybd's binary
@@ -79,8 +83,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_show(args: argparse.Namespace) -> int:
-    from obd.prefetch.trace import load
-
     records = load(args.trace)
     if args.json:
         json.dump([{"layer": la, "offset": o, "count": n} for la, o, n in records], sys.stdout)
@@ -100,17 +102,11 @@ def run_show(args: argparse.Namespace) -> int:
 
 
 def run_replay(args: argparse.Namespace) -> int:
-    from obd.image.local import open_config
-    from obd.image.resolve import image_config
-    from obd.prefetch.trace import load, replay
-
     remote = remote_options(args)
     cfg = image_config(args.image, platform=remote.platform, remote=remote)
     if args.trace:
         records = load(args.trace)
     else:
-        from obd.image.accel import load_image_trace
-
         found = load_image_trace(cfg, remote)
         if found is None:
             raise ObdError("the image has no acceleration layer: give a TRACE file", path=args.image)
@@ -130,8 +126,8 @@ def run_replay(args: argparse.Namespace) -> int:
 
 
 def run_attach(args: argparse.Namespace) -> int:
+    # lazy: obd.image.assemble pulls the registry client (aiohttp, ~110 ms) into every obd command
     from obd.image.assemble import push_trace_image
-    from obd.prefetch.trace import MAX_TRACE_BYTES
 
     if os.path.getsize(args.trace) > MAX_TRACE_BYTES:
         raise ObdError("too large for a trace", path=args.trace, field="size")

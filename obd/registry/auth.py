@@ -35,7 +35,7 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -424,6 +424,7 @@ class TokenCache:
         timeout: aiohttp.ClientTimeout,
         allow_http: bool,
         on_request: Any = None,
+        proxy_for: Callable[[URL], str | None] | None = None,
     ) -> tuple[TokenKey, Token]:
         """A fresh token for ``scopes``, fetched (once, for all concurrent callers) when needed."""
         key = self.key(challenge, scopes)
@@ -449,6 +450,7 @@ class TokenCache:
                 timeout=timeout,
                 allow_http=allow_http,
                 on_request=on_request,
+                proxy_for=proxy_for,
             )
         except Exception as e:
             future.set_exception(e)
@@ -474,8 +476,12 @@ async def fetch_token(
     timeout: aiohttp.ClientTimeout,
     allow_http: bool = False,
     on_request: Any = None,
+    proxy_for: Callable[[URL], str | None] | None = None,
 ) -> Token:
-    """Get a Bearer token from the challenge's realm (distribution's token protocol)."""
+    """Get a Bearer token from the challenge's realm (distribution's token protocol).
+
+    ``proxy_for`` says which HTTP proxy (if any) the request to the realm goes through.
+    """
     realm = challenge.realm
     if not realm:
         raise AuthError("Bearer challenge without a realm", field="WWW-Authenticate")
@@ -495,6 +501,7 @@ async def fetch_token(
     if challenge.service:
         query.append(("service", challenge.service))
     headers = {"Accept": "application/json"}
+    proxy = proxy_for(url) if proxy_for is not None else None
     if credentials is not None and credentials.identity_token:
         form = {
             "grant_type": "refresh_token",
@@ -504,14 +511,16 @@ async def fetch_token(
         }
         if challenge.service:
             form["service"] = challenge.service
-        request = session.post(url, data=form, headers=headers, timeout=timeout, allow_redirects=False)
+        request = session.post(
+            url, data=form, headers=headers, timeout=timeout, allow_redirects=False, proxy=proxy
+        )
     else:
         query.extend(("scope", s) for s in scopes)
         if credentials is not None and credentials.username:
             query.append(("account", credentials.username))
             headers["Authorization"] = credentials.basic_header()
         request = session.get(
-            url.extend_query(query), headers=headers, timeout=timeout, allow_redirects=False
+            url.extend_query(query), headers=headers, timeout=timeout, allow_redirects=False, proxy=proxy
         )
     started = time.monotonic()
     if on_request is not None:

@@ -15,12 +15,20 @@
   ``Authorization`` or cookies; the final URL is cached per blob for ``redirect_ttl`` seconds and
   re-resolved through the registry as soon as it answers 401/403/404/410. An https → http redirect
   is refused unless the target host is marked insecure.
+- **Mirrors** (see :mod:`obd.registry.hosts`): reads go to the ``hosts.toml`` mirrors that have the
+  capability (``resolve`` for a tag, ``pull`` for a digest) in order, each with at most
+  ``mirror_attempts`` attempts, then to the origin. A mirror that failed other than with a 404 is
+  skipped for ``mirror_cooldown`` seconds. Each host's headers and TLS settings go with its requests.
+- **Proxies**: ``proxy`` (``--proxy``) or ``HTTP_PROXY``/``HTTPS_PROXY`` from the environment, except
+  for the hosts ``NO_PROXY`` lists; requests (Range headers included) are forwarded unchanged.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import dataclasses
 import hashlib
 import json
 import logging
@@ -28,6 +36,7 @@ import os
 import random
 import ssl
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
@@ -47,6 +56,7 @@ from obd.registry.auth import (
     parse_challenge,
     safe_url,
 )
+from obd.registry.hosts import PULL, RESOLVE, HostsConfig, HostsResolver, RegistryHost
 from obd.registry.reference import Reference, parse_reference
 
 log = logging.getLogger("obd.registry")
@@ -60,6 +70,12 @@ DEFAULT_CHUNK_SIZE = 64 << 20
 MAX_REDIRECTS = 5
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _USER_AGENT = "obd/0.1 (+overlaybd-py)"
+#: Attempts per request in the current task when lower than the client's (set while trying a mirror).
+_ATTEMPTS: contextvars.ContextVar[int | None] = contextvars.ContextVar("obd_registry_attempts", default=None)
+
+
+class NotFoundError(RegistryError):
+    """The registry answered 404: the repository, manifest or blob is not there."""
 
 
 class Retry(Exception):
@@ -118,7 +134,10 @@ class HttpTransport:
     over plain http; everything else uses https with certificate verification, which only
     ``tls_verify=False`` turns off. ``stats`` defaults to the process-wide
     :data:`obd.observability.stats.STATS`. ``max_blob_bytes`` and ``chunk_size`` are the limits of
-    whole-blob reads and of upload chunks.
+    whole-blob reads and of upload chunks. ``hosts`` gives the mirrors and per-host settings
+    (``hosts.toml`` directories, or a resolver; default :func:`~obd.registry.hosts.default_hosts_dirs`).
+    ``proxy`` is an HTTP proxy URL for every request; without it ``HTTP_PROXY``/``HTTPS_PROXY`` and
+    ``NO_PROXY`` of the environment apply (``NO_PROXY`` applies to ``proxy`` too).
     """
 
     def __init__(
@@ -141,6 +160,10 @@ class HttpTransport:
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         stats: st.Stats | None = None,
         user_agent: str = _USER_AGENT,
+        hosts: HostsResolver | Sequence[str | os.PathLike[str]] | None = None,
+        mirror_attempts: int = 2,
+        mirror_cooldown: float = 30.0,
+        proxy: str | None = None,
     ):
         if attempts < 1:
             raise ConfigError("attempts must be at least 1", field="attempts", value=attempts)
@@ -182,12 +205,59 @@ class HttpTransport:
         self._hosts: dict[str, _HostAuth] = {}
         self._redirects: dict[tuple[str, str, str], _Redirect] = {}
         self._creds: dict[str, Credentials | None] = {}
+        self.hosts = hosts if isinstance(hosts, HostsResolver) else HostsResolver.from_dirs(hosts)
+        self.mirror_attempts = max(1, mirror_attempts)
+        self.mirror_cooldown = mirror_cooldown
+        self._mirror_down: dict[str, float] = {}
+        #: settings of the hosts named in hosts.toml files, by ``host:port``
+        self._host_settings: dict[str, RegistryHost] = {}
+        self._host_ssl: dict[str, ssl.SSLContext | bool] = {}
+        self._proxies = _proxy_table(proxy)
 
     # -- plumbing ------------------------------------------------------------------------------
 
     def is_insecure(self, host: str) -> bool:
         """Whether ``host`` (``name[:port]``) may be reached over plain http."""
-        return self._insecure_all or host.lower() in self._insecure_hosts
+        if self._insecure_all or host.lower() in self._insecure_hosts:
+            return True
+        configured = self._host_settings.get(host.lower())
+        return configured is not None and configured.is_http
+
+    def _hosts_of(self, registry: str) -> HostsConfig:
+        config = self.hosts.hosts(registry)
+        for h in (*config.mirrors, *((config.origin,) if config.origin else ())):
+            if h.hostport.lower() not in self._host_settings:
+                self._host_settings[h.hostport.lower()] = h
+                if h.has_tls_settings:
+                    self._host_ssl[h.hostport.lower()] = h.ssl_context(self.ca_file)
+        return config
+
+    def _origin(self, ref: Reference) -> Reference:
+        """``ref`` pointed at the ``server`` its hosts.toml names (unchanged without one)."""
+        if ref.api_root is not None:
+            return ref
+        origin = self._hosts_of(ref.registry).origin
+        return ref if origin is None else dataclasses.replace(ref, api_root=origin.url)
+
+    async def _via_hosts(self, ref: Reference, capability: str, op: Callable[[Reference], Awaitable[T]]) -> T:
+        """``op`` on the first mirror of ``ref``'s registry with ``capability`` that answers, else origin."""
+        for mirror in self._hosts_of(ref.registry).mirrors_for(capability):
+            if self._mirror_down.get(mirror.url, 0.0) > time.monotonic():
+                continue
+            at_mirror = Reference(mirror.hostport, ref.repository, ref.tag, ref.digest, api_root=mirror.url)
+            token = _ATTEMPTS.set(min(self.attempts, self.mirror_attempts))
+            try:
+                return await op(at_mirror)
+            except ObdError as e:
+                if not isinstance(e, NotFoundError):
+                    self._mirror_down[mirror.url] = time.monotonic() + self.mirror_cooldown
+                log.info("mirror %s failed (%s); trying the next host", mirror.url, e)
+            finally:
+                _ATTEMPTS.reset(token)
+        return await op(ref)
+
+    def _read_capability(self, target: str) -> str:
+        return PULL if target.startswith(("sha256:", "sha512:")) else RESOLVE
 
     def base_url(self, ref: Reference) -> URL:
         return URL(ref.base_url(self.is_insecure(ref.api_host)))
@@ -226,7 +296,7 @@ class HttpTransport:
             await sess.close()
 
     def _repo(self, repo: Reference | str) -> Reference:
-        return repo if isinstance(repo, Reference) else parse_reference(repo)
+        return self._origin(repo if isinstance(repo, Reference) else parse_reference(repo))
 
     async def _credentials(self, registry: str) -> Credentials | None:
         if registry not in self._creds:
@@ -251,8 +321,10 @@ class HttpTransport:
                 scopes,
                 creds,
                 timeout=self.timeout,
-                allow_http=self.is_insecure(ref.api_host) or self.is_insecure(hostport(host.challenge.realm)),
+                allow_http=self.base_url(ref).scheme == "http"
+                or self.is_insecure(hostport(host.challenge.realm)),
                 on_request=self._count_token,
+                proxy_for=self._proxy_for,
             )
             return _UsedAuth("Bearer " + tok.value, key, tok.value)
         return None
@@ -302,15 +374,30 @@ class HttpTransport:
         """
         session = await self._session()
         want = list(scopes)
+        extra: dict[str, Any] = {}
+        where = hostport(url).lower()
+        if where in self._host_ssl and url.scheme == "https":
+            extra["ssl"] = self._host_ssl[where]
+        proxy = self._proxy_for(url)
+        if proxy:
+            extra["proxy"] = proxy
+        configured = self._host_settings.get(where)
         for auth_round in range(3):
-            hdrs = dict(headers or {})
+            hdrs = dict(configured.headers) if configured is not None else {}
+            hdrs.update(headers or {})
             used = await self._authorization(ref, tuple(want)) if ref is not None else None
             if used is not None:
                 hdrs["Authorization"] = used.header
             self.stats.incr(st.REQUESTS)
             started = time.monotonic()
             resp = await session.request(
-                method, url, headers=hdrs, data=data, allow_redirects=False, timeout=timeout or self.timeout
+                method,
+                url,
+                headers=hdrs,
+                data=data,
+                allow_redirects=False,
+                timeout=timeout or self.timeout,
+                **extra,
             )
             try:
                 if ref is not None and resp.status == 401:
@@ -344,7 +431,8 @@ class HttpTransport:
 
     async def _retrying(self, what: str, url: URL, attempt: Callable[[int], Awaitable[T]]) -> T:
         last: Retry | None = None
-        for i in range(self.attempts):
+        attempts = _ATTEMPTS.get() or self.attempts
+        for i in range(attempts):
             if i:
                 self.stats.incr(st.RETRIES)
                 delay = self._delay(i, last)
@@ -352,7 +440,7 @@ class HttpTransport:
                     "%s: attempt %d/%d failed (%s); retrying in %.2f s",
                     what,
                     i,
-                    self.attempts,
+                    attempts,
                     last,
                     delay,
                 )
@@ -376,9 +464,7 @@ class HttpTransport:
                 self.stats.incr(st.ERRORS)
                 raise
         self.stats.incr(st.ERRORS)
-        raise RegistryError(
-            f"{what}: failed after {self.attempts} attempts; last: {last}", path=safe_url(url)
-        )
+        raise RegistryError(f"{what}: failed after {attempts} attempts; last: {last}", path=safe_url(url))
 
     def _delay(self, attempt: int, last: Retry | None) -> float:
         base = min(self.max_backoff, self.backoff * (2 ** (attempt - 1)))
@@ -398,7 +484,7 @@ class HttpTransport:
         if status >= 500:
             raise Retry(f"HTTP {status}{detail}")
         if status == 404:
-            raise RegistryError(f"{what}: not found (HTTP 404){detail}", path=safe_url(url))
+            raise NotFoundError(f"{what}: not found (HTTP 404){detail}", path=safe_url(url))
         if status == 416:
             said = resp.headers.get("Content-Range", "")
             raise RegistryError(f"{what}: range not satisfiable (HTTP 416, {said!r})", path=safe_url(url))
@@ -472,6 +558,45 @@ class HttpTransport:
             )
         return target
 
+    def _proxy_for(self, url: URL) -> str | None:
+        """The proxy for a request to ``url`` (None: connect directly)."""
+        proxy = self._proxies.get(url.scheme) or self._proxies.get("all")
+        if not proxy or not url.host:
+            return None
+        no_proxy = self._proxies.get("no", "")
+        if no_proxy and _bypasses(hostport(url), no_proxy):
+            return None
+        return proxy
+
+
+def _proxy_table(proxy: str | None) -> dict[str, str]:
+    """Scheme → proxy URL, ``no`` → NO_PROXY: ``proxy`` for every scheme, else the environment's."""
+    env = urllib.request.getproxies_environment()
+    table = {k: v for k, v in env.items() if k in ("http", "https", "all", "no")}
+    if proxy:
+        try:
+            u = URL(proxy)
+        except ValueError:
+            raise ConfigError("not a URL", field="proxy", value=proxy) from None
+        if u.scheme not in ("http", "https") or not u.host:
+            raise ConfigError("want http://host:port", field="proxy", value=proxy)
+        table = {"http": proxy, "https": proxy, **({"no": table["no"]} if "no" in table else {})}
+    return table
+
+
+def _bypasses(host: str, no_proxy: str) -> bool:
+    """Whether ``host`` matches the comma-separated NO_PROXY list (``*``, names, ``.suffix``, host:port)."""
+    name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    for entry in (e.strip().lower() for e in no_proxy.split(",")):
+        if not entry:
+            continue
+        if entry == "*" or entry in (host.lower(), name.lower()):
+            return True
+        suffix = entry if entry.startswith(".") else "." + entry
+        if name.lower().endswith(suffix):
+            return True
+    return False
+
 
 def hostport(url: URL | str | None) -> str:
     """``host[:port]`` of ``url`` ("" when it has no host)."""
@@ -541,6 +666,7 @@ __all__ = [
     "MAX_REDIRECTS",
     "REDIRECT_STATUSES",
     "HttpTransport",
+    "NotFoundError",
     "Retry",
     "digest_of",
     "hostport",

@@ -61,35 +61,40 @@ class ManifestRequests(HttpTransport):
         want_digest = target if ":" in target else None
         if want_digest:
             validate_digest(want_digest)
-        url = self.manifest_url(ref, target)
-        scopes = (f"repository:{ref.repository}:pull",)
 
-        async def attempt(_: int) -> RawManifest:
-            async with self._open("GET", url, ref, scopes, headers={"Accept": MANIFEST_ACCEPT}) as resp:
-                if resp.status != 200:
-                    await self._fail(resp, url, f"manifest {target}")
-                data = await read_capped(resp, MAX_MANIFEST_BYTES, url, "manifest")
-                header_digest = resp.headers.get("Docker-Content-Digest")
-                content_type = media_type(resp.headers.get("Content-Type"))
-            if want_digest:
-                got = digest_of(data, want_digest.split(":", 1)[0])
-                if got != want_digest:
-                    raise Retry(f"manifest content has digest {got}, not {want_digest}")
-                digest = want_digest
-            else:
-                digest = digest_of(data)
-                if header_digest and header_digest.startswith("sha256:") and header_digest != digest:
-                    raise Retry(
-                        f"manifest content has digest {digest}, Docker-Content-Digest says {header_digest}"
-                    )
-            media = content_type
-            with contextlib.suppress(ValueError, AttributeError):
-                media = json.loads(data).get("mediaType") or content_type
-            if media in DOCKER_SCHEMA1:
-                raise UnsupportedError("Docker schema 1 manifests are not supported", path=str(ref))
-            return RawManifest(digest, media, data)
+        async def one(host: Reference) -> RawManifest:
+            url = self.manifest_url(host, target)
+            scopes = (f"repository:{host.repository}:pull",)
 
-        return await self._retrying(f"GET manifest {target}", url, attempt)
+            async def attempt(_: int) -> RawManifest:
+                async with self._open("GET", url, host, scopes, headers={"Accept": MANIFEST_ACCEPT}) as resp:
+                    if resp.status != 200:
+                        await self._fail(resp, url, f"manifest {target}")
+                    data = await read_capped(resp, MAX_MANIFEST_BYTES, url, "manifest")
+                    header_digest = resp.headers.get("Docker-Content-Digest")
+                    content_type = media_type(resp.headers.get("Content-Type"))
+                if want_digest:
+                    got = digest_of(data, want_digest.split(":", 1)[0])
+                    if got != want_digest:
+                        raise Retry(f"manifest content has digest {got}, not {want_digest}")
+                    digest = want_digest
+                else:
+                    digest = digest_of(data)
+                    if header_digest and header_digest.startswith("sha256:") and header_digest != digest:
+                        raise Retry(
+                            f"manifest content has digest {digest}, "
+                            f"Docker-Content-Digest says {header_digest}"
+                        )
+                media = content_type
+                with contextlib.suppress(ValueError, AttributeError):
+                    media = json.loads(data).get("mediaType") or content_type
+                if media in DOCKER_SCHEMA1:
+                    raise UnsupportedError("Docker schema 1 manifests are not supported", path=str(ref))
+                return RawManifest(digest, media, data)
+
+            return await self._retrying(f"GET manifest {target}", url, attempt)
+
+        return await self._via_hosts(ref, self._read_capability(target), one)
 
     async def get_manifest(
         self, ref: Reference | str, platform: str | None = None

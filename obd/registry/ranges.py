@@ -23,6 +23,7 @@ from obd.errors import RegistryError
 from obd.io.publish import publishing
 from obd.observability import stats as st
 from obd.registry.auth import safe_url
+from obd.registry.hosts import PULL
 from obd.registry.http import HttpTransport, Retry, digest_of, media_type, read_capped
 from obd.registry.reference import Reference, validate_digest
 
@@ -73,8 +74,12 @@ class BlobReads(HttpTransport):
             return data
 
         what = f"GET {digest}[{offset}:{offset + length}]"
-        return await self._retrying(
-            what, self.blob_url(ref, digest), lambda _: self._blob_get(ref, digest, headers, handle)
+        return await self._via_hosts(
+            ref,
+            PULL,
+            lambda host: self._retrying(
+                what, self.blob_url(host, digest), lambda _: self._blob_get(host, digest, headers, handle)
+            ),
         )
 
     async def read_ranges(
@@ -129,40 +134,44 @@ class BlobReads(HttpTransport):
         """Size of blob ``digest``: HEAD, or a ``Range: bytes=0-0`` GET's ``Content-Range`` total."""
         ref = self._repo(repo)
         validate_digest(digest)
-        url = self.blob_url(ref, digest)
-        scopes = (f"repository:{ref.repository}:pull",)
 
-        async def head(_: int) -> int | None:
-            async with self._open("HEAD", url, ref, scopes) as resp:
-                if resp.status == 200 and resp.content_length is not None:
-                    said = resp.headers.get("Docker-Content-Digest")
-                    if said and said != digest:
-                        raise RegistryError(
-                            f"HEAD answered for digest {said}",
-                            path=safe_url(url),
-                            field="Docker-Content-Digest",
-                        )
-                    return resp.content_length
-                if resp.status == 404:
-                    await self._fail(resp, url, f"blob {digest}")
-                if resp.status >= 500 or resp.status == 429:
-                    await self._fail(resp, url, f"HEAD blob {digest}")
-                return None  # 200 without length, a redirect, 405…: ask with a ranged GET
+        async def one(host: Reference) -> int:
+            url = self.blob_url(host, digest)
+            scopes = (f"repository:{host.repository}:pull",)
 
-        size = await self._retrying(f"HEAD blob {digest}", url, head)
-        if size is not None:
-            return size
+            async def head(_: int) -> int | None:
+                async with self._open("HEAD", url, host, scopes) as resp:
+                    if resp.status == 200 and resp.content_length is not None:
+                        said = resp.headers.get("Docker-Content-Digest")
+                        if said and said != digest:
+                            raise RegistryError(
+                                f"HEAD answered for digest {said}",
+                                path=safe_url(url),
+                                field="Docker-Content-Digest",
+                            )
+                        return resp.content_length
+                    if resp.status == 404:
+                        await self._fail(resp, url, f"blob {digest}")
+                    if resp.status >= 500 or resp.status == 429:
+                        await self._fail(resp, url, f"HEAD blob {digest}")
+                    return None  # 200 without length, a redirect, 405…: ask with a ranged GET
 
-        async def handle(resp: aiohttp.ClientResponse, target: URL) -> int:
-            _, total = await self._range_body(resp, target, 0, 1, None)
-            if total is None:
-                raise RegistryError("the registry does not say the blob's size", path=safe_url(target))
-            return total
+            size = await self._retrying(f"HEAD blob {digest}", url, head)
+            if size is not None:
+                return size
 
-        headers = {"Range": "bytes=0-0"}
-        return await self._retrying(
-            f"size of blob {digest}", url, lambda _: self._blob_get(ref, digest, headers, handle)
-        )
+            async def handle(resp: aiohttp.ClientResponse, target: URL) -> int:
+                _, total = await self._range_body(resp, target, 0, 1, None)
+                if total is None:
+                    raise RegistryError("the registry does not say the blob's size", path=safe_url(target))
+                return total
+
+            headers = {"Range": "bytes=0-0"}
+            return await self._retrying(
+                f"size of blob {digest}", url, lambda _: self._blob_get(host, digest, headers, handle)
+            )
+
+        return await self._via_hosts(ref, PULL, one)
 
     async def get_blob(self, repo: Reference | str, digest: str, *, max_bytes: int | None = None) -> bytes:
         """A whole (small) blob in memory, its digest verified. Refused above ``max_bytes``."""
@@ -183,10 +192,14 @@ class BlobReads(HttpTransport):
                 raise Retry(f"downloaded content has digest {got}")
             return data
 
-        return await self._retrying(
-            f"GET blob {digest}",
-            self.blob_url(ref, digest),
-            lambda _: self._blob_get(ref, digest, {}, handle, timeout=self.stream_timeout),
+        return await self._via_hosts(
+            ref,
+            PULL,
+            lambda host: self._retrying(
+                f"GET blob {digest}",
+                self.blob_url(host, digest),
+                lambda _: self._blob_get(host, digest, {}, handle, timeout=self.stream_timeout),
+            ),
         )
 
     async def download_blob(self, repo: Reference | str, digest: str, path: str | os.PathLike[str]) -> int:
@@ -215,10 +228,14 @@ class BlobReads(HttpTransport):
                     raise Retry(f"downloaded content has digest {got}")
             return total
 
-        return await self._retrying(
-            f"download blob {digest}",
-            self.blob_url(ref, digest),
-            lambda _: self._blob_get(ref, digest, {}, handle, timeout=self.stream_timeout),
+        return await self._via_hosts(
+            ref,
+            PULL,
+            lambda host: self._retrying(
+                f"download blob {digest}",
+                self.blob_url(host, digest),
+                lambda _: self._blob_get(host, digest, {}, handle, timeout=self.stream_timeout),
+            ),
         )
 
 

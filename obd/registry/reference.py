@@ -10,8 +10,9 @@ digest the tag is ``latest``.
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from obd.errors import ConfigError
 
@@ -54,13 +55,16 @@ class Reference:
 
     ``registry`` is the name as written (``docker.io`` for Docker Hub), ``repository`` the path
     inside it (``library/python``), and at least one of ``tag`` and ``digest`` is set (a digest wins
-    when both are).
+    when both are). ``api_root`` is set on references that :mod:`obd.registry.hosts` points at a
+    mirror or a configured ``server``: the API root URL (``http://mirror:5000/v2``) used instead of
+    ``https://<api host>/v2``. It is not part of the reference's identity.
     """
 
     registry: str
     repository: str
     tag: str | None = None
     digest: str | None = None
+    api_root: str | None = field(default=None, compare=False, repr=False)
 
     def __str__(self) -> str:
         text = f"{self.registry}/{self.repository}"
@@ -83,6 +87,8 @@ class Reference:
     @property
     def api_host(self) -> str:
         """The host (and port) the registry API is served on."""
+        if self.api_root:
+            return self.api_root.split("://", 1)[-1].split("/", 1)[0]
         return DOCKER_HUB_API if self.registry in DOCKER_HUB_ALIASES else self.registry
 
     def familiar(self) -> str:
@@ -95,12 +101,14 @@ class Reference:
         return text
 
     def base_url(self, insecure: bool = False) -> str:
-        """``https://<api host>/v2/`` (``http://`` only when the registry is marked insecure)."""
+        """``api_root``, else ``https://<api host>/v2/`` (``http://`` when the registry is insecure)."""
+        if self.api_root:
+            return self.api_root.rstrip("/") + "/"
         return f"{'http' if insecure else 'https'}://{self.api_host}/v2/"
 
     def with_target(self, *, tag: str | None = None, digest: str | None = None) -> Reference:
         """The same repository with another tag or digest."""
-        return Reference(self.registry, self.repository, tag, digest)
+        return dataclasses.replace(self, tag=tag, digest=digest)
 
 
 def _split_registry(name: str) -> tuple[str, str]:

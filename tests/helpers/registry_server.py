@@ -257,7 +257,9 @@ class RegistryServer(LocalRegistry):
         *,
         users: dict[str, str] | None = None,
         token_server: TokenServer | None = None,
+        proxy_remote: str | None = None,
     ):
+        """``proxy_remote`` makes it a pull-through cache of that registry URL (``proxy: remoteurl``)."""
         if mode not in ("noauth", "htpasswd", "token"):
             raise ValueError(mode)
         if mode == "token" and token_server is None:
@@ -267,8 +269,13 @@ class RegistryServer(LocalRegistry):
         self.mode = mode
         self.users = users or {}
         self.token_server = token_server
+        self.proxy_remote = proxy_remote
 
     def _auth_config(self) -> list[str]:
+        proxy = ["proxy:", f"  remoteurl: {self.proxy_remote}"] if self.proxy_remote else []
+        return self._auth_section() + proxy
+
+    def _auth_section(self) -> list[str]:
         if self.mode == "htpasswd":
             htpasswd = require_tool("htpasswd")
             entries = []

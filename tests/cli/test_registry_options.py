@@ -1,0 +1,149 @@
+"""The registry option group: one definition, on every command that takes an image (issue 11).
+
+``--insecure-registry HOST`` needs its HOST and refuses an image reference there (so it can never
+eat the IMAGE positional); ``--tls-verify=BOOL`` is skopeo's spelling, ``--no-tls-verify`` its
+alias. How the options reach nbdkit and the FUSE server against a real registry is tested in
+tests/frontends/test_registry_frontends.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from obd.cli import build_parser, main
+from obd.cli.common import REGISTRY_GROUP, remote_argv, remote_options, remote_params
+from obd.cli.mount import background_command
+from obd.host.nbdkit import plugin_path
+
+#: Every command that takes an image, as its words on the command line.
+IMAGE_COMMANDS = [
+    ["run"],
+    ["nbd"],
+    ["mount"],
+    ["export"],
+    ["inspect"],
+    ["pull"],
+    ["push"],
+    ["convert"],
+    ["trace", "replay"],
+    ["trace", "attach"],
+]
+GROUP_OPTIONS = [
+    "--platform OS/ARCH",
+    "--insecure-registry HOST",
+    "--tls-verify BOOL",
+    "--no-tls-verify",
+    "--creds USER[:PASSWORD]",
+    "--ca-file PEM",
+    "--cache-dir DIR",
+    "--cache-limit SIZE",
+    "--no-cache",
+]
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    return build_parser().parse_args(list(argv))
+
+
+@pytest.mark.parametrize("words", IMAGE_COMMANDS, ids=" ".join)
+def test_every_image_command_lists_the_registry_group(words, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*words, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert REGISTRY_GROUP + ":" in out
+    group = out.split(REGISTRY_GROUP + ":", 1)[1]
+    for option in GROUP_OPTIONS:
+        assert option in group, (words, option)
+    assert "--insecure-registry [HOST]" not in out
+
+
+def test_insecure_registry_never_eats_the_image(capsys):
+    """The issue's own line: the image written where HOST belongs is refused, not taken as HOST."""
+    with pytest.raises(SystemExit) as e:
+        main(["run", "--insecure-registry", "127.0.0.1:5000/hello:obd", "--", "/hello"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --insecure-registry: takes a registry HOST[:PORT], not '127.0.0.1:5000/hello:obd'" in err
+    assert "no image" not in err
+    with pytest.raises(SystemExit) as e:
+        main(["nbd", "127.0.0.1:5000/app:1", "--insecure-registry"])  # HOST is required
+    assert e.value.code == 2
+    assert "argument --insecure-registry: expected one argument" in capsys.readouterr().err
+
+
+def test_insecure_registry_is_repeatable_and_reaches_the_options():
+    args = parse(
+        "export",
+        "--insecure-registry",
+        "a:5000",
+        "b.example",
+        "-o",
+        "x",
+        "--insecure-registry=c:1",
+        "--cache-dir",
+        "C",
+    )
+    assert args.layers == ["b.example"]
+    opts = remote_options(args)
+    assert opts.insecure == ("a:5000", "c:1") and opts.tls_verify is True
+    assert opts.is_http("A:5000") and not opts.is_http("b.example")
+
+
+@pytest.mark.parametrize("spelling", [["--tls-verify=false"], ["--tls-verify", "false"], ["--no-tls-verify"]])
+def test_tls_verify_false_is_every_registry_over_plain_http(spelling):
+    """skopeo's --tls-verify=false: HTTPS and verified certificates no longer required, anywhere."""
+    args = parse("pull", "registry.example/app:1", *spelling)
+    opts = remote_options(args)
+    assert opts.insecure is True and opts.tls_verify is False
+    assert remote_params(args) == ["insecure-registry=true", "tls-verify=false"]
+    assert remote_argv(args) == ["--tls-verify=false"]
+
+
+def test_tls_verify_true_is_the_default_and_a_bad_value_is_named(capsys):
+    for argv in ([], ["--tls-verify=true"], ["--tls-verify=1"]):
+        opts = remote_options(parse("pull", "registry.example/app:1", *argv))
+        assert opts.insecure == () and opts.tls_verify is True
+    with pytest.raises(SystemExit) as e:
+        main(["pull", "--tls-verify", "registry.example/app:1"])  # no value: the image is not eaten
+    assert e.value.code == 2
+    assert (
+        "argument --tls-verify: expected true or false, got 'registry.example/app:1'"
+        in capsys.readouterr().err
+    )
+
+
+def test_nbd_passes_the_group_as_plugin_parameters_and_credentials_not_at_all(tmp_path, capsys):
+    argv = ["nbd", "127.0.0.1:5000/app:1-obd", "--socket", str(tmp_path / "s"), "--print-command"]
+    argv += ["--insecure-registry", "127.0.0.1:5000", "--creds", "alice:s3cret", "--platform", "linux/amd64"]
+    argv += ["--cache-dir", str(tmp_path / "c"), "--cache-limit", "1G", "--ca-file", str(tmp_path / "ca.pem")]
+    assert main(argv) == 0
+    line = capsys.readouterr().out
+    assert f"python {plugin_path()} image=127.0.0.1:5000/app:1-obd" in line
+    for param in (
+        "insecure-registry=127.0.0.1:5000",
+        "platform=linux/amd64",
+        f"cache-dir={tmp_path}/c",
+        "cache-limit=1G",
+        f"ca-file={tmp_path}/ca.pem",
+    ):
+        assert param in line
+    assert "alice" not in line and "s3cret" not in line
+
+
+def test_mount_background_command_carries_the_group_without_credentials(tmp_path):
+    args = parse(
+        "mount", "r.example/app:1", str(tmp_path / "m"), "--tls-verify=false", "--creds", "bob:pw", "--stats"
+    )
+    cmd = background_command(args, ["r.example/app:1"], str(tmp_path / "m"), 7)
+    assert cmd[cmd.index("mount") + 1 : cmd.index("mount") + 3] == ["r.example/app:1", str(tmp_path / "m")]
+    assert "--tls-verify=false" in cmd and "--stats" in cmd
+    assert not any("bob" in word or word == "pw" for word in cmd)
+
+
+def test_plugin_path_prints_the_installed_script(capsys):
+    assert main(["nbd", "--plugin-path"]) == 0
+    out = capsys.readouterr().out.strip()
+    assert out == str(plugin_path()) and out.endswith("frontends/nbd/plugin.py")

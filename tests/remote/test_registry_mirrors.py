@@ -1,0 +1,448 @@
+"""Mirrors from containerd-style ``hosts.toml``, Docker Hub short names and HTTP proxies.
+
+Real parts: Debian's ``docker-registry`` as the origin, a second one in pull-through mode
+(``proxy: remoteurl``) as the mirror, and a loopback forward proxy that records what it forwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import http.server
+import json
+import re
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from registry_server import FaultProxy, RegistryServer, TokenServer, free_port
+
+from fixtures import FIXTURES
+from obd.cli import main
+from obd.errors import ConfigError
+from obd.image.remote import RemoteOptions, resolve_image
+from obd.observability.stats import Stats
+from obd.registry import AsyncRunner, CredentialResolver, RegistryClient
+from obd.registry.auth import Credentials
+from obd.registry.hosts import HostsResolver, load_hosts, parse_hosts_toml
+from obd.registry.push import push_layout
+
+pytestmark = pytest.mark.timeout(180)
+
+ROOT = Path(__file__).resolve().parents[2]
+ACI = FIXTURES / "aci-hello-world"
+CONVERTED = "sha256:42caa56a19e082b872d43f645bb392e25c9e78bce429755bd709fac598265f88"
+
+
+def new_client(hosts_dir: Path | None, **kw) -> RegistryClient:
+    kw.setdefault("credentials", CredentialResolver(env={}, use_docker_config=False))
+    kw.setdefault("insecure", True)
+    kw.setdefault("stats", Stats())
+    kw.setdefault("backoff", 0.01)
+    kw.setdefault("max_backoff", 0.05)
+    return RegistryClient(hosts=[hosts_dir] if hosts_dir else [], **kw)
+
+
+def write_hosts(root: Path, registry: str, text: str) -> Path:
+    folder = root / registry
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "hosts.toml").write_text(text)
+    return root
+
+
+def mirror_toml(url: str, capabilities: str = '["pull", "resolve"]') -> str:
+    return f'[host."{url}"]\n  capabilities = {capabilities}\n'
+
+
+def wait_stored(registry: RegistryServer, digests: list[str], timeout: float = 30.0) -> None:
+    """Wait until a pull-through registry has stored ``digests`` (it writes them in the background)."""
+    root = registry.storage / "data" / "docker" / "registry" / "v2" / "blobs" / "sha256"
+    paths = [root / d[7:9] / d[7:] / "data" for d in digests]
+    deadline = time.monotonic() + timeout
+    while not all(p.exists() for p in paths):
+        assert time.monotonic() < deadline, f"the mirror did not store {digests} within {timeout} s"
+        time.sleep(0.05)
+
+
+def sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def runner():
+    r = AsyncRunner("test-registry-mirrors")
+    yield r
+    r.close()
+
+
+@pytest.fixture(scope="module")
+def origin(tmp_path_factory, runner):
+    """A registry holding the ACI fixture as ``aci/hello`` and as Docker Hub's ``library/hello``."""
+    reg = RegistryServer(tmp_path_factory.mktemp("origin"), "noauth").start()
+    c = new_client(None)
+    runner.run(push_layout(c, f"oci:{ACI}:amd64-converted", f"{reg.host}/aci/hello"), 60)
+    runner.run(push_layout(c, f"oci:{ACI}:amd64-converted", f"{reg.host}/library/hello:tag"), 60)
+    runner.run(c.aclose(), 10)
+    yield reg
+    reg.stop()
+
+
+def layer_of(client: RegistryClient, runner: AsyncRunner, ref: str) -> tuple[str, int]:
+    image = runner.run(client.get_image(ref), 60)
+    layer = image.layers[0]
+    return layer.digest, layer.size
+
+
+# -- hosts.toml parsing ------------------------------------------------------------------------
+
+
+def test_hosts_toml_fields_and_defaults(tmp_path):
+    cfg = parse_hosts_toml(
+        """
+server = "https://registry.example.com:5000"
+skip_verify = true
+[host."mirror.example.com"]
+  capabilities = ["pull"]
+[host."http://10.0.0.1:5001/cache/v2"]
+  ca = ["/a.pem", "/b.pem"]
+  client = [["/c.pem", "/c.key"], "/d.pem"]
+  [host."http://10.0.0.1:5001/cache/v2".header]
+    x-one = "1"
+    x-many = ["a", "b"]
+[host."https://odd.example.com/api"]
+  override_path = true
+""",
+        "registry.example.com:5000",
+        "x/hosts.toml",
+    )
+    first, second, third = cfg.mirrors
+    assert first.url == "https://mirror.example.com/v2" and first.capabilities == {"pull"}
+    assert second.url == "http://10.0.0.1:5001/cache/v2" and second.is_http
+    assert second.capabilities == {"pull", "resolve", "push"}
+    assert second.ca == ("/a.pem", "/b.pem") and second.client == (("/c.pem", "/c.key"), ("/d.pem", None))
+    assert dict(second.headers) == {"x-one": "1", "x-many": "a, b"}
+    assert third.url == "https://odd.example.com/api"
+    assert cfg.origin is not None and cfg.origin.url == "https://registry.example.com:5000/v2"
+    assert cfg.origin.skip_verify
+    assert [m.url for m in cfg.mirrors_for("resolve")] == [second.url, third.url]
+    docker = parse_hosts_toml("skip_verify = false\n", "docker.io")
+    assert docker.origin is not None and docker.origin.url == "https://registry-1.docker.io/v2"
+
+
+@pytest.mark.parametrize(
+    ("text", "field", "message"),
+    [
+        ('[host."https://m"]\ncapabilities = ["pull", "fetch"]\n', 'host."https://m".capabilities', "capab"),
+        ('[host."https://m"]\nskip_verify = "yes"\n', 'host."https://m".skip_verify', "true or false"),
+        ('[host."https://m"]\ncolour = 1\n', 'host."https://m".colour', "unknown key"),
+        ('[host."ftp://m"]\n', 'host."ftp://m"', "http"),
+        ("server = 5\n", "server", "URL"),
+        ('[host."https://m"]\nheader = "x"\n', 'host."https://m".header', "table"),
+    ],
+)
+def test_hosts_toml_errors_name_file_and_field(text, field, message):
+    with pytest.raises(ConfigError, match=message) as e:
+        parse_hosts_toml(text, "example.com", "/etc/h/example.com/hosts.toml")
+    assert e.value.path == "/etc/h/example.com/hosts.toml" and e.value.field == field
+
+
+def test_invalid_toml_names_file():
+    with pytest.raises(ConfigError, match="not valid TOML") as e:
+        parse_hosts_toml("server = [", "example.com", "f/hosts.toml")
+    assert e.value.path == "f/hosts.toml"
+
+
+def test_lookup_order_and_default_namespace(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    write_hosts(b, "example.com:5000", mirror_toml("https://b-mirror"))
+    write_hosts(a, "_default", mirror_toml("https://a-default"))
+    write_hosts(b, "_default", mirror_toml("https://b-default"))
+    assert load_hosts("example.com:5000", [a, b]).mirrors[0].url == "https://b-mirror/v2"
+    assert load_hosts("other.com", [a, b]).mirrors[0].url == "https://a-default/v2"
+    assert load_hosts("other.com", [tmp_path / "none"]).mirrors == ()
+    write_hosts(a, "docker.io", mirror_toml("https://hub-mirror"))
+    resolver = HostsResolver.from_dirs([a])
+    assert resolver.hosts("docker.io").mirrors[0].url == "https://hub-mirror/v2"
+
+
+def test_docs_hosts_toml_example_parses():
+    text = (ROOT / "docs" / "registry.md").read_text()
+    section = text.split("## Mirrors and proxies", 1)[1].split("\n## ", 1)[0]
+    example = re.search(r"```toml\n(.*?)```", section, re.S)
+    assert example, "docs/registry.md: no toml example in 'Mirrors and proxies'"
+    cfg = parse_hosts_toml(example.group(1), "docker.io", "docs/registry.md")
+    assert cfg.origin is not None and cfg.origin.url == "https://registry-1.docker.io/v2"
+    local, remote = cfg.mirrors
+    assert local.url == "http://127.0.0.1:5001/v2" and local.capabilities == {"pull", "resolve"}
+    assert dict(local.headers) == {"x-fleet": "rack-7"}
+    assert remote.url == "https://mirror.example.com/dockerhub/v2" and remote.capabilities == {"pull"}
+    assert remote.ca == ("/etc/obd/mirror-ca.pem",)
+
+
+# -- mirrors against real registries -----------------------------------------------------------
+
+
+def test_pull_through_mirror_keeps_serving_after_origin_stops(tmp_path, runner):
+    origin = RegistryServer(tmp_path / "origin", "noauth").start()
+    mirror = None
+    try:
+        c = new_client(None)
+        runner.run(push_layout(c, f"oci:{ACI}:amd64-converted", f"{origin.host}/aci/hello"), 60)
+        runner.run(c.aclose(), 10)
+        mirror = RegistryServer(tmp_path / "mirror", "noauth", proxy_remote=origin.url).start()
+        # a recording proxy in front of the mirror shows which host served what
+        front = FaultProxy(mirror.url).start()
+        hosts = write_hosts(tmp_path / "hosts", origin.host, mirror_toml(front.server.url))
+        client = new_client(hosts)
+        ref = f"{origin.host}/aci/hello:amd64-converted"
+        digest, size = layer_of(client, runner, ref)
+        whole = runner.run(client.get_blob(ref, digest, max_bytes=size), 60)  # warms the mirror
+        assert sha256(whole) == digest
+        assert any(path.endswith(f"/blobs/{digest}") for _, path, _, _ in front.seen)
+        assert any("/manifests/amd64-converted" in path for _, path, _, _ in front.seen)
+        image = runner.run(client.get_image(ref), 30)
+        wait_stored(mirror, [digest, image.manifest_digest, image.manifest["config"]["digest"]])
+        origin.stop()
+        # the pull-through cache answers from its own storage now, tags included
+        again = new_client(hosts)
+        assert layer_of(again, runner, ref) == (digest, size)
+        part = runner.run(again.read_range(ref, digest, 100, 4000, size=size), 60)
+        assert part == whole[100:4100]
+        assert runner.run(again.blob_size(ref, digest), 30) == size
+        image = runner.run(again.get_image(ref), 30)
+        assert image.reference.startswith(f"{origin.host}/aci/hello@")  # named after the origin
+        for c in (client, again):
+            runner.run(c.aclose(), 10)
+        front.stop()
+    finally:
+        origin.stop()
+        if mirror is not None:
+            mirror.stop()
+
+
+def test_mirror_down_or_failing_falls_back_to_origin(origin, tmp_path, runner):
+    dead = f"http://127.0.0.1:{free_port()}"
+    failing = FaultProxy(origin.url).start()
+    failing.add("status", times=None, status=503, match=lambda r: True)
+    try:
+        hosts = write_hosts(
+            tmp_path / "hosts", origin.host, mirror_toml(dead) + mirror_toml(failing.server.url)
+        )
+        client = new_client(hosts, mirror_cooldown=3600)
+        ref = f"{origin.host}/aci/hello:amd64-converted"
+        digest, size = layer_of(client, runner, ref)
+        data = runner.run(client.read_range(ref, digest, 0, size, size=size), 60)
+        assert sha256(data) == digest
+        tried = len(failing.seen)
+        assert tried >= 1  # the failing mirror was asked, and answered 503
+        runner.run(client.read_range(ref, digest, 10, 10, size=size), 60)
+        assert len(failing.seen) == tried  # a failed mirror is skipped during its cooldown
+        runner.run(client.aclose(), 10)
+    finally:
+        failing.stop()
+
+
+def test_mirror_404_falls_back_without_cooldown(origin, tmp_path, runner):
+    empty = RegistryServer(tmp_path / "empty", "noauth").start()
+    front = FaultProxy(empty.url).start()
+    try:
+        hosts = write_hosts(tmp_path / "hosts", origin.host, mirror_toml(front.server.url))
+        client = new_client(hosts)
+        ref = f"{origin.host}/aci/hello:amd64-converted"
+        assert runner.run(client.get_manifest(ref), 30)[0] == CONVERTED
+        before = len(front.seen)
+        runner.run(client.get_manifest(ref), 30)
+        assert len(front.seen) > before  # a 404 is no reason to stop asking the mirror
+        runner.run(client.aclose(), 10)
+    finally:
+        front.stop()
+        empty.stop()
+
+
+def test_resolve_capability_only_for_tags(origin, tmp_path, runner):
+    front = FaultProxy(origin.url).start()
+    try:
+        hosts = write_hosts(tmp_path / "hosts", origin.host, mirror_toml(front.server.url, '["pull"]'))
+        client = new_client(hosts)
+        runner.run(client.get_manifest(f"{origin.host}/aci/hello:amd64-converted"), 30)
+        assert front.seen == []  # a pull-only mirror does not resolve tags
+        runner.run(client.get_manifest(f"{origin.host}/aci/hello@{CONVERTED}"), 30)
+        assert any(path.endswith(f"/manifests/{CONVERTED}") for _, path, _, _ in front.seen)
+        runner.run(client.aclose(), 10)
+    finally:
+        front.stop()
+
+
+def test_mirror_headers_are_sent(origin, tmp_path, runner):
+    front = FaultProxy(origin.url).start()
+    seen_headers: list[str | None] = []
+    front.add("status", times=None, match=lambda r: seen_headers.append(r.headers.get("x-fleet")) and False)
+    try:
+        text = (
+            mirror_toml(front.server.url) + f'  [host."{front.server.url}".header]\n    x-fleet = "rack-7"\n'
+        )
+        client = new_client(write_hosts(tmp_path / "hosts", origin.host, text))
+        runner.run(client.get_manifest(f"{origin.host}/aci/hello:amd64-converted"), 30)
+        assert seen_headers and set(seen_headers) == {"rack-7"}
+        runner.run(client.aclose(), 10)
+    finally:
+        front.stop()
+
+
+# -- Docker Hub short names --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name", ["hello:tag", "docker.io/library/hello:tag", "index.docker.io/library/hello:tag"]
+)
+def test_docker_hub_names_through_a_mirror(origin, tmp_path, runner, name):
+    hosts = write_hosts(tmp_path / "hosts", "docker.io", mirror_toml(origin.url))
+    opts = RemoteOptions(hosts_dirs=(str(hosts),), no_cache=True, stats=Stats())
+    try:
+        ref, image = resolve_image(name, opts)
+        assert (ref.registry, ref.repository, ref.tag) == ("docker.io", "library/hello", "tag")
+        assert ref.api_host == "registry-1.docker.io"
+        assert image.manifest_digest == CONVERTED
+        layer = image.layers[0]
+        client = opts.client()
+        data = opts.runner.run(client.read_range(ref, layer.digest, 0, 512, size=layer.size), 30)
+        assert len(data) == 512
+    finally:
+        opts.close()
+
+
+def test_cli_hosts_dir_pulls_a_short_name_through_the_mirror(origin, tmp_path, capsys):
+    hosts = write_hosts(tmp_path / "hosts", "docker.io", mirror_toml(origin.url))
+    layout = tmp_path / "layout"
+    args = ["--hosts-dir", str(hosts), "--cache-dir", str(tmp_path / "cache"), "-q"]
+    assert main(["pull", "hello:tag", f"oci:{layout}:mine", *args]) == 0
+    index = json.loads((layout / "index.json").read_text())
+    assert [m["digest"] for m in index["manifests"]] == [CONVERTED]
+    assert "--hosts-dir DIR" in _help("pull", capsys) and "--proxy URL" in _help("pull", capsys)
+
+
+def _help(command: str, capsys) -> str:
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    return capsys.readouterr().out
+
+
+# -- HTTP proxy --------------------------------------------------------------------------------
+
+
+class RecordingProxy:
+    """A loopback forward proxy for plain-http targets (absolute-URI requests); records each request."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str, str | None]] = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _forward(self) -> None:
+                outer.seen.append((self.command, self.path, self.headers.get("Range")))
+                target = http.client.urlsplit(self.path)
+                conn = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("proxy-connection",)}
+                path = target.path + (f"?{target.query}" if target.query else "")
+                conn.request(self.command, path, body=body, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = _forward
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def start(self) -> RecordingProxy:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_proxy_option_forwards_range_requests(origin, tmp_path, runner, monkeypatch):
+    for var in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    proxy = RecordingProxy().start()
+    try:
+        client = new_client(None, proxy=proxy.url)
+        ref = f"{origin.host}/aci/hello:amd64-converted"
+        digest, size = layer_of(client, runner, ref)
+        data = runner.run(client.read_range(ref, digest, 1000, 2000, size=size), 30)
+        assert len(data) == 2000
+        ranged = [r for _, path, r in proxy.seen if path.endswith(f"/blobs/{digest}") and r]
+        assert "bytes=1000-2999" in ranged
+        assert all(path.startswith(f"http://{origin.host}/v2/") for _, path, _ in proxy.seen)
+        runner.run(client.aclose(), 10)
+    finally:
+        proxy.stop()
+
+
+def test_proxy_from_environment_and_no_proxy(origin, tmp_path, runner, monkeypatch):
+    for var in ("HTTPS_PROXY", "https_proxy", "no_proxy", "http_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    proxy = RecordingProxy().start()
+    try:
+        monkeypatch.setenv("HTTP_PROXY", proxy.url)
+        monkeypatch.setenv("NO_PROXY", "")
+        client = new_client(None)
+        ref = f"{origin.host}/aci/hello:amd64-converted"
+        layer_of(client, runner, ref)
+        assert proxy.seen
+        runner.run(client.aclose(), 10)
+        proxy.seen.clear()
+        monkeypatch.setenv("NO_PROXY", "localhost,127.0.0.1")
+        direct = new_client(None)
+        layer_of(direct, runner, ref)
+        assert proxy.seen == []
+        runner.run(direct.aclose(), 10)
+    finally:
+        proxy.stop()
+
+
+def test_token_requests_go_through_the_proxy(tmp_path, runner, monkeypatch):
+    for var in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    tokens = TokenServer(
+        tmp_path, {"alice": "pw"}, {"alice": [("*", {"pull", "push"})], None: [("*", {"pull"})]}
+    )
+    tokens.start()
+    reg = RegistryServer(tmp_path, "token", token_server=tokens).start()
+    proxy = RecordingProxy().start()
+    try:
+        pusher = new_client(None, credentials=CredentialResolver(Credentials("alice", "pw"), env={}))
+        runner.run(push_layout(pusher, f"oci:{ACI}:amd64-converted", f"{reg.host}/aci/hello"), 60)
+        runner.run(pusher.aclose(), 10)
+        client = new_client(None, proxy=proxy.url)
+        layer_of(client, runner, f"{reg.host}/aci/hello:amd64-converted")
+        assert any(path.startswith(f"{tokens.realm}?") for _, path, _ in proxy.seen)
+        runner.run(client.aclose(), 10)
+    finally:
+        proxy.stop()
+        reg.stop()
+        tokens.stop()
+
+
+def test_bad_proxy_url_is_a_config_error():
+    with pytest.raises(ConfigError, match="proxy"):
+        new_client(None, proxy="socks5://127.0.0.1:1080")
