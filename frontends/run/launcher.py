@@ -17,9 +17,12 @@ One run, start to end (:func:`run_image`):
    stopped (so it writes the trace and its statistics), the temporary directory with the socket
    is removed.
 
-With an *upper directory* (``--rw [DIR]``, ``--snapshot NAME``) the disk is writable and the
-writes land in an overlaybd RW layer (:mod:`obd.image.upper`): ``obd snapshot DIR`` commits them
-into a layer, ``obd fork DIR NEW`` branches off, and later runs of the same directory see them.
+The root is writable, as in ``docker run``: the writes land in an overlaybd RW layer in an *upper
+directory* (:mod:`obd.image.upper`). By default that is a throw-away one in the run's temporary
+directory, deleted with it (:func:`root_disk`); with ``--rw [DIR]`` or ``--snapshot NAME`` it is kept:
+``obd snapshot DIR`` commits its writes into a layer, ``obd fork DIR NEW`` branches off, and later runs
+of the same directory see them. ``--read-only`` serves the image as it is (the guest mounts it
+read-only, with tmpfs on ``/tmp`` and ``/run``).
 """
 
 from __future__ import annotations
@@ -397,7 +400,9 @@ class RunOptions:
     user: str | None = None
     entrypoint: list[str] | None = None
     upper: str | None = None
-    """An upper directory: the disk is writable and the writes stay there (created on first use)."""
+    """An upper directory that keeps the writes (created on first use); None: a throw-away one."""
+    read_only: bool = False
+    """Serve the image read-only, with no upper directory at all (``docker run --read-only``)."""
     sparse: bool = False
     trace: str | None = None
     """A prefetch trace replayed into the block cache while the VM boots."""
@@ -434,7 +439,41 @@ class RunResult:
     resolve_stats: dict[str, Any]
     accel: str
     upper: str | None = None
+    """The kept upper directory (None for a throw-away or read-only root)."""
     argv: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RootDisk:
+    """Where a run's writes go: the plan :func:`root_disk` makes before anything starts."""
+
+    upper: str | None
+    """The upper directory the nbd server writes to (absolute); None: the disk is read-only."""
+    throwaway: bool = False
+    """``upper`` lives in the run's temporary directory and is deleted with it."""
+
+    @property
+    def readonly(self) -> bool:
+        return self.upper is None
+
+
+def root_disk(options: RunOptions, runtime: str | os.PathLike[str]) -> RootDisk:
+    """Docker's rule for the root: writable, the writes thrown away after the run unless kept.
+
+    ``options.upper`` keeps them there; ``options.read_only`` makes the disk read-only; otherwise a
+    throw-away upper directory inside ``runtime`` (the run's private temporary directory, removed on
+    every way out of :func:`run_image`) takes them.
+    """
+    if options.read_only and options.upper:
+        raise ConfigError(
+            "a read-only run keeps no writes: give --read-only or --rw/--snapshot, not both",
+            field="read_only",
+        )
+    if options.upper:
+        return RootDisk(os.path.abspath(options.upper))
+    if options.read_only:
+        return RootDisk(None)
+    return RootDisk(os.path.join(os.path.abspath(runtime), "upper"), throwaway=True)
 
 
 def _runtime_dir() -> Path:
@@ -451,7 +490,8 @@ def run_image(image: str | Sequence[str] | None, args: Sequence[str], options: R
     :class:`~frontends.run.vm.VMTimeoutError` when ``options.timeout`` runs out,
     :class:`~frontends.run.vm.GuestError` when the guest cannot start the command, and
     :class:`~obd.errors.ObdError` for image or server problems; ``KeyboardInterrupt`` propagates.
-    Whatever happens, QEMU and nbdkit are gone and the temporary directory is removed on return.
+    Whatever happens, QEMU and nbdkit are gone and the temporary directory (with a throw-away upper
+    directory, see :func:`root_disk`) is removed on return.
     """
     say = options.say or (lambda _m: None)
     remote = options.remote
@@ -467,21 +507,6 @@ def run_image(image: str | Sequence[str] | None, args: Sequence[str], options: R
         raise ConfigError("no image given (IMAGE, or an existing --rw DIR / --snapshot NAME)", field="image")
     timings["resolve"] = time.monotonic() - t0
 
-    if options.upper:
-        _, process = prepare_upper(options.upper, resolved, sparse=options.sparse, remote=remote)
-        if not process and resolved is None:
-            process = process_of_upper(options.upper, remote)
-    else:
-        assert resolved is not None
-        process = resolved.process
-    argv = command_line(process, args, entrypoint=options.entrypoint)
-    env = environment(process, options.env)
-    workdir = options.workdir or process.get("WorkingDir") or "/"
-    user = options.user if options.user is not None else process.get("User")
-    resolve_stats = _diff(remote.stats.snapshot(), resolve_before)
-
-    assets = ensure_assets(options.vm_cache_dir, progress=say)
-    timings["prepared"] = time.monotonic() - t0
     runtime = _runtime_dir()
     server: NbdServer | None = None
     first: list[float] = []
@@ -494,9 +519,30 @@ def run_image(image: str | Sequence[str] | None, args: Sequence[str], options: R
             on_output(chunk)
 
     try:
+        if options.trace and not os.path.isfile(options.trace):
+            raise ConfigError("trace file not found", path=options.trace, field="trace")
+        disk = root_disk(options, runtime)
+        if disk.upper is not None:
+            _, process = prepare_upper(disk.upper, resolved, sparse=options.sparse, remote=remote)
+            if not process and resolved is None:
+                process = process_of_upper(disk.upper, remote)
+            kind = "a throw-away upper directory (deleted after the run)" if disk.throwaway else "upper"
+            say(f"writable root: the writes go to {kind} {disk.upper}")
+        else:
+            assert resolved is not None
+            process = resolved.process
+            say("read-only root (tmpfs on /tmp and /run)")
+        argv = command_line(process, args, entrypoint=options.entrypoint)
+        env = environment(process, options.env)
+        workdir = options.workdir or process.get("WorkingDir") or "/"
+        user = options.user if options.user is not None else process.get("User")
+        resolve_stats = _diff(remote.stats.snapshot(), resolve_before)
+
+        assets = ensure_assets(options.vm_cache_dir, progress=say)
+        timings["prepared"] = time.monotonic() - t0
         params = remote_params(remote)
-        if options.upper:
-            params.append(f"upper={os.path.abspath(options.upper)}")
+        if disk.upper is not None:
+            params.append(f"upper={disk.upper}")
             if options.sparse:
                 params.append("sparse=true")
         else:
@@ -505,8 +551,6 @@ def run_image(image: str | Sequence[str] | None, args: Sequence[str], options: R
             resolved.config.save(str(cfg_path))
             params.append(f"config={cfg_path}")
         if options.trace:
-            if not os.path.isfile(options.trace):
-                raise ConfigError("trace file not found", path=options.trace, field="trace")
             params.append(f"trace={os.path.abspath(options.trace)}")
         if options.record_trace:
             params.append(f"record-trace={os.path.abspath(options.record_trace)}")
@@ -539,7 +583,7 @@ def run_image(image: str | Sequence[str] | None, args: Sequence[str], options: R
             env=env,
             workdir=workdir,
             user=user,
-            readonly=not options.upper,
+            readonly=disk.readonly,
             memory_mib=options.memory_mib,
             cpus=options.cpus,
             timeout=timeout,

@@ -51,6 +51,7 @@ _KNOWN = {
     "start",
     "rw",
     "snapshot",
+    "read_only",
     "sparse",
     "timeout",
     "trace",
@@ -87,6 +88,8 @@ class Sandbox:
     rw: str | bool = False
     """True: a fresh upper directory; a path: that upper directory."""
     snapshot: str | None = None
+    read_only: bool = False
+    """No writes at all (``--read-only``); by default the writes are thrown away after the run."""
     sparse: bool = False
     timeout: float | None = None
     trace: str | None = None
@@ -244,6 +247,11 @@ def _sandbox(name: str, body: Any, where: str, base: Path) -> Sandbox:
         raise ConfigError("must be a sandbox name", path=where, field=f"{at}.snapshot", value=box.snapshot)
     if box.snapshot is not None and box.rw:
         raise ConfigError("give rw or snapshot, not both", path=where, field=f"{at}.snapshot")
+    box.read_only = get("read_only", bool, False)
+    if box.read_only and (box.rw or box.snapshot is not None):
+        raise ConfigError(
+            "a read-only sandbox keeps no writes: drop rw/snapshot", path=where, field=f"{at}.read_only"
+        )
     box.sparse = get("sparse", bool, False)
     timeout = get("timeout", (int, float))
     if timeout is not None and timeout <= 0:

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from obd.cache.store import parse_size
 from obd.cli.common import add_dashdash_parser, add_remote_args, remote_options
 from obd.errors import ConfigError, ObdError
 from obd.observability.progress import human_bytes
@@ -25,9 +26,12 @@ the image's config says (Entrypoint, Cmd, Env, WorkingDir, User; arguments after
 Cmd); its output (stdout and stderr, one stream) is streamed here and obd exits with its exit code
 (125: obd could not run it; 124: --timeout ran out). Ctrl-C stops everything.
 
-The root is read-only (with a tmpfs on /tmp) unless --rw or --snapshot: then the writes land in
-an upper directory (an overlaybd RW layer) that outlives the run; `obd snapshot DIR` (or --commit)
-seals them into a layer, `obd fork DIR NEW` branches off, and later runs of DIR see them.
+The root is writable, as in `docker run`: the writes land in an overlaybd RW layer in a throw-away
+upper directory (under $TMPDIR) that is deleted when the run ends, however it ends. --rw DIR or
+--snapshot NAME keep them in an upper directory that outlives the run: `obd snapshot DIR` (or
+--commit) seals them into a layer, `obd fork DIR NEW` branches off, and later runs of DIR see them.
+--read-only serves the image as it is, with a tmpfs on /tmp and /run. /proc, /sys and /dev work on
+every image, even one without those directories (FROM scratch).
 
 A Sandboxfile (YAML; docs/sandboxfile.md) names repeatable settings: `obd run -f Sandboxfile NAME`
 runs sandbox NAME's start script (NAME~SCRIPT or --script SCRIPT for another one).
@@ -35,6 +39,7 @@ runs sandbox NAME's start script (NAME~SCRIPT or --script SCRIPT for another one
 examples:
   obd run registry.example.com/python:3.11 -- python3 -c 'print("hello world!")'
   obd run --insecure-registry 127.0.0.1:5000 127.0.0.1:5000/app:1 --env DEBUG=1 -- ./serve --once
+  obd run --read-only IMAGE -- ls /
   obd run IMAGE --snapshot dev -- sh -c 'date > /srv/first'  # state kept as sandbox "dev"
   obd run --snapshot dev -- cat /srv/first                     # ... and used again (no network in the VM)
   obd run IMAGE --rw ./vm1 --commit -- sh -c 'echo hi > /f' && obd fork ./vm1 ./vm2
@@ -86,13 +91,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         const=True,
         default=None,
         metavar="DIR",
-        help="writable root; the writes go to upper directory DIR (created on first use; default: a new one "
-        "under the state directory, printed at the end)",
+        help="keep the writes in upper directory DIR (created on first use; no DIR: a new one under the "
+        "state directory, printed at the end)",
+    )
+    state.add_argument(
+        "--read-only",
+        action="store_true",
+        help="read-only root (tmpfs on /tmp and /run); default: writable, the writes dropped after the run",
     )
     state.add_argument(
         "--snapshot",
         metavar="NAME",
-        help="writable root kept as named sandbox state NAME (created on first use; IMAGE optional later)",
+        help="keep the writes as named sandbox state NAME (created on first use; IMAGE optional later)",
     )
     p.add_argument("--sparse", action="store_true", help="a new upper's RW layer is sparse (default: append)")
     p.add_argument(
@@ -127,7 +137,6 @@ def build_options(args: argparse.Namespace) -> tuple[list[str] | None, list[str]
     from frontends.run.launcher import RunOptions, sandbox_dir, state_dir
     from frontends.run.sandboxfile import load, memory_setting
     from frontends.run.vm import write_stdout
-    from obd.cache.store import parse_size
 
     box = None
     image: list[str] | None = list(args.image) or None
@@ -189,9 +198,11 @@ def build_options(args: argparse.Namespace) -> tuple[list[str] | None, list[str]
 
     rw = args.rw
     snapshot = args.snapshot
-    if box is not None and rw is None and snapshot is None:
+    opts.read_only = args.read_only
+    if box is not None and rw is None and snapshot is None and not args.read_only:
         rw = box.rw or None
         snapshot = box.snapshot
+        opts.read_only = box.read_only
     if snapshot:
         opts.upper = str(sandbox_dir(snapshot))
     elif isinstance(rw, str):
@@ -200,7 +211,9 @@ def build_options(args: argparse.Namespace) -> tuple[list[str] | None, list[str]
         stamp = time.strftime("%Y%m%d-%H%M%S")
         opts.upper = str(state_dir() / "uppers" / f"{stamp}-{os.urandom(3).hex()}")
     if args.commit and not opts.upper:
-        raise ConfigError("--commit needs --rw or --snapshot (a read-only run has no writes)", field="commit")
+        raise ConfigError(
+            "--commit needs --rw or --snapshot (without them the writes are thrown away)", field="commit"
+        )
     if not image and not opts.upper:
         raise ConfigError(
             "no image: give IMAGE (or -f SANDBOXFILE NAME, or an existing --rw DIR / --snapshot NAME)"

@@ -323,3 +323,17 @@ def test_recorded_trace_replays_on_a_cold_cache(image, tmp_path):
     # the replay fetched what the guest needed: it found its blocks in the cache
     assert second.stats["cache_hits"] > 0
     assert second.stats["requests"] <= first.stats["requests"]
+
+
+def test_default_writes_are_thrown_away_and_read_only_writes_nothing(image, env):
+    ref = image[0]
+    first = run_cli(env, ref, ref, "--", "sh", "-c", "echo gone > /srv/app/note; cat /srv/app/note")
+    assert (first.returncode, first.stdout) == (0, "gone\n"), first.stderr
+    again = run_cli(env, ref, ref, "--", "sh", "-c", "cat /srv/app/note || echo missing")
+    assert again.stdout.endswith("missing\n"), again.stderr
+    # the image has no /run: a read-only root is rebuilt as a skeleton with its mount points
+    script = "echo t > /tmp/t && echo r > /run/r && cat /tmp/t /run/r /etc/motd; touch /new || echo ro"
+    ro = run_cli(env, ref, "--read-only", ref, "--", "sh", "-c", script)
+    assert ro.returncode == 0, ro.stderr
+    assert ro.stdout.startswith("t\nr\nwelcome to obd\n") and ro.stdout.endswith("ro\n")
+    assert_nothing_left(env)

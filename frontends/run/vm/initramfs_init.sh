@@ -3,8 +3,14 @@
 #
 # As PID 1 it loads the virtio modules, mounts the disk /dev/vda as the new root (read-only unless
 # the kernel command line says "rw"), mounts /proc, /sys, /dev (+ /dev/pts, /dev/shm) and, on a
-# read-only root, a tmpfs on /tmp inside it, then runs this same script a second time, chrooted
-# into the new root, to start the command. When the command ends it syncs, unmounts and powers off.
+# read-only root, a tmpfs on /tmp and /run inside it, then runs this same script a second time,
+# chrooted into the new root, to start the command. When the command ends it syncs, unmounts and
+# powers off.
+#
+# Mount points the image lacks (a FROM-scratch image has none): on a writable root they are created
+# in it, as Docker does. A read-only root is never written: when one is missing, the image moves to
+# /image and the new root becomes a tmpfs skeleton holding the mount points plus a bind mount (or, for
+# a symlink, a copy) of each top-level entry of the image; the skeleton is then made read-only.
 #
 # The host reads the serial console (docs/vm.md has the protocol):
 #   OBD-START-<nonce>          the command starts; everything after it is the command's output
@@ -212,23 +218,64 @@ opts=ro
 mount -t "$fstype" -o "$opts" "$rootdev" /newroot ||
     die "cannot mount the root filesystem $rootdev (type $fstype, $opts)"
 
-# submount FSTYPE DIR OPTIONS: mount inside the new root, creating DIR when the root is writable.
-submount() {
-    if [ ! -d "/newroot$2" ]; then
-        [ "$rw" = 1 ] && mkdir -p "/newroot$2" 2>/dev/null || return 1
-    fi
-    mount -t "$1" -o "$3" "$1" "/newroot$2"
+MOUNT_POINTS="/proc /sys /dev /tmp /run"
+
+# skeleton: rebuild the read-only root as a tmpfs with every mount point, the image's top-level
+# entries bind-mounted (directories, files) or copied (symlinks, device nodes) into it.
+skeleton() {
+    mkdir -p /image
+    mount -o move /newroot /image || return 1
+    mount -t tmpfs -o mode=0755 root /newroot || return 1
+    set +f
+    for e in /image/.* /image/*; do
+        n=${e##*/}
+        case $n in . | ..) continue ;; esac
+        [ -e "$e" ] || [ -L "$e" ] || continue # a pattern that matched nothing
+        t=/newroot/$n
+        if [ -L "$e" ]; then
+            ln -s "$(readlink "$e")" "$t"
+        elif [ -d "$e" ]; then
+            mkdir "$t" && mount -o bind "$e" "$t"
+        elif [ -f "$e" ]; then
+            : >"$t" && mount -o bind "$e" "$t"
+        else
+            cp -a "$e" "$t"
+        fi || echo "obd-init: cannot place /$n in the root"
+    done
+    set -f
+    for d in $MOUNT_POINTS; do
+        [ -d "/newroot$d" ] || mkdir "/newroot$d" || return 1
+    done
 }
-submount proc /proc nosuid,nodev,noexec ||
-    die "cannot mount /proc in the root filesystem (no /proc directory and the root is read-only?)"
+
+missing=0
+for d in $MOUNT_POINTS; do
+    [ -d "/newroot$d" ] || missing=1
+done
+if [ "$missing" = 1 ]; then
+    if [ "$rw" = 1 ]; then
+        for d in /proc /sys /dev; do
+            [ -d "/newroot$d" ] || mkdir -p "/newroot$d" || die "cannot create $d in the root filesystem"
+        done
+    else
+        skeleton || die "cannot build a root with /proc, /sys, /dev, /tmp and /run over the read-only image"
+    fi
+fi
+
+# submount FSTYPE DIR OPTIONS: mount inside the new root, where DIR exists.
+submount() {
+    [ -d "/newroot$2" ] && mount -t "$1" -o "$3" "$1" "/newroot$2"
+}
+submount proc /proc nosuid,nodev,noexec || die "cannot mount /proc in the root filesystem"
 submount sysfs /sys nosuid,nodev,noexec || echo "obd-init: no /sys in the root filesystem"
-submount devtmpfs /dev nosuid,mode=0755 ||
-    die "cannot mount /dev in the root filesystem (no /dev directory and the root is read-only?)"
+submount devtmpfs /dev nosuid,mode=0755 || die "cannot mount /dev in the root filesystem"
 mkdir -p /newroot/dev/pts /newroot/dev/shm
 mount -t devpts -o nosuid,noexec,newinstance,ptmxmode=0666,mode=0620 devpts /newroot/dev/pts
 mount -t tmpfs -o nosuid,nodev,mode=1777 shm /newroot/dev/shm
 if [ "$rw" = 0 ]; then
     submount tmpfs /tmp nosuid,nodev,mode=1777 || echo "obd-init: no /tmp in the root filesystem"
+    submount tmpfs /run nosuid,nodev,mode=0755 || echo "obd-init: no /run in the root filesystem"
+    [ -d /image ] && mount -o remount,ro /newroot
 fi
 hostname obd
 read -r up _ </proc/uptime
@@ -264,7 +311,7 @@ rc=$?
 # Make everything the command wrote durable before reporting: unmount (or at least remount
 # read-only) the root; processes the command left behind are killed first.
 kill -9 -1 2>/dev/null
-for m in /newroot/dev/shm /newroot/dev/pts /newroot/dev /newroot/tmp /newroot/sys /newroot/proc; do
+for m in /newroot/dev/shm /newroot/dev/pts /newroot/dev /newroot/run /newroot/tmp /newroot/sys /newroot/proc; do
     umount "$m" 2>/dev/null
 done
 sync
