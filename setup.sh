@@ -21,6 +21,7 @@ PACKAGES=(
     nbdkit          # the NBD server obd's Python plugin runs in
     nbdkit-plugin-python  # nbdkit's Python plugin (embeds Debian's Python 3.11)
     libnbd-bin      # nbdcopy, nbdinfo: NBD clients for tests and benchmarks
+    fio             # the 4 KiB random-read and -write load of bench/bench_nbd.py
     python3-libnbd  # libnbd's Python binding, the NBD client of the tests
     qemu-utils      # qemu-img, qemu-io: more NBD clients for tests
     qemu-system-x86 # the microVMs (-M microvm, TCG where KVM is unusable)

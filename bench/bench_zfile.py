@@ -9,11 +9,12 @@ overlaybd anchors in ``ANCHORS.md``). For lz4 and zstd this measures, best of ``
 - decompress: :class:`ZFileReader` over that file, reading the whole original in large reads;
 - ceiling: a tight loop calling only ``lz4.block.decompress`` / ``ZstdDecompressor.decompress`` on
   the already-split compressed blocks: what Python can do at best, with no I/O, CRC or copying.
+  Reader and ceiling runs alternate, so that a busy moment of a shared machine hits both alike.
 
 It prints MB/s of original data, the reader's ratio to the ceiling and the overlaybd anchors
 (C++ tools on the same kind of machine). Timings vary between machines; the ratios are the point.
 
-    .venv/bin/python bench/bench_zfile.py [--size 256] [--repeat 3] [--threads N]
+    .venv/bin/python bench/bench_zfile.py [--size 256] [--repeat 5] [--threads N]
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ ANCHORS = {
     ("decompress", "zstd"): 289,
 }
 TARGETS = {("decompress", "lz4"): 600, ("decompress", "zstd"): 290}
-CEILING_RATIO_TARGET = 0.70
+#: The reader's share of the bare codec's speed (issue 17).
+CEILING_RATIO_TARGETS = {"lz4": 0.70, "zstd": 0.85}
 
 
 def _text(tag: str, n: int) -> bytes:
@@ -91,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, default=256, help="input size in MiB (default 256)")
     ap.add_argument("--block-size", type=int, default=4096, help="ZFile block size (default 4096)")
-    ap.add_argument("--repeat", type=int, default=3, help="runs per measurement; the best is kept")
+    ap.add_argument("--repeat", type=int, default=5, help="runs per measurement; the best is kept")
     ap.add_argument("--threads", type=int, default=None, help=f"writer threads (default {default_threads()})")
     ap.add_argument("--algorithms", default="lz4,zstd")
     ap.add_argument("--dir", default=None, help="where to put the compressed files (default: a temp dir)")
@@ -131,7 +133,6 @@ def main(argv: list[str] | None = None) -> int:
                 while pos < reader.size:
                     pos += reader.readinto(out, pos)
 
-            t_dec = best_of(args.repeat, decompress)
             # Correctness of what was timed: one more pass, hashed.
             h = hashlib.sha256()
             pos = 0
@@ -148,7 +149,6 @@ def main(argv: list[str] | None = None) -> int:
             crc = 4 if reader.verify_flag else 0
             offs = reader.offsets.tolist()
             comps = [blob[offs[i] : offs[i + 1] - crc] for i in range(reader.block_count)]
-            reader.close()
             if algo == "lz4":
 
                 def ceiling(comps: list[bytes] = comps) -> None:
@@ -164,7 +164,12 @@ def main(argv: list[str] | None = None) -> int:
                     for c in comps:
                         dec(c, bs)
 
-            t_ceil = best_of(args.repeat, ceiling)
+            # Interleaved, so that a busy moment of a shared machine hits both sides alike.
+            t_dec = t_ceil = float("inf")
+            for _ in range(args.repeat):
+                t_dec = min(t_dec, best_of(1, decompress))
+                t_ceil = min(t_ceil, best_of(1, ceiling))
+            reader.close()
             del comps, blob
 
             mbps = {
@@ -173,8 +178,9 @@ def main(argv: list[str] | None = None) -> int:
             }
             rows.append((algo, csize, mbps))
             ratio = mbps["decompress"] / mbps["ceiling"]
-            if ratio < CEILING_RATIO_TARGET:
-                failed.append(f"{algo} decompress {ratio:.0%} of the ceiling < {CEILING_RATIO_TARGET:.0%}")
+            goal = CEILING_RATIO_TARGETS.get(algo, 0.70)
+            if ratio < goal:
+                failed.append(f"{algo} decompress {ratio:.0%} of the ceiling < {goal:.0%}")
             target = TARGETS.get(("decompress", algo))
             if target and mbps["decompress"] < target:
                 failed.append(f"{algo} decompress {mbps['decompress']:.0f} MB/s < {target}")
@@ -191,7 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print("anchors (overlaybd C++, MB/s): " + ", ".join(f"{op} {a} {v}" for (op, a), v in ANCHORS.items()))
     print(
-        f"targets: decompress >= {CEILING_RATIO_TARGET:.0%} of the ceiling, "
+        "targets: decompress >= "
+        + ", ".join(f"{a} {v:.0%}" for a, v in CEILING_RATIO_TARGETS.items())
+        + " of the ceiling, "
         + ", ".join(f"{a} >= {v} MB/s" for (_, a), v in TARGETS.items())
     )
     for f in failed:

@@ -7,9 +7,19 @@ blocks, and checks what can only be checked then: block CRCs, and the decompress
 every block (which the C++ reader does not check).
 
 Reads go one chunk of blocks at a time: one ``source.readinto`` for the compressed span of the
-chunk, one CRC pass over that span for all its blocks (see :func:`_span_crc_ok`), then each block
-is decompressed straight into the caller's buffer. Blocks that a read only partly covers are kept
-in a small LRU, so repeated small reads of one block decompress it once.
+chunk, one CRC pass over that span for all its blocks (see :func:`_span_crc_ok`), then the whole
+blocks are decompressed into the caller's buffer with one library call where the codec has one
+(:meth:`~obd.zfile.codecs.Codec.decompress_run`: an LZ4 run as one LZ4 frame, a zstd run as
+concatenated frames, both by the system libraries, see :mod:`obd.zfile.native`) and block by
+block otherwise. Blocks that a read only partly covers are kept in a small LRU, so
+repeated small reads of one block decompress it once.
+
+Lengths: every block must decompress to exactly the block size (the last: the rest of the file).
+The block-by-block path and :meth:`ZFileReader.verify` check that per block; a run decoded with
+one call is checked as a whole (its total length; liblz4 bounds every block, libzstd holds every
+frame to the size it announces), so blocks of a run that are too short and too long by the same
+amount would go unnoticed there. Their CRCs match, so only a writer that made them on purpose
+gets them: it gets its own bytes back, moved.
 """
 
 from __future__ import annotations
@@ -27,14 +37,19 @@ from obd.io.source import Source
 from obd.zfile.format import BLOCK_CRC_SIZE, RECORD_SIZE, ZFileRecord
 from obd.zfile.layout import ZFileLayout, check_record_digest
 
-#: Uncompressed bytes decoded per chunk of a large read (bounds the scratch buffer).
-CHUNK_BYTES = 1 << 20
+#: Uncompressed bytes decoded per chunk of a large read (bounds the scratch buffer). Each chunk
+#: costs some tens of microseconds of Python and numpy calls, so larger chunks are faster.
+CHUNK_BYTES = 4 << 20
 #: Below this many blocks, CRCs are checked one call per block instead of one pass per span.
 _SPAN_CRC_MIN_BLOCKS = 8
+#: From this many whole blocks on, they are decoded as one run (one library call).
+_RUN_MIN_BLOCKS = 2
 #: Decompressed blocks kept for partial reads.
 DEFAULT_CACHE_BLOCKS = 32
 
-_SEED_BYTES = np.frombuffer(ZFILE_BLOCK_SEED.to_bytes(4, "little"), dtype=np.uint8)
+#: The 4 bytes whose raw CRC32C from register 0 is :data:`ZFILE_BLOCK_SEED` (see :func:`_span_crc_ok`).
+_TRAILER_KEY = 0x9036E2DA
+_TRAILER_KEYS = np.tile(np.frombuffer(_TRAILER_KEY.to_bytes(4, "little"), dtype=np.uint8), 1024)
 _ARANGE4 = np.arange(4, dtype=np.int64)
 
 
@@ -64,31 +79,34 @@ def is_zfile(source: Source) -> bool:
     return True
 
 
-def _span_crc_ok(span: memoryview, starts: np.ndarray) -> bool:
+def _span_crc_ok(span: memoryview, trailers: np.ndarray) -> bool:
     """Check the CRC of every record of ``span`` with one CRC pass.
 
     Each record is ``compressed ‖ crc32le`` where ``crc = raw CRC32C(compressed, seed 100007)``.
     For a reflected CRC without final inversion, running a record *including* its stored CRC
-    from the seed leaves the register at 0 exactly when the CRC matches. Starting from register
-    0 instead of the seed is the same as XOR-ing the seed's little-endian bytes into the record's
-    first 4 bytes. So: XOR the seed into the start of every record (in place, in our scratch
-    copy), run one raw CRC over the whole span from 0, and restore the bytes.
+    from the seed leaves the register at 0 exactly when the CRC matches. The raw CRC is linear in
+    the data, so XOR-ing :data:`_TRAILER_KEY` into a record's trailer leaves the register at
+    ``raw CRC32C(key, 0)`` = the seed instead: just what the next record must start from. So: XOR
+    the key into every trailer but the last (``trailers``: their offsets within ``span``, in our
+    scratch copy), run one raw CRC over the whole span from the seed, and expect 0.
 
-    A damaged record leaves a non-zero register, and intact records after it only multiply it by
-    x^(8·length) modulo the polynomial, which keeps it non-zero: one damaged record is caught
-    exactly when its own CRC check would catch it. Several damaged records escape only if their
-    errors cancel, at the same 2^-32 odds as one damaged record matching its CRC by chance. On a
-    mismatch the caller checks block by block to name the culprit. ``starts`` are record offsets
-    within ``span``; records are at least 5 bytes long (checked at open), so the XORs never overlap.
+    A damaged record leaves a non-zero difference in the register, and intact records after it
+    only multiply it by x^(8·length) modulo the polynomial, which keeps it non-zero: one damaged
+    record is caught exactly when its own CRC check would catch it. Several damaged records
+    escape only if their errors cancel, at the same 2^-32 odds as one damaged record matching its
+    CRC by chance. On a mismatch the trailers are restored and the caller checks block by block
+    to name the culprit; on success they are left XOR-ed, as nothing reads them any more (the LZ4
+    run decoder overwrites them). Records are at least 5 bytes long (checked at open), so the
+    XORs never overlap.
     """
     arr = np.frombuffer(span, dtype=np.uint8)
-    idx = (starts[:, None] + _ARANGE4).ravel()
-    seed = np.tile(_SEED_BYTES, len(starts))
-    arr[idx] ^= seed
-    try:
-        return crc32c_raw(span) == 0
-    finally:
-        arr[idx] ^= seed
+    idx = (trailers[:, None] + _ARANGE4).ravel()
+    keys = _TRAILER_KEYS[: len(idx)] if len(idx) <= len(_TRAILER_KEYS) else np.resize(_TRAILER_KEYS, len(idx))
+    arr[idx] ^= keys
+    if crc32c_raw(span, ZFILE_BLOCK_SEED) == 0:
+        return True
+    arr[idx] ^= keys
+    return False
 
 
 class _Plan(NamedTuple):
@@ -103,6 +121,8 @@ class _Plan(NamedTuple):
     base: int
     head: bool
     tail: bool
+    #: ``span`` with :attr:`ZFileReader._headroom` scratch bytes in front (for ``decompress_run``)
+    room: memoryview
 
 
 @dataclass(frozen=True)
@@ -194,6 +214,9 @@ class ZFileReader(Source):
         self._last_len = lay.last_block_length
         self._chunk_blocks = max(1, CHUNK_BYTES // bs)
         self._slices = [slice(i * bs, (i + 1) * bs) for i in range(self._chunk_blocks)]
+        # Runs need the CRC trailers the codec overwrites, and scratch room in front of a span.
+        self._runs = bool(self._crc_len)
+        self._headroom = self.codec.run_headroom if self._runs else 0
         self._cache = _BlockCache(cache_blocks)
         self._local = threading.local()
 
@@ -214,15 +237,20 @@ class ZFileReader(Source):
             buf = self._local.buf = [bytearray()]
         return buf
 
-    def _read_span(self, r0: int, r1: int, scratch: list[bytearray]) -> tuple[memoryview, int]:
-        """Read the records of blocks ``r0..r1`` into ``scratch[0]``; returns the view and its offset."""
+    def _read_span(self, r0: int, r1: int, scratch: list[bytearray]) -> tuple[memoryview, int, memoryview]:
+        """Read the records of blocks ``r0..r1`` into ``scratch[0]`` after the headroom.
+
+        Returns the records' view, their file offset, and the view with the headroom in front.
+        """
         base = int(self.offsets[r0])
         stop = int(self.offsets[r1 + 1])
-        if len(scratch[0]) < stop - base:
+        hr = self._headroom
+        if len(scratch[0]) < hr + stop - base:
             # A new buffer rather than a resize: a view of the old one may still be alive in a
             # traceback, and a bytearray cannot be resized while exported.
-            scratch[0] = bytearray(max(stop - base, 64 << 10))
-        span = memoryview(scratch[0])[: stop - base]
+            scratch[0] = bytearray(max(hr + stop - base, 64 << 10))
+        room = memoryview(scratch[0])[: hr + stop - base]
+        span = room[hr:]
         if getattr(self._local, "nowait", False):
             got = self.source.readinto_nowait(span, base)
             if got is None:
@@ -235,7 +263,7 @@ class ZFileReader(Source):
                 path=self.name,
                 field=f"block[{r0}]",
             )
-        return span, base
+        return span, base, room
 
     def _check_block_crc(self, i: int, rec: memoryview) -> None:
         stored = int.from_bytes(rec[-BLOCK_CRC_SIZE:], "little")
@@ -251,7 +279,9 @@ class ZFileReader(Source):
     def _check_crcs(self, span: memoryview, base: int, r0: int, r1: int) -> None:
         """Check the CRC of blocks ``r0..r1`` held in ``span`` (which starts at file offset ``base``)."""
         offs = self.offsets
-        if r1 - r0 + 1 >= _SPAN_CRC_MIN_BLOCKS and _span_crc_ok(span, offs[r0 : r1 + 1] - base):
+        if r1 - r0 + 1 >= _SPAN_CRC_MIN_BLOCKS and _span_crc_ok(
+            span, offs[r0 + 1 : r1 + 1] - (base + BLOCK_CRC_SIZE)
+        ):
             return
         rel = (offs[r0 : r1 + 2] - base).tolist()
         for k in range(r1 - r0 + 1):
@@ -278,8 +308,16 @@ class ZFileReader(Source):
         n = min(len(mv), size - offset)
         end = offset + n
         bs = self.block_size
-        cb = self._chunk_blocks
         scratch = self._scratch_buffer()
+        if not offset % bs and (n == bs or end == size) and n <= bs:
+            # One whole block (a 4 KiB read of an NBD or FUSE client): the checked path, no plan.
+            j = offset // bs
+            span = self._read_span(j, j, scratch)[0]
+            if self._crc_len:
+                self._check_block_crc(j, span)
+            mv[:n] = self._decode(j, span)
+            return n
+        cb = self._chunk_blocks
         pos = offset
         while pos < end:
             j0 = pos // bs
@@ -328,17 +366,20 @@ class ZFileReader(Source):
                 tail = False
         if r0 > r1:
             return None
-        span, base = self._read_span(r0, r1, scratch)
+        span, base, room = self._read_span(r0, r1, scratch)
         if self._crc_len:
             self._check_crcs(span, base, r0, r1)
-        return _Plan(r0, r1, start, end, dst, span, base, head, tail)
+        return _Plan(r0, r1, start, end, dst, span, base, head, tail, room)
 
-    def _decode_into(self, plan: _Plan | None) -> None:
-        """Stage 2 of a chunk: decompress the blocks of ``plan`` into its destination."""
+    def _decode_into(self, plan: _Plan | None, *, strict: bool = False) -> None:
+        """Stage 2 of a chunk: decompress the blocks of ``plan`` into its destination.
+
+        ``strict`` checks the length of every block (no runs; see the module docstring).
+        """
         if plan is None:
             return
         bs = self.block_size
-        r0, r1, start, end, dst, span, base, head, tail = plan
+        r0, r1, start, end, dst, span, base, head, tail, room = plan
         # ``head`` / ``tail``: blocks r0 / r1 are only partly wanted (and were not cached).
         f0, f1 = r0, r1
         if head:
@@ -363,23 +404,33 @@ class ZFileReader(Source):
         if f1 < f0:
             return
 
-        # Whole blocks, decompressed straight into the caller's buffer. Every per-block step runs
-        # in C (see Codec.decompress_span) and so does the copy: a C-level ``map`` assigning each
-        # block to its slice. Assigning a block of the wrong length raises ValueError, which is
-        # the length check.
+        # Whole blocks, decompressed straight into the caller's buffer: as one run (one library
+        # call), or block by block with every per-block step in C (see Codec.decompress_span) and
+        # the copy too: a C-level ``map`` assigning each block to its slice. Assigning a block of
+        # the wrong length raises ValueError, which is the length check.
         o = self.offsets[f0 : f1 + 2] - base
         out = dst[f0 * bs - start :]
+        run = self._runs and not strict and f1 - f0 + 1 >= _RUN_MIN_BLOCKS
         try:
-            blocks = self.codec.decompress_span(span, o[:-1], o[1:] - self._crc_len, bs)
-            deque(map(out.__setitem__, self._slices, blocks), maxlen=0)
+            if run:
+                hr = self._headroom
+                self.codec.decompress_run(room, o[:-1] + hr, o[1:] - self._crc_len + hr, bs, out)
+            elif f0 == f1:
+                out[:bs] = self._decode(f0, span[int(o[0]) : int(o[1])])
+            else:
+                blocks = self.codec.decompress_span(span, o[:-1], o[1:] - self._crc_len, bs)
+                deque(map(out.__setitem__, self._slices, blocks), maxlen=0)
         except self.codec.errors:
-            # Name the block: redo the range one checked block at a time (raises FormatError).
+            # Redo the blocks one checked block at a time: that names a bad one (FormatError), or
+            # gives the bytes where only the run decoder refused the frames (one it does not take,
+            # or blocks it would have to check one by one). A run leaves the scratch copy
+            # rewritten, so the records are read (and checked) again first.
+            if run:
+                span = self._read_span(r0, r1, self._scratch_buffer())[0]
+                self._check_crcs(span, base, r0, r1)
             rel = o.tolist()
             for k in range(f1 - f0 + 1):
-                self._decode(f0 + k, span[rel[k] : rel[k + 1]])
-            raise FormatError(
-                f"blocks {f0}..{f1} failed to decompress", path=self.name, field=f"block[{f0}]"
-            ) from None
+                out[k * bs : (k + 1) * bs] = self._decode(f0 + k, span[rel[k] : rel[k + 1]])
 
     # -- whole-file checks ---------------------------------------------------------------------
 
@@ -404,7 +455,7 @@ class ZFileReader(Source):
             r1 = min(n - 1, r0 + cb - 1)
             start = r0 * bs
             end = min((r1 + 1) * bs, self.size)
-            self._decode_into(self._load(r0, r1, start, end, mv[: end - start], scratch))
+            self._decode_into(self._load(r0, r1, start, end, mv[: end - start], scratch), strict=True)
         return VerifyReport(
             blocks=n,
             original_size=self.size,
