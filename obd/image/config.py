@@ -111,6 +111,10 @@ class ImageConfig:
                 text = f.read()
         except OSError as e:
             raise ConfigError(f"cannot read: {e.strerror}", path=path) from e
+        except UnicodeDecodeError as e:
+            raise ConfigError(
+                f"not UTF-8 text: byte {e.start}", path=path, value=e.object[e.start : e.start + 4]
+            ) from e
         return cls.loads(text, path=path)
 
     @classmethod

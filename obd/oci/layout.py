@@ -22,6 +22,7 @@ from obd.oci.model import (
     Descriptor,
     Image,
     host_platform,
+    parse_descriptors,
     platform_matches,
 )
 
@@ -82,8 +83,7 @@ class OCILayout:
         return obj
 
     def descriptors(self) -> list[Descriptor]:
-        items = self.index.get("manifests") or []
-        return [Descriptor.parse(m, f"manifests[{i}]", self.root) for i, m in enumerate(items)]
+        return parse_descriptors(self.index, "manifests", self.root, optional=True)
 
     def tags(self) -> list[str]:
         return [d.annotations[REF_NAME] for d in self.descriptors() if REF_NAME in d.annotations]
@@ -120,9 +120,7 @@ class OCILayout:
             if depth:
                 raise FormatError("nested image indexes are not supported", path=ref)
             want = platform or host_platform()
-            subs = [
-                Descriptor.parse(m, f"manifests[{i}]", ref) for i, m in enumerate(doc.get("manifests") or [])
-            ]
+            subs = parse_descriptors(doc, "manifests", ref, optional=True)
             for sub in subs:
                 if sub.platform_name and platform_matches(sub.platform_name, want):
                     return self._resolve_desc(sub, ref, platform, depth + 1)
@@ -134,7 +132,7 @@ class OCILayout:
             )
         cfg_desc = Descriptor.parse(doc["config"], "config", ref)
         config = self._json(self.blob_path(cfg_desc.digest), cfg_desc.digest)
-        layers = [Descriptor.parse(x, f"layers[{i}]", ref) for i, x in enumerate(doc["layers"])]
+        layers = parse_descriptors(doc, "layers", ref)
         return Image(ref, desc.digest, doc, config, layers)
 
 

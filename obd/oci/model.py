@@ -65,12 +65,23 @@ class Descriptor:
         ann = obj.get("annotations") or {}
         if not isinstance(ann, dict):
             raise FormatError("annotations must be an object", path=path, field=f"{where}.annotations")
+        platform = obj.get("platform")
+        if platform is not None and not (
+            isinstance(platform, dict)
+            and all(isinstance(platform.get(k, ""), str) for k in ("os", "architecture", "variant"))
+        ):
+            raise FormatError(
+                "platform must be an object with string os, architecture and variant",
+                path=path,
+                field=f"{where}.platform",
+                value=str(platform)[:60],
+            )
         return cls(
             str(obj.get("mediaType", "")),
             digest,
             size,
             {str(k): str(v) for k, v in ann.items()},
-            obj.get("platform"),
+            platform,
         )
 
     @property
@@ -80,6 +91,17 @@ class Descriptor:
         p = self.platform
         name = f"{p.get('os', '')}/{p.get('architecture', '')}"
         return f"{name}/{p['variant']}" if p.get("variant") else name
+
+
+def parse_descriptors(doc: Any, key: str, path: object, *, optional: bool = False) -> list[Descriptor]:
+    """The descriptors of list ``doc[key]`` (a manifest's ``layers``, an index's ``manifests``);
+    FormatError if it is not a list of descriptors (``optional``: a missing or null one is empty)."""
+    items = doc.get(key) if isinstance(doc, dict) else None
+    if items is None and optional:
+        return []
+    if not isinstance(items, list):
+        raise FormatError("must be a list of descriptors", path=path, field=key, value=str(items)[:40])
+    return [Descriptor.parse(x, f"{key}[{i}]", path) for i, x in enumerate(items)]
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 
 from obd.errors import FormatError
-from obd.oci.model import Descriptor, Image
+from obd.oci.model import Descriptor, Image, parse_descriptors
 from obd.registry.manifests import (
     DOCKER_LIST,
     DOCKER_MANIFEST,
@@ -61,7 +61,7 @@ class RegistryClient(ManifestRequests, BlobReads, BlobUploads):
             raise FormatError(f"config is not valid JSON: {e}", path=str(ref), field="config") from None
         if not isinstance(config, dict):
             raise FormatError("config must be a JSON object", path=str(ref), field="config")
-        layers = [Descriptor.parse(x, f"layers[{i}]", str(ref)) for i, x in enumerate(manifest["layers"])]
+        layers = parse_descriptors(manifest, "layers", str(ref))
         return Image(str(ref.with_target(digest=digest)), digest, manifest, config, layers)
 
 
