@@ -299,6 +299,13 @@ def remote_params(remote: RemoteOptions) -> list[str]:
         params.append(f"cache-limit={remote.cache_limit}")
     if remote.readahead:
         params.append(f"readahead={remote.readahead}")
+    params += [f"hosts-dir={os.path.abspath(d)}" for d in remote.hosts_dirs or ()]
+    if remote.proxy:
+        params.append(f"proxy={remote.proxy}")
+    if remote.p2p is not None:
+        p2p = remote.p2p
+        params.append(f"{'p2p-proxy' if p2p.mode == 'proxy' else 'p2p-address'}={p2p.url}")
+        params += [f"p2p-ping-url={p2p.ping_url}"] if p2p.ping_url else []
     return params
 
 

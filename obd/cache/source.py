@@ -8,9 +8,9 @@ range per run of neighbouring missing pages, so a 4 KiB read costs at most the t
 Which GETs those ranges become is the upstream's business, not the cache's: the registry's
 :class:`~obd.registry.blob.RemoteBlob` sees every read that may go to the network (it also serves
 uncached reads), so it alone merges nearly neighbouring ranges, reads ahead and shares fetches
-already in flight — between threads of this process too. Fills are not coordinated here: two
-threads (or processes) that miss the same page both store it, with the same bytes, so that costs
-a write (and across processes a GET), never correctness.
+already in flight between threads of this process. Across processes, a fill first claims the
+pages it will fetch (:mod:`obd.cache.claims`); pages another process has claimed are not fetched
+but waited for and then read from the cache, so N processes missing a page fetch it once.
 
 Fetched pages are written to the data file, made durable (see :class:`CacheStore` ``sync``) and
 only then marked present. The caller's bytes never depend on the cache write succeeding: a full
@@ -26,6 +26,7 @@ from typing import Protocol
 
 import numpy as np
 
+from obd.cache.claims import page_runs
 from obd.cache.store import BlobCache, CacheStore, page_crcs
 from obd.errors import ObdError
 from obd.io.source import Source
@@ -50,6 +51,7 @@ PREFETCH_BYTES = "cache_prefetch_bytes"
 BYPASS_BYTES = "cache_bypass_bytes"
 WRITE_ERRORS = "cache_write_errors"
 REOPENS = "cache_reopens"
+FILL_WAITS = "cache_fill_waits"
 
 
 class Upstream(Protocol):
@@ -111,16 +113,6 @@ class _Out:
             start = p * self.ps
             lo, hi = max(start, self.offset), min(start + len(s), self.end)
             self.buf[lo - self.offset : hi - self.offset] = s[lo - start : hi - start]
-
-
-def _runs(pages: np.ndarray) -> list[tuple[int, int]]:
-    """Sorted page numbers → inclusive ``(first, last)`` runs of consecutive pages."""
-    if len(pages) == 0:
-        return []
-    breaks = np.flatnonzero(np.diff(pages) > 1)
-    starts = [int(pages[0]), *(int(pages[i + 1]) for i in breaks)]
-    ends = [*(int(pages[i]) for i in breaks), int(pages[-1])]
-    return list(zip(starts, ends, strict=True))
 
 
 class CachedSource(Source):
@@ -218,6 +210,19 @@ class CachedSource(Source):
         """True when every page of the blob is present (reads will not touch the upstream)."""
         return self.cached_bytes() == self.size
 
+    def evict(self, offset: int, length: int) -> None:
+        """Drop the cached pages of ``[offset, offset + length)`` (bytes a verifier above found
+        bad), so the next read fetches them again."""
+        if length <= 0:
+            return
+        ps = self.page_size
+        pages = list(range(max(0, offset) // ps, (min(self.size, offset + length) - 1) // ps + 1))
+        try:
+            self._blob.drop(pages)
+        except OSError as e:
+            self.stats.incr(WRITE_ERRORS)
+            log.warning("%s: cannot drop pages from the cache: %s", self.name, e.strerror)
+
     def close(self) -> None:
         for blob in [self._blob, *self._retired]:
             blob.close()
@@ -271,7 +276,7 @@ class CachedSource(Source):
         bad: list[int] = []
         hit_bytes = 0
         want = crcs.tolist()
-        for a, b in runs if runs is not None else _runs(pages):
+        for a, b in runs if runs is not None else page_runs(pages):
             pieces = out.views(a, b)
             got = blob.read_data(pieces, a * ps)
             p = a
@@ -300,10 +305,41 @@ class CachedSource(Source):
         return np.asarray(bad, dtype=np.int64)
 
     def _fetch_missing(self, blob: BlobCache, missing: np.ndarray, out: _Out | None) -> int:
+        """Make the ``missing`` pages available, fetching each at most once per host: pages this
+        fill claims are fetched now; runs another process is filling are waited for, then read
+        from the cache (and fetched only if still absent). Returns the bytes fetched."""
+        claim = blob.claims.claim(missing)
+        try:
+            fetched = self._settle(blob, claim.pages(), out)
+        finally:
+            claim.release()
+        for run in claim.busy:  # our own claim is released: waiting cannot deadlock
+            self.stats.incr(FILL_WAITS)
+            with blob.claims.wait(run) as held:
+                fetched += self._settle(blob, held.pages(), out)
+        return fetched
+
+    def _settle(self, blob: BlobCache, pages: np.ndarray, out: _Out | None) -> int:
+        """Under a claim: serve the ``pages`` someone filled since we looked, fetch the rest."""
+        if len(pages) == 0:
+            return 0
+        lo, hi = int(pages[0]), int(pages[-1])
+        crcs, present = blob.records(lo, hi - lo + 1)
+        is_present = present[pages - lo]
+        served, missing = pages[is_present], pages[~is_present]
+        if out is not None and len(served):
+            bad = self._serve_present(blob, out, served, lo, crcs, None)
+            if len(bad):
+                missing = np.union1d(bad, missing)
+        if len(missing) == 0:
+            return 0
+        return self._fetch_store(blob, missing, out)
+
+    def _fetch_store(self, blob: BlobCache, missing: np.ndarray, out: _Out | None) -> int:
         """Fetch the ``missing`` pages (one range per run) in one ``fetch_many``, copy them out
         and store them. Returns the bytes fetched."""
         ps, size = self.page_size, self.size
-        runs = _runs(missing)
+        runs = page_runs(missing)
         ranges = [(a * ps, min((b + 1) * ps, size) - a * ps) for a, b in runs]
         total = sum(length for _, length in ranges)
         datas = self.upstream.fetch_many(ranges)

@@ -4,29 +4,23 @@ Layout under the cache root (``$OBD_CACHE_DIR``, else ``$XDG_CACHE_HOME/obd``, e
 
     lock                    flock target: shared while a blob is opened, exclusive while evicting
     sha256/<hex>.data       sparse, blob-sized: blob byte x lives at file byte x (as overlaybd does)
-    sha256/<hex>.meta       page table: a 128-byte header, then one 8-byte record per page
+    sha256/<hex>.meta       page table (see :mod:`obd.cache.layout`): a header, one 8-byte record per page
     sha512/<hex>.*          the same for sha512 digests
 
-Header (little-endian): ``magic "obdcache"``, ``u32 version``, ``u32 page_size``, ``u64 blob_size``,
-``u64 generation`` (random, fixed when the table is created), ``u32 digest_len`` (32 or 64), the raw
-digest bytes in a 64-byte field, zero padding, and at byte 124 ``u32`` raw CRC32C of bytes 0..123.
-The file is exactly ``128 + 8 × pages`` bytes.
+One cache directory serves every obd process of a host. The rules that make that safe, and safe
+against ``kill -9`` (docs/cache.md has the long form):
 
-Record of page *i*: ``u32 crc`` (raw CRC32C of the page's bytes, seeded with :data:`PAGE_SEED`; the
-last page is short) and ``u32 tag``. The page is **present** only when ``tag`` equals a value derived
-from ``crc``, *i* and the generation (never 0), so an all-zero record, a torn record, a flipped bit or
-a record left by an earlier table of the same blob all read as absent.
-
-Rules that make the cache crash- and concurrency-safe (docs/cache.md has the long form):
-
-* A page's bytes are written (and ``fdatasync``-ed, unless ``sync=False``) before its record is.
-  Records are single small ``pwrite`` calls; page bytes of one blob are the same whoever writes
-  them, so fills from several threads or processes need no lock.
+* A page's bytes are written (and ``fdatasync``-ed, unless ``sync=False``) before its record is, so
+  a crash leaves bytes without a record (absent: refetched), never a record without its bytes.
 * Every read checks the page's CRC; a page that fails (or reads short) is dropped and refetched.
-* Eviction takes the root lock exclusively, truncates the page table and the data file to 0 and
-  unlinks them: a process still holding them sees absent pages, notices the unlinked files
-  (``st_nlink == 0``) and reopens fresh ones. Opening takes the lock shared, so it never races an
-  eviction; a new page table is built under a temporary name and linked in atomically.
+* A fill holds a lock on the records it is about to write (:mod:`obd.cache.claims`), so a page
+  missed by N processes at once is fetched by one of them; the others wait and read it from here.
+* An open blob holds a read lock on its page table's first byte: eviction skips blobs in use while
+  idle ones can be evicted instead. Eviction takes the root lock exclusively, truncates the page
+  table and the data file to 0 and unlinks them; a process still holding them sees absent pages,
+  notices the unlinked files (``st_nlink == 0``) and reopens fresh ones. Opening takes the root
+  lock shared, so it never races an eviction; a new page table is built under a temporary name and
+  linked in atomically.
 """
 
 from __future__ import annotations
@@ -39,51 +33,43 @@ import os
 import re
 import secrets
 import stat
-import struct
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import crc32c
 import numpy as np
 
+from obd.cache.claims import PageClaims, in_use, mark_in_use
+from obd.cache.layout import (
+    ALGORITHMS,
+    DEFAULT_PAGE_SIZE,
+    DIGEST_RE,
+    HEADER_SIZE,
+    MAGIC,
+    MAX_BLOB_SIZE,
+    RECORD_DTYPE,
+    RECORD_SIZE,
+    MetaHeader,
+    check_digest,
+    check_page_size,
+    expected_tags,
+    page_crcs,
+    preadv_full,
+    present_bytes,
+    pwrite_full,
+    read_records,
+)
 from obd.errors import FormatError, ObdError
-from obd.formats.crc import crc32c_raw
 from obd.observability.stats import Stats, default_stats
 
 log = logging.getLogger("obd.cache")
 
 #: Default size limit of the whole cache (data and page tables, as allocated on disk).
 DEFAULT_LIMIT = 10 << 30
-#: Default page: the unit of presence, checksums and fetches (overlaybd's cache uses 4 KiB too).
-DEFAULT_PAGE_SIZE = 4096
-MIN_PAGE_SIZE = 512
-MAX_PAGE_SIZE = 1 << 20
-#: Blobs larger than this are refused (the page table would not fit the header's sanity bounds).
-MAX_BLOB_SIZE = 1 << 50
 #: A write that crosses the limit evicts least-recently-used blobs down to this fraction of it.
 LOW_WATER = 0.9
-
-MAGIC = b"obdcache"
-VERSION = 1
-HEADER_SIZE = 128
-RECORD_SIZE = 8
-#: Seed of the per-page CRC, so that an all-zero page does not checksum to 0.
-PAGE_SEED = 0x6F626463
-
-# magic, version, page_size, blob_size, generation, digest_len, digest
-_HEADER = struct.Struct("<8sIIQQI64s")
-_CRC_AT = HEADER_SIZE - 4
-_RECORD_DTYPE = np.dtype("<u4")
-# Records are scanned in slices of this many pages, so a big table never needs one big buffer.
-_SCAN_PAGES = 1 << 17
-
-_DIGEST_RE = re.compile(r"(sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})")
-#: Digest algorithms the cache keys blobs by, and their raw digest length.
-ALGORITHMS = {"sha256": 32, "sha512": 64}
-_ALG_BY_LEN = {n: alg for alg, n in ALGORITHMS.items()}
 _TMP_PREFIX = ".tmp-"
 
 # Counter names this module records into a :class:`obd.observability.stats.Stats`.
@@ -118,119 +104,6 @@ def default_limit() -> int:
         raise ObdError(e.detail, field=ENV_LIMIT, value=text) from None
 
 
-def check_digest(digest: str) -> str:
-    """``digest`` if it is ``sha256:<64 hex>`` or ``sha512:<128 hex>`` (lowercase); else ObdError."""
-    if not isinstance(digest, str) or not _DIGEST_RE.fullmatch(digest):
-        raise ObdError("a blob digest must be sha256:<64 lowercase hex digits>", field="digest", value=digest)
-    return digest
-
-
-def page_count(blob_size: int, page_size: int) -> int:
-    return (blob_size + page_size - 1) // page_size
-
-
-def _check_page_size(page_size: int) -> None:
-    if not (MIN_PAGE_SIZE <= page_size <= MAX_PAGE_SIZE) or page_size & (page_size - 1):
-        raise ObdError(
-            f"must be a power of two from {MIN_PAGE_SIZE} to {MAX_PAGE_SIZE}",
-            field="page_size",
-            value=page_size,
-        )
-
-
-_MIX = 0x9E3779B97F4A7C15
-_M64 = (1 << 64) - 1
-_M32 = (1 << 32) - 1
-
-
-_crc32c_std = crc32c.crc32c
-_PAGE_SEED_STD = PAGE_SEED ^ 0xFFFFFFFF
-
-
-def page_crcs(data: memoryview, page_size: int) -> list[int]:
-    """The page CRC (raw CRC32C seeded with :data:`PAGE_SEED`) of each page of ``data``."""
-    return [
-        _crc32c_std(data[i : i + page_size], value=_PAGE_SEED_STD) ^ 0xFFFFFFFF
-        for i in range(0, len(data), page_size)
-    ]
-
-
-def expected_tags(first: int, crcs: np.ndarray, generation: int) -> np.ndarray:
-    """The ``tag`` that marks pages ``first, first+1, …`` present with these CRCs.
-
-    ``tag = crc ^ low32(m ^ (m >> 32))`` with ``m = (page × φ64 + generation) mod 2⁶⁴``, and 1 where
-    that is 0. Vectorised; a few pages (one small read) are done in plain integers, which is faster.
-    """
-    if len(crcs) <= 4:
-        small = []
-        for k, crc in enumerate(crcs.tolist()):
-            mix = ((first + k) * _MIX + generation) & _M64
-            small.append(((mix >> 32) ^ mix ^ crc) & _M32 or 1)
-        return np.array(small, dtype=np.uint32)
-    idx = np.arange(first, first + len(crcs), dtype=np.uint64)
-    mixed = idx * np.uint64(_MIX) + np.uint64(generation)
-    key = ((mixed >> np.uint64(32)) ^ mixed).astype(np.uint32)
-    tags = crcs.astype(np.uint32) ^ key
-    tags[tags == 0] = 1
-    return tags
-
-
-@dataclass(frozen=True)
-class MetaHeader:
-    """The page table's header."""
-
-    page_size: int
-    blob_size: int
-    generation: int
-    digest: str  # sha256:<hex>
-
-    @property
-    def pages(self) -> int:
-        return page_count(self.blob_size, self.page_size)
-
-    @property
-    def file_size(self) -> int:
-        return HEADER_SIZE + RECORD_SIZE * self.pages
-
-    def pack(self) -> bytes:
-        raw = bytes.fromhex(self.digest.partition(":")[2])
-        body = _HEADER.pack(MAGIC, VERSION, self.page_size, self.blob_size, self.generation, len(raw), raw)
-        body = body.ljust(_CRC_AT, b"\0")
-        return body + struct.pack("<I", crc32c_raw(body))
-
-    @classmethod
-    def unpack(cls, raw: bytes, *, path: str, file_size: int) -> MetaHeader:
-        """Validate every field before use; raise :class:`FormatError` naming the first bad one."""
-        if len(raw) < HEADER_SIZE:
-            raise FormatError(f"page table holds {len(raw)} bytes, less than its header", path=path)
-        magic, version, page_size, blob_size, generation, digest_len, digest = _HEADER.unpack_from(raw)
-        if magic != MAGIC:
-            raise FormatError("not an obd cache page table", path=path, field="header.magic", value=magic)
-        (crc,) = struct.unpack_from("<I", raw, _CRC_AT)
-        if crc != crc32c_raw(raw[:_CRC_AT]):
-            raise FormatError("header checksum mismatch", path=path, field="header.crc", value=crc)
-        if version != VERSION:
-            raise FormatError("unknown version", path=path, field="header.version", value=version)
-        try:
-            _check_page_size(page_size)
-        except ObdError as e:
-            raise FormatError(e.detail, path=path, field="header.page_size", value=page_size) from None
-        if blob_size > MAX_BLOB_SIZE:
-            raise FormatError("blob size out of range", path=path, field="header.blob_size", value=blob_size)
-        alg = _ALG_BY_LEN.get(digest_len)
-        if alg is None:
-            raise FormatError("not a digest length", path=path, field="header.digest_len", value=digest_len)
-        head = cls(page_size, blob_size, generation, f"{alg}:{digest[:digest_len].hex()}")
-        if file_size != head.file_size:
-            raise FormatError(
-                f"page table is {file_size} bytes, its header implies {head.file_size}",
-                path=path,
-                field="file_size",
-                value=file_size,
-            )
-        return head
-
-
 @dataclass
 class BlobEntry:
     """One blob in the cache, as :meth:`CacheStore.entries` reports it."""
@@ -255,59 +128,6 @@ class BlobEntry:
         return out
 
 
-def _preadv_full(fd: int, bufs: list[memoryview], offset: int) -> int:
-    """``preadv`` until ``bufs`` are full or EOF; returns the bytes read."""
-    want = sum(len(b) for b in bufs)
-    got = os.preadv(fd, bufs, offset)
-    if got >= want or got <= 0:
-        return max(got, 0)
-    while got < want:
-        rest: list[memoryview] = []
-        skip = got
-        for b in bufs:
-            if skip >= len(b):
-                skip -= len(b)
-                continue
-            rest.append(b[skip:])
-            skip = 0
-        n = os.preadv(fd, rest, offset + got)
-        if n <= 0:
-            break
-        got += n
-    return got
-
-
-def _pwrite_full(fd: int, data: memoryview | bytes, offset: int) -> None:
-    view = memoryview(data)
-    done = 0
-    while done < len(view):
-        done += os.pwrite(fd, view[done:], offset + done)
-
-
-def read_records(meta_fd: int, first: int, count: int, generation: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(crcs, present)`` of ``count`` pages from ``first``; records past the end read as absent."""
-    raw = bytearray(count * RECORD_SIZE)
-    got = _preadv_full(meta_fd, [memoryview(raw)], HEADER_SIZE + first * RECORD_SIZE)
-    if got < len(raw):
-        raw[got:] = bytes(len(raw) - got)
-    rec = np.frombuffer(raw, dtype=_RECORD_DTYPE).reshape(count, 2)
-    crcs = rec[:, 0]
-    return crcs, rec[:, 1] == expected_tags(first, crcs, generation)
-
-
-def present_bytes(meta_fd: int, header: MetaHeader) -> int:
-    """Bytes of the blob whose pages are present, reading the table in bounded slices."""
-    total = 0
-    pages, ps = header.pages, header.page_size
-    for first in range(0, pages, _SCAN_PAGES):
-        count = min(_SCAN_PAGES, pages - first)
-        _, present = read_records(meta_fd, first, count, header.generation)
-        total += int(np.count_nonzero(present)) * ps
-        if first + count == pages and present[-1]:
-            total -= pages * ps - header.blob_size  # the last page is short
-    return total
-
-
 def _disk_bytes(st: os.stat_result) -> int:
     return st.st_blocks * 512
 
@@ -330,6 +150,9 @@ class BlobCache:
         self.meta_fd = meta_fd
         self.data_path, self.meta_path = store.paths(digest)
         self._last_touch = time.monotonic()
+        mark_in_use(meta_fd)
+        #: cross-process claims on pages being filled (see :mod:`obd.cache.claims`)
+        self.claims = PageClaims(meta_fd, digest)
 
     # -- page table ----------------------------------------------------------------------------
 
@@ -339,15 +162,15 @@ class BlobCache:
 
     def mark_present(self, first: int, crcs: np.ndarray) -> None:
         """Write the records of pages ``first ..`` (their bytes must already be written)."""
-        rec = np.empty((len(crcs), 2), dtype=_RECORD_DTYPE)
+        rec = np.empty((len(crcs), 2), dtype=RECORD_DTYPE)
         rec[:, 0] = crcs
         rec[:, 1] = expected_tags(first, crcs, self.generation)
-        _pwrite_full(self.meta_fd, rec.tobytes(), HEADER_SIZE + first * RECORD_SIZE)
+        pwrite_full(self.meta_fd, rec.tobytes(), HEADER_SIZE + first * RECORD_SIZE)
 
     def drop(self, pages: list[int]) -> None:
         """Mark pages absent (a failed checksum); their bytes stay until refetched over."""
         for p in pages:
-            _pwrite_full(self.meta_fd, bytes(RECORD_SIZE), HEADER_SIZE + p * RECORD_SIZE)
+            pwrite_full(self.meta_fd, bytes(RECORD_SIZE), HEADER_SIZE + p * RECORD_SIZE)
 
     def present_bytes(self) -> int:
         """Bytes of the blob present in the cache (scanned in bounded slices)."""
@@ -356,10 +179,10 @@ class BlobCache:
     # -- page bytes ----------------------------------------------------------------------------
 
     def read_data(self, bufs: list[memoryview], offset: int) -> int:
-        return _preadv_full(self.data_fd, bufs, offset)
+        return preadv_full(self.data_fd, bufs, offset)
 
     def write_data(self, data: memoryview, offset: int) -> None:
-        _pwrite_full(self.data_fd, data, offset)
+        pwrite_full(self.data_fd, data, offset)
 
     def sync_data(self) -> None:
         if self.store.sync:
@@ -422,7 +245,7 @@ class CacheStore:
         sync: bool = True,
         stats: Stats | None = None,
     ):
-        _check_page_size(page_size)
+        check_page_size(page_size)
         if limit_bytes is None:
             limit_bytes = default_limit()
         if limit_bytes < 0:
@@ -612,7 +435,7 @@ class CacheStore:
             for name in names:
                 hexd, dot, ext = name.partition(".")
                 digest = f"{alg}:{hexd}"
-                if not dot or ext not in ("data", "meta") or not _DIGEST_RE.fullmatch(digest):
+                if not dot or ext not in ("data", "meta") or not DIGEST_RE.fullmatch(digest):
                     continue
                 path = folder / name
                 try:
@@ -706,8 +529,12 @@ class CacheStore:
             self._clean_tmp()
             entries = self.entries(detail=broken_first)
             total = sum(e.disk_bytes for e in entries)
+            if total > target:
+                # blobs open in some process go last: evicting one makes its reader refetch everything
+                busy = {e.digest for e in entries if in_use(str(self.paths(e.digest)[1]))}
+                entries.sort(key=lambda e: (e.digest in busy, e.last_used, e.digest))
             if broken_first:
-                entries.sort(key=lambda e: (e.problem is None, e.last_used, e.digest))
+                entries.sort(key=lambda e: e.problem is None)  # stable: broken ones first, else as above
             evicted = []
             for entry in entries:
                 if total <= target and not (broken_first and entry.problem is not None):
@@ -758,12 +585,17 @@ def parse_size(text: str) -> int:
 __all__ = [
     "DEFAULT_LIMIT",
     "DEFAULT_PAGE_SIZE",
+    "HEADER_SIZE",
+    "MAGIC",
     "BlobCache",
     "BlobEntry",
     "CacheStore",
     "MetaHeader",
+    "PageClaims",
     "check_digest",
     "default_cache_dir",
     "default_limit",
+    "page_crcs",
     "parse_size",
+    "read_records",
 ]

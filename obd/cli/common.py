@@ -106,7 +106,8 @@ def add_remote_args(parser: argparse.ArgumentParser, *, stats: bool = True) -> N
         type=parse_bool,
         default=None,
         help="as in skopeo: true (the default) requires HTTPS and verified certificates; "
-        "--tls-verify=false reaches every registry over plain HTTP, without certificate checks",
+        "--tls-verify=false uses HTTPS without certificate checks, and plain HTTP for a registry "
+        "that does not speak TLS",
     )
     g.add_argument(
         "--no-tls-verify",
@@ -131,9 +132,44 @@ def add_remote_args(parser: argparse.ArgumentParser, *, stats: bool = True) -> N
     g.add_argument(
         "--proxy", metavar="URL", help="HTTP proxy for registry requests (default: $HTTP_PROXY/$HTTPS_PROXY)"
     )
+    g.add_argument(
+        "--p2p-proxy",
+        metavar="URL",
+        help="Dragonfly dfdaemon's proxy (e.g. http://127.0.0.1:65001) for blob reads, with a health "
+        "check and direct reads while it is down (docs/fleet.md)",
+    )
+    g.add_argument(
+        "--p2p-ping-url",
+        metavar="URL",
+        help="health check of --p2p-proxy, a URL answering 2xx (default: a TCP connect to the proxy)",
+    )
+    g.add_argument(
+        "--p2p-address",
+        metavar="URL",
+        help="overlaybd's p2pConfig.address: blob URLs become URL/<blob URL> while it is reachable",
+    )
     g.add_argument("--cache-dir", metavar="DIR", help="the block cache directory (default: see `obd cache`)")
     g.add_argument("--cache-limit", metavar="SIZE", help="block cache size limit, e.g. 512M, 10G")
     g.add_argument("--no-cache", action="store_true", help="read registry blobs without the persistent cache")
+    g.add_argument(
+        "--verify",
+        choices=("require", "auto", "off"),
+        default="auto",
+        help="check every block read against the digest tables the manifest pins (docs/verify.md): "
+        "auto (the default) where the image has them, require refuses an image without, off never",
+    )
+    g.add_argument(
+        "--verify-signature",
+        metavar="KEY",
+        help="refuse an image whose manifest has no cosign signature that the PEM public key KEY "
+        "(cosign.pub) verifies",
+    )
+    g.add_argument(
+        "--allow-referrers",
+        action="store_true",
+        help="for a plain image, use an index artifact (`obd index --push`) found through the referrers "
+        "tag fallback sha256-<digest>, a weak, mutable link (docs/index.md)",
+    )
     if stats:
         g.add_argument(
             "--stats", action="store_true", help="print fetch/cache counters and latencies at the end"
@@ -143,7 +179,7 @@ def add_remote_args(parser: argparse.ArgumentParser, *, stats: bool = True) -> N
 def _insecure(args: argparse.Namespace) -> bool | tuple[str, ...]:
     """True (every registry over plain HTTP) or the hosts ``args`` reaches over plain HTTP."""
     hosts = getattr(args, "insecure_registry", None) or []
-    if "*" in hosts or getattr(args, "tls_verify", None) is False:
+    if "*" in hosts:
         return True
     return tuple(hosts)
 
@@ -154,6 +190,7 @@ def remote_options(args: argparse.Namespace):
     from obd.cache.store import parse_size
     from obd.image.remote import RemoteOptions, set_default_remote_options
     from obd.registry.auth import Credentials
+    from obd.registry.dragonfly import P2PConfig
 
     creds = None
     if getattr(args, "creds", None):
@@ -171,6 +208,14 @@ def remote_options(args: argparse.Namespace):
         platform=getattr(args, "platform", None),
         hosts_dirs=tuple(args.hosts_dir) if getattr(args, "hosts_dir", None) else None,
         proxy=getattr(args, "proxy", None),
+        allow_referrers=getattr(args, "allow_referrers", False),
+        p2p=P2PConfig.from_options(
+            getattr(args, "p2p_proxy", None),
+            getattr(args, "p2p_address", None),
+            getattr(args, "p2p_ping_url", None),
+        ),
+        verify=getattr(args, "verify", "auto"),
+        verify_signature=getattr(args, "verify_signature", None),
     )
     set_default_remote_options(opts)  # for code paths that do not take options explicitly
     return opts
@@ -199,7 +244,16 @@ def remote_params(args: argparse.Namespace) -> list[str]:
         params.append("no-cache=true")
     if args.platform:
         params.append(f"platform={args.platform}")
+    params += [f"hosts-dir={os.path.abspath(d)}" for d in getattr(args, "hosts_dir", None) or []]
+    for key, value in _network_options(args):
+        params.append(f"{key}={value}")
     return params
+
+
+def _network_options(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """``--proxy`` and the Dragonfly options of ``args`` that are set, as (name, value)."""
+    names = ("proxy", "p2p-proxy", "p2p-ping-url", "p2p-address")
+    return [(n, v) for n in names if (v := getattr(args, n.replace("-", "_"), None))]
 
 
 def remote_argv(args: argparse.Namespace) -> list[str]:
@@ -216,6 +270,14 @@ def remote_argv(args: argparse.Namespace) -> list[str]:
             argv += [flag, value]
     if args.no_cache:
         argv.append("--no-cache")
+    if getattr(args, "verify", "auto") != "auto":
+        argv.append(f"--verify={args.verify}")
+    if getattr(args, "verify_signature", None):
+        argv += ["--verify-signature", os.path.abspath(args.verify_signature)]
+    for d in getattr(args, "hosts_dir", None) or []:
+        argv += ["--hosts-dir", os.path.abspath(d)]
+    for key, value in _network_options(args):
+        argv += [f"--{key}", value]
     if getattr(args, "stats", False):
         argv.append("--stats")
     return argv

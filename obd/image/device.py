@@ -127,6 +127,11 @@ class DeviceOptions:
         "insecure-registry",
         "tls-verify",
         "ca-file",
+        "hosts-dir",
+        "proxy",
+        "p2p-proxy",
+        "p2p-ping-url",
+        "p2p-address",
         "readahead",
         "trace",
         "record-trace",
@@ -145,6 +150,11 @@ class DeviceOptions:
     insecure: list[str] = field(default_factory=list)
     tls_verify: bool = True
     ca_file: str | None = None
+    hosts_dirs: list[str] = field(default_factory=list)
+    proxy: str | None = None
+    p2p_proxy: str | None = None
+    p2p_ping_url: str | None = None
+    p2p_address: str | None = None
     readahead: int = 0
     trace: str | None = None
     record_trace: str | None = None
@@ -181,6 +191,10 @@ class DeviceOptions:
             self.tls_verify = parse_bool(key, value)
         elif name == "ca-file":
             self.ca_file = absolute_path(value)
+        elif name == "hosts-dir":
+            self.hosts_dirs.append(absolute_path(value))
+        elif name in ("proxy", "p2p-proxy", "p2p-ping-url", "p2p-address"):
+            setattr(self, name.replace("-", "_"), value)
         elif name == "trace":
             self.trace = absolute_path(value)
         elif name == "record-trace":
@@ -209,6 +223,7 @@ class DeviceOptions:
         # the registry client (aiohttp) costs a quarter of a second to import: only when it is asked for
         from obd.cache.store import parse_size
         from obd.image.remote import RemoteOptions, set_default_remote_options
+        from obd.registry.dragonfly import P2PConfig
 
         insecure: bool | tuple[str, ...] = (
             True if "true" in self.insecure or "*" in self.insecure else (tuple(self.insecure))
@@ -222,6 +237,9 @@ class DeviceOptions:
             no_cache=self.no_cache,
             platform=self.platform,
             readahead=self.readahead,
+            hosts_dirs=tuple(self.hosts_dirs) if self.hosts_dirs else None,
+            proxy=self.proxy,
+            p2p=P2PConfig.from_options(self.p2p_proxy, self.p2p_address, self.p2p_ping_url),
         )
         set_default_remote_options(opts)
         return opts

@@ -40,6 +40,7 @@ from obd.formats.ext4 import (
     Superblock,
     parse_inodes,
 )
+from obd.io.priority import background_reads
 
 #: Never plan more than this many bytes of metadata (a huge or hostile file system).
 DEFAULT_BUDGET = 64 << 20
@@ -196,6 +197,7 @@ def prefetch_ranges(
         return PrefetchResult(0, 0)
     local = threading.local()
 
+    @background_reads()  # nobody waits on these reads yet: Dragonfly's prefetch priority
     def one(job: tuple[int, int]) -> int:
         buf = getattr(local, "buf", None)
         if buf is None:

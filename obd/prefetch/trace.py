@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from obd.errors import ChecksumError, FormatError, TruncatedError
 from obd.formats.crc import crc32c_raw
+from obd.io.priority import background_reads
 from obd.io.publish import publish_bytes
 from obd.io.source import Source
 from obd.lsmt.stack import Stack
@@ -188,6 +189,7 @@ def replay(stack: Stack, records: Iterable[Record], *, workers: int = 16) -> Rep
     lock = threading.Lock()
     local = threading.local()
 
+    @background_reads()  # nobody waits on these reads yet: Dragonfly's prefetch priority
     def one(rec: Record) -> None:
         nonlocal done
         layer, off, n = rec

@@ -22,6 +22,10 @@ How a read becomes GETs:
    serve the reads that follow. With the default of 0 nothing is kept: caching is the block
    cache's job.
 
+Each flight keeps the Dragonfly priority of its read (:func:`obd.registry.dragonfly.read_priority`:
+on-demand, or prefetch inside :func:`~obd.registry.dragonfly.background_reads`); readahead bytes are
+prefetch; a merged GET carries the highest priority of its flights.
+
 The contract the cache relies on is ``name``, ``size`` and ``fetch_many(ranges)`` returning exactly
 the bytes of each ``(offset, length)`` or raising.
 """
@@ -34,6 +38,7 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 
 from obd.errors import RegistryError
+from obd.io.priority import PRIORITY_PREFETCH, read_priority, reads_at
 from obd.io.source import Source
 from obd.observability import stats as st
 from obd.registry.client import RegistryClient
@@ -49,12 +54,13 @@ DEFAULT_TIMEOUT = 300.0
 class _Flight:
     """Bytes ``[start, end)`` of the blob, being fetched (``future`` unresolved) or fetched."""
 
-    __slots__ = ("end", "future", "start")
+    __slots__ = ("end", "future", "priority", "start")
 
-    def __init__(self, start: int, end: int, future: asyncio.Future[memoryview]):
+    def __init__(self, start: int, end: int, future: asyncio.Future[memoryview], priority: int):
         self.start = start
         self.end = end
         self.future = future
+        self.priority = priority
 
 
 class RemoteBlob(Source):
@@ -199,7 +205,7 @@ class RemoteBlob(Source):
             if f.end <= pos:
                 continue
             if f.start > pos:
-                out.extend(self._new_flights(pos, f.start))
+                out.extend(self._new_flights(pos, f.start, wanted_end))
             out.append(f)
             if f.start < wanted_end:
                 self.stats.incr(st.SHARED)
@@ -207,15 +213,19 @@ class RemoteBlob(Source):
             if pos >= end:
                 break
         if pos < end:
-            out.extend(self._new_flights(pos, end))
+            out.extend(self._new_flights(pos, end, wanted_end))
         return out
 
-    def _new_flights(self, start: int, end: int) -> list[_Flight]:
+    def _new_flights(self, start: int, end: int, wanted_end: int) -> list[_Flight]:
+        """Flights for ``[start, end)``: those a read waits on (starting below ``wanted_end``) at the
+        read's priority, pure readahead at prefetch priority."""
         loop = asyncio.get_running_loop()
+        priority = read_priority()
         made = []
         while start < end:
             stop = min(end, start + self.max_merge)
-            flight = _Flight(start, stop, loop.create_future())
+            prio = priority if start < wanted_end else min(priority, PRIORITY_PREFETCH)
+            flight = _Flight(start, stop, loop.create_future(), prio)
             bisect.insort(self._flights, flight, key=lambda f: f.start)
             self._pending.append(flight)
             made.append(flight)
@@ -251,7 +261,8 @@ class RemoteBlob(Source):
     async def _fetch_group(self, group: list[_Flight]) -> None:
         lo, hi = group[0].start, group[-1].end
         try:
-            data = await self.client.read_range(self.ref, self.digest, lo, hi - lo, size=self.size)
+            with reads_at(max(f.priority for f in group)):
+                data = await self.client.read_range(self.ref, self.digest, lo, hi - lo, size=self.size)
         except BaseException as e:
             for f in group:
                 self._drop(f)

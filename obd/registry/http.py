@@ -21,6 +21,11 @@
   skipped for ``mirror_cooldown`` seconds. Each host's headers and TLS settings go with its requests.
 - **Proxies**: ``proxy`` (``--proxy``) or ``HTTP_PROXY``/``HTTPS_PROXY`` from the environment, except
   for the hosts ``NO_PROXY`` lists; requests (Range headers included) are forwarded unchanged.
+- **Dragonfly** (``p2p``, see :mod:`obd.registry.dragonfly`): blob data requests through dfdaemon's
+  proxy or overlaybd's URL prefix while it is healthy, directly otherwise.
+- **TLS without verification** (``tls_verify=False``, skopeo's ``--tls-verify=false``): HTTPS without
+  certificate checks first; a host that does not speak TLS there is reached over plain HTTP from
+  then on (docker's and containerd's rule for insecure registries).
 """
 
 from __future__ import annotations
@@ -55,6 +60,14 @@ from obd.registry.auth import (
     TokenServiceError,
     parse_challenge,
     safe_url,
+)
+from obd.registry.dragonfly import (
+    HEADER_PRIORITY,
+    HEADER_USE_P2P,
+    P2P_REQUESTS,
+    P2PConfig,
+    P2PRoute,
+    read_priority,
 )
 from obd.registry.hosts import PULL, RESOLVE, HostsConfig, HostsResolver, RegistryHost
 from obd.registry.reference import Reference, parse_reference
@@ -137,7 +150,8 @@ class HttpTransport:
     whole-blob reads and of upload chunks. ``hosts`` gives the mirrors and per-host settings
     (``hosts.toml`` directories, or a resolver; default :func:`~obd.registry.hosts.default_hosts_dirs`).
     ``proxy`` is an HTTP proxy URL for every request; without it ``HTTP_PROXY``/``HTTPS_PROXY`` and
-    ``NO_PROXY`` of the environment apply (``NO_PROXY`` applies to ``proxy`` too).
+    ``NO_PROXY`` of the environment apply (``NO_PROXY`` applies to ``proxy`` too). ``p2p`` routes blob
+    data requests through Dragonfly (:class:`~obd.registry.dragonfly.P2PConfig`).
     """
 
     def __init__(
@@ -164,6 +178,7 @@ class HttpTransport:
         mirror_attempts: int = 2,
         mirror_cooldown: float = 30.0,
         proxy: str | None = None,
+        p2p: P2PConfig | None = None,
     ):
         if attempts < 1:
             raise ConfigError("attempts must be at least 1", field="attempts", value=attempts)
@@ -213,12 +228,16 @@ class HttpTransport:
         self._host_settings: dict[str, RegistryHost] = {}
         self._host_ssl: dict[str, ssl.SSLContext | bool] = {}
         self._proxies = _proxy_table(proxy)
+        self.p2p = P2PRoute(p2p, self.stats) if p2p is not None else None
+        #: hosts found not to speak TLS while tls_verify is off: reached over plain http since
+        self._http_fallback: set[str] = set()
+        self._tls_ok: set[str] = set()
 
     # -- plumbing ------------------------------------------------------------------------------
 
     def is_insecure(self, host: str) -> bool:
         """Whether ``host`` (``name[:port]``) may be reached over plain http."""
-        if self._insecure_all or host.lower() in self._insecure_hosts:
+        if self._insecure_all or host.lower() in self._insecure_hosts or host.lower() in self._http_fallback:
             return True
         configured = self._host_settings.get(host.lower())
         return configured is not None and configured.is_http
@@ -366,39 +385,26 @@ class HttpTransport:
         headers: Mapping[str, str] | None = None,
         data: bytes | None = None,
         timeout: aiohttp.ClientTimeout | None = None,
+        blob: bool = False,
     ) -> AsyncIterator[aiohttp.ClientResponse]:
         """Send one request; with ``ref``, authenticate to that registry and answer its 401s.
 
-        Without ``ref`` (a redirect target) no ``Authorization`` is ever sent. The response is
-        released when the block ends; a 401 that survives re-authentication becomes AuthError.
+        Without ``ref`` (a redirect target) no ``Authorization`` is ever sent. ``blob`` marks blob data
+        requests, the ones Dragonfly may carry. The response is released when the block ends; a 401
+        that survives re-authentication becomes AuthError.
         """
         session = await self._session()
         want = list(scopes)
-        extra: dict[str, Any] = {}
-        where = hostport(url).lower()
-        if where in self._host_ssl and url.scheme == "https":
-            extra["ssl"] = self._host_ssl[where]
-        proxy = self._proxy_for(url)
-        if proxy:
-            extra["proxy"] = proxy
-        configured = self._host_settings.get(where)
+        configured = self._host_settings.get(hostport(url).lower())
+        via_p2p = blob and self.p2p is not None and await self.p2p.usable(session)
         for auth_round in range(3):
             hdrs = dict(configured.headers) if configured is not None else {}
             hdrs.update(headers or {})
             used = await self._authorization(ref, tuple(want)) if ref is not None else None
             if used is not None:
                 hdrs["Authorization"] = used.header
-            self.stats.incr(st.REQUESTS)
             started = time.monotonic()
-            resp = await session.request(
-                method,
-                url,
-                headers=hdrs,
-                data=data,
-                allow_redirects=False,
-                timeout=timeout or self.timeout,
-                **extra,
-            )
+            resp, url, via_p2p = await self._send(session, method, url, hdrs, data, timeout, via_p2p)
             try:
                 if ref is not None and resp.status == 401:
                     if auth_round < 2 and await self._on_unauthorized(ref, resp, used, want):
@@ -412,6 +418,69 @@ class HttpTransport:
                 resp.release()
                 self.stats.observe_latency(time.monotonic() - started)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _send(
+        self,
+        session: aiohttp.ClientSession,
+        method: str,
+        url: URL,
+        headers: dict[str, str],
+        data: bytes | None,
+        timeout: aiohttp.ClientTimeout | None,
+        via_p2p: bool,
+    ) -> tuple[aiohttp.ClientResponse, URL, bool]:
+        """One request on the wire, counted in ``requests``; returns it, the URL it went to (``url``,
+        or its plain-http twin) and whether it went through Dragonfly. A Dragonfly endpoint that cannot
+        be reached, or (with ``tls_verify`` off) an https host that never spoke TLS to us, costs one
+        failed request: the request is sent again directly, or over plain http."""
+        while True:
+            target, hdrs, extra = url, headers, dict[str, Any]()
+            where = hostport(url).lower()
+            if where in self._host_ssl and url.scheme == "https":
+                extra["ssl"] = self._host_ssl[where]
+            if via_p2p and self.p2p is not None:
+                hdrs = {**headers, HEADER_PRIORITY: str(read_priority())}
+                if self.p2p.is_proxy:
+                    extra["proxy"] = self.p2p.config.url
+                    hdrs[HEADER_USE_P2P] = "true"
+                else:
+                    target = self.p2p.prefixed(url)
+                    extra.pop("ssl", None)
+                self.stats.incr(P2P_REQUESTS)
+            else:
+                proxy = self._proxy_for(url)
+                if proxy:
+                    extra["proxy"] = proxy
+            self.stats.incr(st.REQUESTS)
+            try:
+                resp = await session.request(
+                    method,
+                    target,
+                    headers=hdrs,
+                    data=data,
+                    allow_redirects=False,
+                    timeout=timeout or self.timeout,
+                    **extra,
+                )
+            except aiohttp.ClientConnectionError as e:
+                if via_p2p and self.p2p is not None:
+                    self.p2p.failed(e)
+                    via_p2p = False
+                    continue
+                if (
+                    url.scheme == "https"
+                    and not self.tls_verify
+                    and where not in self._tls_ok
+                    and _not_tls(e)
+                ):
+                    self._http_fallback.add(where)
+                    log.info("%s does not speak TLS (%s); using plain http for it", where, _describe(e))
+                    url = url.with_scheme("http")
+                    continue
+                raise
+            if url.scheme == "https":
+                self._tls_ok.add(where)
+            return resp, url, via_p2p
 
     async def _auth_error(
         self, ref: Reference, url: URL, resp: aiohttp.ClientResponse, used: _UsedAuth | None
@@ -511,7 +580,9 @@ class HttpTransport:
             if cached.expires_at <= time.monotonic():
                 del self._redirects[key]
             else:
-                async with self._open(method, cached.url, None, headers=headers, timeout=timeout) as resp:
+                async with self._open(
+                    method, cached.url, None, headers=headers, timeout=timeout, blob=True
+                ) as resp:
                     if resp.status in (200, 206):
                         return await handle(resp, cached.url)
                     self._redirects.pop(key, None)
@@ -520,7 +591,7 @@ class HttpTransport:
                     log.info("redirect URL for %s answered %d; resolving it again", digest, resp.status)
         url = self.blob_url(ref, digest)
         scopes = (f"repository:{ref.repository}:pull",)
-        async with self._open(method, url, ref, scopes, headers=headers, timeout=timeout) as resp:
+        async with self._open(method, url, ref, scopes, headers=headers, timeout=timeout, blob=True) as resp:
             if resp.status in (200, 206):
                 return await handle(resp, url)
             if resp.status not in REDIRECT_STATUSES:
@@ -529,7 +600,7 @@ class HttpTransport:
         for _ in range(MAX_REDIRECTS):
             self.stats.incr(st.REDIRECTS)
             log.debug("blob %s redirected to %s", digest, safe_url(target))
-            async with self._open(method, target, None, headers=headers, timeout=timeout) as resp:
+            async with self._open(method, target, None, headers=headers, timeout=timeout, blob=True) as resp:
                 if resp.status in (200, 206):
                     self._redirects[key] = _Redirect(target, time.monotonic() + self.redirect_ttl)
                     return await handle(resp, target)
@@ -649,6 +720,14 @@ async def _error_detail(resp: aiohttp.ClientResponse) -> str:
     except (ValueError, KeyError, IndexError, TypeError, AttributeError, aiohttp.ClientError, TimeoutError):
         return ""
     return f": {text[:200]}" if text else ""
+
+
+def _not_tls(e: aiohttp.ClientConnectionError) -> bool:
+    """Whether a failed https connection says the server does not speak TLS on that port (a TLS
+    handshake error, the server hanging up on the handshake, or nothing listening)."""
+    return isinstance(
+        e, aiohttp.ClientSSLError | aiohttp.ServerDisconnectedError | aiohttp.ClientConnectorError
+    )
 
 
 def _describe(e: BaseException) -> str:

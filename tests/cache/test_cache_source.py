@@ -24,7 +24,8 @@ from hypothesis import strategies as st
 from fixtures import REPO
 from obd.cache import CachedSource, CacheStore
 from obd.cache import source as cache_source
-from obd.cache.source import _Out, _runs
+from obd.cache.claims import page_runs as _runs
+from obd.cache.source import _Out
 from obd.errors import ObdError
 from obd.io.source import BytesSource, Source
 from obd.layer.blob import open_source

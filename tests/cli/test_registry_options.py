@@ -9,6 +9,7 @@ tests/frontends/test_registry_frontends.py.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +17,7 @@ from obd.cli import build_parser, main
 from obd.cli.common import REGISTRY_GROUP, remote_argv, remote_options, remote_params
 from obd.cli.mount import background_command
 from obd.host.nbdkit import plugin_path
+from obd.image.device import DeviceOptions
 
 #: Every command that takes an image, as its words on the command line.
 IMAGE_COMMANDS = [
@@ -93,13 +95,43 @@ def test_insecure_registry_is_repeatable_and_reaches_the_options():
 
 
 @pytest.mark.parametrize("spelling", [["--tls-verify=false"], ["--tls-verify", "false"], ["--no-tls-verify"]])
-def test_tls_verify_false_is_every_registry_over_plain_http(spelling):
-    """skopeo's --tls-verify=false: HTTPS and verified certificates no longer required, anywhere."""
+def test_tls_verify_false_is_https_without_verification_then_http(spelling):
+    """skopeo's --tls-verify=false: no certificate checks anywhere, and plain HTTP only for a registry
+    found not to speak TLS (the client decides per host; tests/remote/test_registry_mirrors.py)."""
     args = parse("pull", "registry.example/app:1", *spelling)
     opts = remote_options(args)
-    assert opts.insecure is True and opts.tls_verify is False
-    assert remote_params(args) == ["insecure-registry=true", "tls-verify=false"]
+    assert opts.insecure == () and opts.tls_verify is False
+    assert remote_params(args) == ["tls-verify=false"]
     assert remote_argv(args) == ["--tls-verify=false"]
+
+
+def test_hosts_dir_proxy_and_p2p_reach_the_plugin_and_the_fuse_server(tmp_path):
+    argv = ["--hosts-dir", "certs.d", "--hosts-dir", str(tmp_path / "more"), "--proxy", "http://p:3128"]
+    argv += ["--p2p-proxy", "http://127.0.0.1:65001", "--p2p-ping-url", "http://127.0.0.1:40901/server/ping"]
+    args = parse("pull", "registry.example/app:1", *argv)
+    opts = remote_options(args)
+    assert opts.hosts_dirs == ("certs.d", str(tmp_path / "more")) and opts.proxy == "http://p:3128"
+    assert opts.p2p is not None and opts.p2p.mode == "proxy" and opts.p2p.ping_url.endswith("/server/ping")
+    params = remote_params(args)
+    assert params == [
+        f"hosts-dir={Path('certs.d').resolve()}",
+        f"hosts-dir={tmp_path / 'more'}",
+        "proxy=http://p:3128",
+        "p2p-proxy=http://127.0.0.1:65001",
+        "p2p-ping-url=http://127.0.0.1:40901/server/ping",
+    ]
+    device = DeviceOptions()
+    for p in params:
+        device.set(*p.split("=", 1))
+    again = device.remote()
+    assert again.hosts_dirs == (str(Path("certs.d").resolve()), str(tmp_path / "more"))
+    assert again.proxy == opts.proxy and again.p2p == opts.p2p
+    argv_again = remote_argv(args)
+    assert argv_again[argv_again.index("--p2p-proxy") + 1] == "http://127.0.0.1:65001"
+    assert parse("pull", "r.example/a:1", *argv_again).hosts_dir == list(again.hosts_dirs or ())
+    address = parse("pull", "r.example/a:1", "--p2p-address", "localhost:19145/dragonfly")
+    assert remote_options(address).p2p.url == "http://localhost:19145/dragonfly"
+    assert remote_params(address) == ["p2p-address=localhost:19145/dragonfly"]
 
 
 def test_tls_verify_true_is_the_default_and_a_bad_value_is_named(capsys):

@@ -16,11 +16,11 @@ import time
 from pathlib import Path
 
 import pytest
-from registry_server import FaultProxy, RegistryServer, TokenServer, free_port
+from registry_server import FaultProxy, RegistryServer, TokenServer, free_port, tls_server_context
 
 from fixtures import FIXTURES
 from obd.cli import main
-from obd.errors import ConfigError
+from obd.errors import ConfigError, RegistryError
 from obd.image.remote import RemoteOptions, resolve_image
 from obd.observability.stats import Stats
 from obd.registry import AsyncRunner, CredentialResolver, RegistryClient
@@ -446,3 +446,53 @@ def test_token_requests_go_through_the_proxy(tmp_path, runner, monkeypatch):
 def test_bad_proxy_url_is_a_config_error():
     with pytest.raises(ConfigError, match="proxy"):
         new_client(None, proxy="socks5://127.0.0.1:1080")
+
+
+# -- --tls-verify=false: HTTPS without verification, then plain HTTP -----------------------------
+
+
+class TlsRegistry(RegistryServer):
+    """Debian's ``docker-registry`` serving HTTPS itself (``http.tls``) with a self-signed certificate."""
+
+    def __init__(self, workdir: Path):
+        super().__init__(workdir, "noauth")
+        _, self.cert = tls_server_context(workdir)
+        self.key = workdir / "tls-key.pem"
+
+    def _auth_config(self) -> list[str]:
+        # continues the config's ``http:`` section, which ends right before these lines
+        return ["  tls:", f"    certificate: {self.cert}", f"    key: {self.key}", *super()._auth_config()]
+
+
+def test_tls_verify_false_is_unverified_https_else_plain_http(origin, tmp_path, runner):
+    reg = TlsRegistry(tmp_path).start()
+    try:
+        pusher = new_client(None, insecure=False, ca_file=reg.cert)
+        runner.run(push_layout(pusher, f"oci:{ACI}:amd64-converted", f"{reg.host}/aci/hello"), 60)
+        runner.run(pusher.aclose(), 10)
+        tls_ref = f"{reg.host}/aci/hello:amd64-converted"
+        verified = new_client(None, insecure=False)
+        with pytest.raises(RegistryError, match="TLS"):
+            layer_of(verified, runner, tls_ref)
+        runner.run(verified.aclose(), 10)
+
+        client = new_client(None, insecure=False, tls_verify=False)
+        digest, size = layer_of(client, runner, tls_ref)  # self-signed: accepted without checks
+        assert len(runner.run(client.read_range(tls_ref, digest, 0, 100, size=size), 30)) == 100
+        assert client.base_url(client._repo(tls_ref)).scheme == "https"
+        assert client.stats["errors"] == 0
+
+        http_ref = f"{origin.host}/aci/hello:amd64-converted"
+        before = client.stats["requests"]
+        digest, size = layer_of(client, runner, http_ref)  # plain HTTP only: one failed TLS attempt
+        assert client.base_url(client._repo(http_ref)).scheme == "http"
+        after_resolve = client.stats["requests"]
+        assert len(runner.run(client.read_range(http_ref, digest, 0, 100, size=size), 30)) == 100
+        assert client.stats["requests"] == after_resolve + 1  # no TLS attempt any more
+        plain = new_client(None, insecure=True)
+        layer_of(plain, runner, http_ref)
+        assert after_resolve - before == plain.stats["requests"] + 1
+        for c in (client, plain):
+            runner.run(c.aclose(), 10)
+    finally:
+        reg.stop()
