@@ -77,12 +77,18 @@ class AuthError(RegistryError):
     """The registry refused the credentials (or gave no usable token)."""
 
 
+class IntegrityError(ObdError):
+    """Bytes do not have the digest the image pins for them (a poisoned cache, mirror or registry),
+    or an image without digest tables was read with ``--verify=require``."""
+
+
 __all__ = [
     "AlignmentError",
     "AuthError",
     "ChecksumError",
     "ConfigError",
     "FormatError",
+    "IntegrityError",
     "LayerStateError",
     "ObdError",
     "RegistryError",

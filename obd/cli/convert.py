@@ -63,6 +63,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--bs", type=int, default=4, metavar="KIB", help="ZFile block size in KiB: 4..64 (default 4)"
     )
     p.add_argument(
+        "--verify-block-size",
+        type=int,
+        default=64,
+        metavar="KIB",
+        help="block size in KiB of the per-layer sha256 digest tables the manifest pins, which "
+        "`--verify` checks reads against (docs/verify.md): 4..16384, default 64; 0 writes none",
+    )
+    p.add_argument(
         "--oci",
         action="store_true",
         help="OCI media types for manifest, config and layers (default: Docker's, as the convertor)",
@@ -91,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
         vsize_gb=args.vsize,
         algorithm=args.algorithm,
         block_size=args.bs * 1024,
+        verify_block_size=args.verify_block_size * 1024,
         oci=args.oci,
         platform=args.platform,
         cache_dir=args.cache_dir,

@@ -16,6 +16,7 @@ from obd.inspect.lsmt import VARIANT_TEXT
 from obd.inspect.plot import plot_layout
 from obd.inspect.report import inspect_files
 from obd.observability.progress import human_bytes
+from obd.verify.pins import config_pins, describe
 
 DESCRIPTION = """\
 Describe overlaybd files from the outside in: the tar envelope, the ZFile (both records, flags by
@@ -94,6 +95,14 @@ def run(args: argparse.Namespace) -> int:
         config = image_config(files[0], platform=remote.platform, remote=remote)
         files = []
     inspection = inspect_files(files, config=config, upper=args.upper, remote=remote)
+    if remote is not None and config is not None and not isinstance(config, str):
+        pins = config_pins(config)
+        inspection.report["verification"] = {
+            "tables": {d: p.as_json() for d, p in pins.items()},
+            "layers": len(config.lowers),
+            "mode": remote.verify,
+            "summary": describe(pins, len(config.lowers)),
+        }
     print_stats(args)
     if args.plot:
         if inspection.layout is None:
@@ -174,6 +183,9 @@ def render(report: dict[str, Any]) -> str:
         _stack(out, report["stack"])
     for note in report["notes"]:
         out.head(f"note: {note}")
+    if report.get("verification"):
+        v = report["verification"]
+        out.head(f"verification: {v['summary']} [--verify={v['mode']}]")
     return out.text()
 
 

@@ -51,6 +51,10 @@ from obd.observability.progress import Progress, ProgressFactory
 from obd.oci.layout import write_layout
 from obd.oci.model import BLOB_DIGEST, BLOB_SIZE, VERSION
 from obd.registry.reference import parse_reference
+from obd.verify.format import DEFAULT_BLOCK_SIZE as DEFAULT_TABLE_BLOCK
+from obd.verify.format import check_block_size
+from obd.verify.pins import TablePin
+from obd.verify.table import table_for_file
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +80,8 @@ class ConvertOptions:
     check: bool = True  # e2fsck -fn the file system after each layer
     workdir: str | None = None  # where scratch files go (default: the system temp dir)
     mount: bool = True  # ask the destination registry to mount blobs it has in the source repository
+    #: block size of the per-layer digest tables the manifest pins (docs/verify.md); 0: write none
+    verify_block_size: int = DEFAULT_TABLE_BLOCK
 
     def validate(self) -> None:
         if self.fstype != "ext4":
@@ -95,6 +101,8 @@ class ConvertOptions:
                 field="vsize",
                 value=self.vsize_gb,
             )
+        if self.verify_block_size:
+            check_block_size(self.verify_block_size, path="--verify-block-size")
         if self.vsize_gb is not None and not 1 <= self.vsize_gb <= 16384:
             raise ConfigError("virtual size must be 1 to 16384 GiB", field="vsize", value=self.vsize_gb)
 
@@ -126,17 +134,17 @@ class ConvertedLayer:
     uuid: str | None
     cached: bool = False
     stats: LayerStats | None = None
+    table: TablePin | None = None  # the layer's digest table, pinned by an annotation
 
     def descriptor(self) -> dict[str, Any]:
+        annotations = {BLOB_DIGEST: self.digest, BLOB_SIZE: str(self.size), VERSION: OVERLAYBD_VERSION}
+        if self.table is not None:
+            annotations.update(self.table.annotations())
         return {
             "mediaType": self.media_type,
             "digest": self.digest,
             "size": self.size,
-            "annotations": {
-                BLOB_DIGEST: self.digest,
-                BLOB_SIZE: str(self.size),
-                VERSION: OVERLAYBD_VERSION,
-            },
+            "annotations": annotations,
         }
 
 
@@ -331,6 +339,7 @@ def _convert(
         path, digest, size = base_layer_blob(cache_root)
         base = ConvertedLayer(digest, size, layer_type, str(path), None, None, None, cached=True)
         converted.insert(0, base)
+    tables = _digest_tables(converted, options.verify_block_size)
     manifest_bytes, config_bytes, manifest, config = build_manifest(source, converted, oci=options.oci)
     manifest_digest = "sha256:" + hashlib.sha256(manifest_bytes).hexdigest()
     t0 = time.monotonic()
@@ -346,6 +355,7 @@ def _convert(
     )
     blob_list: list[tuple[str, str | bytes]] = [(c.digest, c.path) for c in converted]
     blob_list.append((manifest["config"]["digest"], config_bytes))
+    blob_list += tables
     if dest.kind == "oci":
         platform = {"os": config.get("os", "linux"), "architecture": config.get("architecture", "amd64")}
         if config.get("variant"):
@@ -373,6 +383,7 @@ def _convert(
             manifest["mediaType"],
             mount_from=mount_from,
             progress=bar,
+            tables=[(c.table, c.digest) for c in converted if c.table is not None],
         )
     timings["write"] = time.monotonic() - t0
     return result
@@ -425,6 +436,20 @@ def _build_one(
     finally:
         spool.cleanup()
         shutil.rmtree(spool_dir, ignore_errors=True)
+
+
+def _digest_tables(layers: list[ConvertedLayer], block_size: int) -> list[tuple[str, str | bytes]]:
+    """Give each layer its digest table (``layer.table``); the tables as ``(digest, bytes)`` blobs."""
+    if not block_size:
+        return []
+    out: list[tuple[str, str | bytes]] = []
+    for layer in layers:
+        data, pin, blob_digest = table_for_file(layer.path, block_size)
+        if blob_digest != layer.digest:
+            raise FormatError(f"layer file has digest {blob_digest}", path=layer.path, value=layer.digest)
+        layer.table = pin
+        out.append((pin.digest, data))
+    return out
 
 
 def _layer(

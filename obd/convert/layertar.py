@@ -112,6 +112,7 @@ class TarEntry:
     devminor: int = 0
     xattrs: dict[bytes, bytes] = field(default_factory=dict)
     data: str | None = None  # spool file holding a regular file's bytes
+    data_offset: int = 0  # of a regular file's bytes in the uncompressed stream (turboOCI maps it)
 
     @property
     def parts(self) -> tuple[bytes, ...]:
@@ -540,6 +541,7 @@ def read_layer(
                     field=f"{where}.size",
                     value=total_data,
                 )
+            entry.data_offset = inp.pos
             out = spool.path(f"f{index}", data_size)
             fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:

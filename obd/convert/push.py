@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 
 from obd.registry.push import PushResult, push_blob
 from obd.registry.reference import parse_reference
+from obd.verify.pins import TablePin
+from obd.verify.table import push_table_artifact
 
 if TYPE_CHECKING:
     from obd.image.remote import RemoteOptions
@@ -28,8 +30,10 @@ def push_converted(
     *,
     mount_from: str | None = None,
     progress: ProgressFactory | None = None,
+    tables: list[tuple[TablePin, str]] | None = None,
 ) -> PushResult:
-    """Push ``blobs`` (``(digest, path or bytes)``) and then ``manifest`` to ``reference``."""
+    """Push ``blobs`` (``(digest, path or bytes)``) and then ``manifest`` to ``reference``; with
+    ``tables`` (``(pin, layer digest)``), then the artifact that keeps them referenced (docs/verify.md)."""
     ref = parse_reference(reference)
     client = remote.client()
     result = PushResult(str(ref), "", media_type)
@@ -51,7 +55,10 @@ def push_converted(
 
         unique = list(dict(blobs).items())
         await asyncio.gather(*(one(d, b) for d, b in unique))
-        return await client.put_manifest(ref, manifest, media_type)
+        digest = await client.put_manifest(ref, manifest, media_type)
+        if tables:
+            await push_table_artifact(client, ref, digest, len(manifest), media_type, tables)
+        return digest
 
     try:
         result.digest = remote.runner.run(run(), PUSH_TIMEOUT)

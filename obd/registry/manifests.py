@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,8 @@ DOCKER_SCHEMA1 = (
     "application/vnd.docker.distribution.manifest.v1+prettyjws",
 )
 MANIFEST_ACCEPT = ", ".join([OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST])
+
+log = logging.getLogger("obd.registry")
 
 #: Manifests and configs larger than this are refused before they are read.
 MAX_MANIFEST_BYTES = 4 << 20
@@ -106,6 +109,11 @@ class ManifestRequests(HttpTransport):
         """
         ref = self._repo(ref)
         raw = await self.fetch_manifest(ref)
+        if ref.digest is None:
+            # a tag is resolved once per run: everything after this reads by this digest
+            log.info("resolved %s to %s", ref, raw.digest)
+        else:
+            log.debug("%s: manifest bytes match the pinned digest", ref)
         doc = raw.json()
         if raw.media_type in INDEX_TYPES or ("manifests" in doc and "layers" not in doc):
             desc = select_platform(doc, platform or host_platform(), str(ref))

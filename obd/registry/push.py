@@ -28,6 +28,7 @@ from obd.oci.model import (
 from obd.registry.client import RegistryClient
 from obd.registry.manifests import OCI_INDEX, OCI_MANIFEST
 from obd.registry.reference import Reference, parse_reference
+from obd.verify.pins import table_descriptors
 
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 OCI_LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
@@ -143,6 +144,7 @@ class _LayoutPusher:
             blobs += [
                 Descriptor.parse(x, f"layers[{i}]", self.layout.root) for i, x in enumerate(doc["layers"])
             ]
+            blobs += table_descriptors(doc["layers"], path=self.layout.root)  # docs/verify.md
             await asyncio.gather(*(self.blob(b) for b in blobs))
         digest = await self.client.put_manifest(self.dest, data, media, target=target)
         if digest != desc.digest:

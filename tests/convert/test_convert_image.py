@@ -30,6 +30,7 @@ from obd.layer.export import export_stack
 from obd.observability.stats import Stats
 from obd.oci.layout import OCILayout
 from obd.oci.model import BLOB_DIGEST, BLOB_SIZE, VERSION
+from obd.verify.pins import TablePin
 
 HELLO = FIXTURES / "aci-hello-world"
 #: accelerated-container-image's ExpectedOverlaybdBaseLayerDigest (cmd/convertor testing resources)
@@ -92,7 +93,11 @@ def test_hello_world_converts_like_the_convertor(tmp_path):
     )
     aci_keys = {k for layer in aci["layers"] for k in layer["annotations"]}
     for layer in manifest["layers"]:
-        assert set(layer["annotations"]) == aci_keys == {BLOB_DIGEST, BLOB_SIZE, VERSION}
+        # plus the digest-table pins (docs/verify.md), outside containerd's snapshot label namespace
+        pin = TablePin.from_annotations(layer["annotations"], path=out, field="layers")
+        assert pin is not None
+        ours = set(layer["annotations"]) - set(pin.annotations())
+        assert ours == aci_keys == {BLOB_DIGEST, BLOB_SIZE, VERSION}
         assert layer["mediaType"] == OCI_TAR == aci["layers"][0]["mediaType"]
         assert layer["annotations"][BLOB_DIGEST] == layer["digest"]
         assert layer["annotations"][BLOB_SIZE] == str(layer["size"])
@@ -320,7 +325,9 @@ def test_registry_to_registry_and_lazy_read_back(tmp_path, app, registry):
         )["layers"]
     )
     assert sorted(res.pushed.uploaded) == sorted(
-        {x.digest for x in res.layers} | {res.manifest["config"]["digest"]}
+        {x.digest for x in res.layers}
+        | {x.table.digest for x in res.layers if x.table}  # digest tables, docs/verify.md
+        | {res.manifest["config"]["digest"]}
     )
 
     # read back lazily: opening the image fetches indexes, not layers
@@ -343,7 +350,9 @@ def test_registry_to_registry_and_lazy_read_back(tmp_path, app, registry):
     )
     assert again.download_bytes == 0 and all(x.cached for x in again.layers)
     assert again.manifest_digest == res.manifest_digest
-    assert set(again.pushed.mounted) == {x.digest for x in res.layers} | {res.manifest["config"]["digest"]}
+    tables = {x.table.digest for x in res.layers if x.table}  # digest tables, docs/verify.md
+    blobs = {x.digest for x in res.layers} | {res.manifest["config"]["digest"]}
+    assert set(again.pushed.mounted) == blobs | tables
     # and once more: the registry has every blob (HEAD), nothing goes up
     third = convert_image(
         f"docker://{host}/src/app:1", f"{host}/other/app:obd2", options(tmp_path), remote=remote
