@@ -33,6 +33,7 @@ COMMAND_MODULES = [
     "push",
     "pull",
     "convert",
+    "index",
     "trace",
 ]
 

@@ -34,8 +34,13 @@ from obd.oci.model import Image
 from obd.registry.auth import CredentialResolver, Credentials
 from obd.registry.blob import RemoteBlob
 from obd.registry.client import RegistryClient
+from obd.registry.dragonfly import P2PConfig, background_reads
 from obd.registry.loop import AsyncRunner, default_runner
 from obd.registry.reference import DOCKER_HUB_API, Reference, parse_reference
+from obd.turbo import is_plain_image
+from obd.verify.pins import TablePin, layer_pins, pins_json, table_descriptors
+from obd.verify.signature import verify_image_signature
+from obd.verify.table import open_verified
 
 #: How long resolving a manifest and config may take, in seconds.
 RESOLVE_TIMEOUT = 120.0
@@ -58,6 +63,13 @@ class RemoteOptions:
     hosts_dirs: tuple[str, ...] | None = None
     #: HTTP proxy for registry requests (else HTTP_PROXY/HTTPS_PROXY/NO_PROXY)
     proxy: str | None = None
+    #: read a plain image's index artifact found through the referrers tag fallback (a weak link)
+    allow_referrers: bool = False
+    p2p: P2PConfig | None = None  # Dragonfly: dfdaemon's proxy or overlaybd's URL prefix (docs/fleet.md)
+    #: ``require``, ``auto`` or ``off``: check layer blocks against the image's digest tables (docs/verify.md)
+    verify: str = "auto"
+    #: a cosign public key (PEM): the manifest must carry a signature it verifies (docs/verify.md)
+    verify_signature: str | None = None
     stats: Stats = field(default_factory=default_stats)
     _clients: dict[frozenset[str] | bool, RegistryClient] = field(default_factory=dict, repr=False)
     _store: CacheStore | None = field(default=None, repr=False)
@@ -87,6 +99,7 @@ class RemoteOptions:
                     stats=self.stats,
                     hosts=self.hosts_dirs,
                     proxy=self.proxy,
+                    p2p=self.p2p,
                 )
                 self._clients[key] = client
                 _live.append(self)
@@ -165,6 +178,9 @@ def resolve_image(reference: str, opts: RemoteOptions) -> tuple[Reference, Image
     ref = parse_reference(reference)
     client = opts.client()
     image = opts.runner.run(client.get_image(ref, opts.platform), RESOLVE_TIMEOUT)
+    if opts.verify_signature:
+        check = verify_image_signature(client, ref, image.manifest_digest, opts.verify_signature)
+        opts.runner.run(check, RESOLVE_TIMEOUT)
     return ref, image
 
 
@@ -177,7 +193,17 @@ def registry_config(reference: str, opts: RemoteOptions) -> ImageConfig:
 def image_to_config(ref: Reference, image: Image, opts: RemoteOptions, *, label: str) -> ImageConfig:
     """The ``config.v1.json`` of a resolved registry image: its layers as ``digest`` lowers under a
     ``repoBlobUrl``, and in the ``obd`` metadata the image (``label``), its manifest digest and its
-    acceleration layer, if any (:mod:`obd.image.accel`)."""
+    acceleration layer, if any (:mod:`obd.image.accel`). A plain image (no overlaybd layers) becomes
+    the base layer plus turboOCI-style meta layers over its original blobs (:mod:`obd.turbo.remote`)."""
+    if is_plain_image(image):
+        # lazy: the meta-layer builder pulls in the converter (debugfs, tar reader), which imports this
+        from obd.turbo.artifact import image_metas
+        from obd.turbo.remote import plain_lowers
+
+        metas = image_metas(ref, image, opts)
+        cfg = ImageConfig(lowers=plain_lowers(metas, opts.cache_dir), repoBlobUrl=repo_blob_url(ref, opts))
+        cfg.extra["obd"] = {"image": label, "manifest": image.manifest_digest, "plain": True}
+        return cfg
     lowers = []
     accel = None
     for i, layer in enumerate(image.overlaybd_layers()):
@@ -191,15 +217,25 @@ def image_to_config(ref: Reference, image: Image, opts: RemoteOptions, *, label:
         lowers.append(LowerConfig(digest=layer.digest, size=layer.size))
     cfg = ImageConfig(lowers=lowers, repoBlobUrl=repo_blob_url(ref, opts))
     cfg.extra["obd"] = {"image": label, "manifest": image.manifest_digest}
+    pins = layer_pins(((d.digest, d.annotations) for d in image.layers), path=label)
+    if pins:
+        cfg.extra["obd"]["verify"] = pins_json(pins)
     if accel is not None:
         cfg.extra["obd"][META_KEY] = trace_layer_ref(accel)
     return cfg
 
 
 def open_remote_blob(
-    url: str, digest: str, size: int | None, opts: RemoteOptions, *, path: object = None
+    url: str,
+    digest: str,
+    size: int | None,
+    opts: RemoteOptions,
+    *,
+    path: object = None,
+    table: TablePin | None = None,
 ) -> Source:
-    """Blob ``digest`` under ``repoBlobUrl`` ``url``: ranged GETs through the persistent cache."""
+    """Blob ``digest`` under ``repoBlobUrl`` ``url``: ranged GETs through the persistent cache, and
+    above the cache, with a digest ``table`` pin (and ``verify`` not off), every block checked."""
     ref, http = parse_repo_blob_url(url, path=path)
     client = opts.client(ref.api_host if http else None)
     remote = RemoteBlob(
@@ -213,9 +249,10 @@ def open_remote_blob(
         stats=opts.stats,
     )
     store = opts.store()
-    if store is None:
-        return remote
-    return CachedSource(remote, store, digest=digest, stats=opts.stats)
+    src: Source = remote if store is None else CachedSource(remote, store, digest=digest, stats=opts.stats)
+    if table is None or opts.verify == "off":
+        return src
+    return open_verified(src, opts, ref, digest, table, http=http)
 
 
 @dataclass(frozen=True)
@@ -274,6 +311,7 @@ def _pull_layers(
     lock = threading.Lock()
     jobs = [(src, off, min(piece, src.size - off)) for src in sources for off in range(0, src.size, piece)]
 
+    @background_reads()  # a pull is prefetch to Dragonfly: lower priority than on-demand reads
     def one(job: tuple[Source, int, int]) -> None:
         nonlocal done, fetched
         src, off, n = job
@@ -339,6 +377,9 @@ def pull_to_layout(
             finally:
                 src.close()
         blobs.append((layer.digest, dest))
+    for table in table_descriptors(image.manifest.get("layers"), path=reference):  # docs/verify.md
+        data = opts.runner.run(client.get_blob(ref, table.digest, max_bytes=table.size), RESOLVE_TIMEOUT)
+        blobs.append((table.digest, data))
     cfg = image.config
     platform = {"os": cfg.get("os", "linux"), "architecture": cfg.get("architecture", "amd64")}
     if cfg.get("variant"):

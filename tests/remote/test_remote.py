@@ -126,19 +126,13 @@ def test_remote_oci_image_serves_hello(registry, tmp_path):
     assert len(read_file(out, "/hello")) == 13256
 
 
-def test_plain_oci_image_from_a_registry_gets_a_clear_error(registry, tmp_path, capsys):
-    assert (
-        obd(
-            "export",
-            f"{registry.host}/aci/plain:1",
-            "-o",
-            str(tmp_path / "x"),
-            "--insecure-registry",
-            registry.host,
-        )
-        == 1
-    )
-    assert "obd convert" in capsys.readouterr().err
+def test_plain_oci_image_from_a_registry_is_read_lazily(registry, tmp_path, capsys):
+    """No conversion step: a meta layer is built on first use (more in test_plain_images.py)."""
+    out = tmp_path / "x"
+    args = ("--insecure-registry", registry.host, "--cache-dir", str(tmp_path / "cache"))
+    assert obd("export", f"{registry.host}/aci/plain:1", "-o", str(out), *args) == 0
+    assert "plain image; building the file-system index" in capsys.readouterr().err
+    assert len(read_file(out, "/hello")) == 13256
 
 
 def test_one_block_costs_about_one_block_of_fetching(registry, tmp_path):

@@ -1,0 +1,368 @@
+"""Building turboOCI-style meta layers from plain OCI layer tars (docs/index.md, docs/formats.md §1.18, §9).
+
+A meta layer is a committed warp layer (``ext4.fs.meta``): the ext4 metadata a layer's tar creates
+(inodes, directories, extent trees, bitmaps) lives in the layer itself, and every regular file's
+data blocks are tag-1 mappings onto that file's bytes in the *uncompressed* tar stream. A gzip layer
+also gets its ``gzip.meta`` (§8), so the stream can be entered at a seek point instead of from the
+start. Reading a file then costs a Range request into the original blob and nothing else.
+
+How one layer is built (:meth:`TurboBuilder.build`), over a sparse raw working copy of the device
+that holds metadata only:
+
+1. the blob is read once: the gzip index is built from it, and the tar is parsed and its files
+   spooled (:func:`obd.convert.layertar.read_layer`, which also records each file's data offset);
+2. the tar is applied with debugfs, overlaybd-apply semantics (:mod:`obd.convert.ext4`: whiteouts,
+   opaque directories, hard links, symlinks), on top of what the layers below left;
+3. the physical extents of every file this layer created are read back (``dump_extents -l``), and
+   those blocks are punched out of the working copy again (their bytes stay in the tar);
+4. every 4 KiB block that now differs from the copy taken before step 2 is written into a fresh
+   :class:`~obd.lsmt.warp.WarpRWLayer` as fs-meta, the extents are registered as remote data
+   (device offset → tar offset, the tail cut at the file size rounded up to 512 as overlaybd does),
+   and the layer is committed ``-z --fastoci`` (ZFile lz4, 4 KiB blocks).
+
+Layer N is thus built on layer N-1's metadata, as turboOCI does. The stack a reader opens is the
+base layer (the raw ``ext4_64``, as turboOCI places it when not making a file system) and the meta
+layers, each with its target.
+
+zstd layers are refused: random access into a zstd stream needs seekable frames, which registry
+layers do not have (turboOCI accepts only gzip and uncompressed layers too).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from obd.convert.debugfs import Debugfs, Ext4Error, quote
+from obd.convert.ext4 import LayerApplier, _Node, _path
+from obd.convert.layer import FS_BLOCK, _pwrite_all, export_nonzero, write_changes
+from obd.convert.layertar import (
+    DIR,
+    FILE,
+    ParsedLayer,
+    Spool,
+    TarEntry,
+    detect_compression,
+    open_stream,
+    read_layer,
+)
+from obd.errors import UnsupportedError
+from obd.formats.gzindex import DEFAULT_SPAN, build_gzip_index
+from obd.image.local import open_layer
+from obd.io.publish import publish_path
+from obd.io.source import FileSource, data_extents
+from obd.layer.blob import open_blob
+from obd.layer.tools import OutputOptions, commit_warp_layer
+from obd.lsmt.format import SECTOR
+from obd.lsmt.rw import punch_hole
+from obd.lsmt.sealed import SealedLayer
+from obd.lsmt.stack import Stack
+from obd.lsmt.warp import FS_META, MissingTarget, WarpRWLayer
+
+#: File names inside a meta directory, as turboOCI names them inside its ``turboOCIv1.tar.gz``.
+META_NAME = "ext4.fs.meta"
+GZIP_INDEX_NAME = "gzip.meta"
+#: How the meta layer is committed: ``overlaybd-commit -z --fastoci`` (ZFile lz4, 4 KiB blocks).
+META_OUTPUT = OutputOptions(compress="lz4", block_size=4096, verify=True)
+
+# one leaf line of `dump_extents -l`: level, entries, logical range, physical range, length, flags
+_EXTENT = re.compile(
+    rb"^\s*\d+/\s*\d+\s+\d+/\s*\d+\s+(\d+)\s+-\s+(\d+)\s+(\d+)\s+-\s+(\d+)\s+(\d+)\s*(\S*)\s*$", re.M
+)
+
+
+@dataclass(frozen=True)
+class RemoteExtent:
+    """Device bytes ``[offset, offset+count)`` are tar-stream bytes ``[roffset, roffset+count)``."""
+
+    offset: int
+    count: int
+    roffset: int
+
+
+@dataclass
+class TurboLayerStats:
+    """What building one meta layer cost and produced."""
+
+    blob_bytes: int = 0
+    tar_bytes: int = 0
+    entries: int = 0
+    files: int = 0
+    data_bytes: int = 0
+    remote_bytes: int = 0
+    meta_bytes: int = 0  # fs-meta bytes written into the layer (before compression)
+    meta_file_bytes: int = 0  # size of ext4.fs.meta
+    gzip_index_bytes: int = 0
+    gzip_index_entries: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class TurboLayer:
+    """A built meta layer: ``meta`` (ext4.fs.meta), ``gzip_index`` (gzip.meta, gzip layers only)."""
+
+    meta: str
+    gzip_index: str | None
+    compression: str
+    diff_id: str
+    stats: TurboLayerStats = field(default_factory=TurboLayerStats)
+
+
+def parse_extents(text: bytes, *, path: str) -> list[tuple[int, int, int]]:
+    """``(logical block, physical block, blocks)`` of a ``dump_extents -l`` answer."""
+    out = []
+    for m in _EXTENT.finditer(text):
+        if m.group(6):
+            # an uninitialised extent reads as zeros on a kernel, whatever the tar holds
+            raise Ext4Error(f"{path}: unexpected extent flags {m.group(6)!r}")
+        out.append((int(m.group(1)), int(m.group(3)), int(m.group(5))))
+    return out
+
+
+def remote_extents(entry: TarEntry, extents: list[tuple[int, int, int]]) -> list[RemoteExtent]:
+    """The remote mappings of one file: each extent onto its bytes in the tar stream.
+
+    As ``extract_regfile_meta_only`` does, a mapping ends at the file size rounded up to 512; the
+    rest of the last block is not mapped (it lies past the end of the file).
+    """
+    limit = -(-entry.size // SECTOR) * SECTOR
+    out = []
+    for logical, physical, blocks in extents:
+        start = logical * FS_BLOCK
+        count = min(blocks * FS_BLOCK, limit - start)
+        if count > 0:
+            out.append(RemoteExtent(physical * FS_BLOCK, count, entry.data_offset + start))
+    return out
+
+
+class _TurboApplier(LayerApplier):
+    """The ext4 applier, remembering which inode each regular file of the layer became."""
+
+    def __init__(self, fs: Debugfs, layer: ParsedLayer, spool_dir: str, *, epoch: int):
+        super().__init__(fs, layer, spool_dir, epoch=epoch)
+        self.created: dict[int, tuple[object, TarEntry]] = {}
+
+    def apply_entry(self, e: TarEntry) -> None:
+        super().apply_entry(e)
+        if e.kind == FILE and e.size:
+            node = self._find(e.parts, load=False)
+            if node is not None and node.kind == FILE:
+                self.created[id(node.inode)] = (node.inode, e)
+
+    def surviving_files(self) -> list[tuple[tuple[bytes, ...], TarEntry]]:
+        """One path to each file inode this layer created that is still linked, with its entry."""
+        found: dict[int, tuple[tuple[bytes, ...], TarEntry]] = {}
+        todo: list[tuple[tuple[bytes, ...], _Node]] = [((), self.root)]
+        while todo:
+            parts, node = todo.pop()
+            for name, child in (node.children or {}).items():
+                here = (*parts, name)
+                if child.kind == DIR:
+                    todo.append((here, child))
+                elif child.kind == FILE and child.new:
+                    hit = self.created.get(id(child.inode))
+                    if hit is not None and id(child.inode) not in found:
+                        found[id(child.inode)] = (here, hit[1])
+        return sorted(found.values(), key=lambda pe: pe[1].data_offset)
+
+
+def _sparse_copy(src: str, dst: str) -> None:
+    """Copy the sparse file ``src`` to ``dst``, holes kept."""
+    with open(src, "rb") as fi, open(dst, "wb") as fo:
+        size = os.fstat(fi.fileno()).st_size
+        fo.truncate(size)
+        for start, length in data_extents(fi.fileno(), size):
+            os.copy_file_range(fi.fileno(), fo.fileno(), length, start, start)
+
+
+class TurboBuilder:
+    """Builds the meta layers of one image, bottom up, over a raw metadata-only copy of the device.
+
+    ``base_layer`` is the overlaybd base layer (``ext4_64``) the stack starts from. Call
+    :meth:`build` once per layer, lowest first; :meth:`close` removes the working files.
+    """
+
+    def __init__(self, workdir: str, base_layer: str, *, span: int = DEFAULT_SPAN):
+        self.workdir = workdir
+        self.span = span
+        self.raw = os.path.join(workdir, "device.raw")
+        self.prev = os.path.join(workdir, "device.prev")
+        base = open_layer(base_layer)
+        try:
+            self.vsize = base.virtual_size
+            export_nonzero(Stack([base]), self.raw)
+        finally:
+            base.close()
+
+    def add_existing(self, meta: str) -> None:
+        """Bring the working copy up to a meta layer built earlier (a cache hit), without its tar.
+
+        Its fs-meta mappings are copied in and its remote ones punched out: the working copy holds
+        the device's metadata, never file data.
+        """
+        opened = open_blob(meta)
+        layer = SealedLayer(opened.source, warp=True, target=MissingTarget(meta), name=meta, blob=opened)
+        fd = os.open(self.raw, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            for offset, length, moffset, zeroed, tag in layer.index:
+                if zeroed or tag != FS_META:
+                    punch_hole(fd, offset * SECTOR, length * SECTOR)
+                    continue
+                data = layer.files[0].pread(moffset * SECTOR, length * SECTOR)
+                _pwrite_all(fd, memoryview(data), offset * SECTOR)
+        finally:
+            os.close(fd)
+            layer.close()
+
+    def build(
+        self,
+        blob: str,
+        out_dir: str,
+        *,
+        name: str | None = None,
+        progress: Callable[[str], None] | None = None,
+    ) -> TurboLayer:
+        """Build the meta layer of the layer blob ``blob`` (tar or tar.gz) into ``out_dir``.
+
+        ``out_dir`` receives ``ext4.fs.meta`` and, for gzip, ``gzip.meta`` (each published
+        atomically). ``progress(message)`` is told about each phase.
+        """
+        t0 = time.monotonic()
+        label = name or blob
+        say = progress or (lambda _m: None)
+        stats = TurboLayerStats(blob_bytes=os.path.getsize(blob))
+        with open(blob, "rb") as f:
+            compression = detect_compression(f.read(4))
+        if compression == "zstd":
+            raise UnsupportedError(
+                "zstd layers cannot be read lazily: a zstd stream has no seek points (turboOCI "
+                "accepts only gzip and uncompressed layers); convert the image with `obd convert`",
+                path=label,
+                field="mediaType",
+            )
+        os.makedirs(out_dir, exist_ok=True)
+        work = tempfile.mkdtemp(prefix="turbo-", dir=self.workdir)
+        try:
+            gz_path = None
+            if compression == "gzip":
+                say("gzip index")
+                tmp_gz = os.path.join(work, GZIP_INDEX_NAME)
+                header = build_gzip_index(blob, tmp_gz, span=self.span)
+                stats.gzip_index_bytes, stats.gzip_index_entries = header.index_file_size, header.index_num
+                gz_path = os.path.join(out_dir, GZIP_INDEX_NAME)
+                publish_path(tmp_gz, gz_path)
+            say("reading the tar")
+            parsed = self._parse(blob, work, label)
+            stats.tar_bytes, stats.entries = parsed.tar_bytes, len(parsed.entries)
+            stats.data_bytes = parsed.data_bytes
+            say(f"applying {len(parsed.entries)} entries")
+            _sparse_copy(self.raw, self.prev)
+            extents = self._apply(parsed, work)
+            stats.files = len(extents)
+            say("writing the meta layer")
+            meta_tmp = os.path.join(work, META_NAME)
+            stats.meta_bytes, stats.remote_bytes = self._commit(extents, work, meta_tmp)
+            stats.meta_file_bytes = os.path.getsize(meta_tmp)
+            meta = os.path.join(out_dir, META_NAME)
+            publish_path(meta_tmp, meta)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+            if os.path.exists(self.prev):
+                os.unlink(self.prev)
+        stats.seconds = time.monotonic() - t0
+        return TurboLayer(meta, gz_path, compression, parsed.diff_id, stats)
+
+    def _parse(self, blob: str, work: str, label: str) -> ParsedLayer:
+        spool_dir = os.path.join(work, "spool")
+        os.mkdir(spool_dir)
+        stream, raw, compression = open_stream(blob)
+        try:
+            return read_layer(stream, Spool(spool_dir), name=label, compression=compression)
+        finally:
+            stream.close()
+            raw.close()
+
+    def _apply(self, parsed: ParsedLayer, work: str) -> list[list[RemoteExtent]]:
+        """Apply the layer to the working copy; the remote extents of each new file, data punched out."""
+        stamp = max(1, parsed.max_mtime)
+        fs = Debugfs(self.raw, writable=True, epoch=stamp)
+        try:
+            applier = _TurboApplier(fs, parsed, os.path.join(work, "spool"), epoch=stamp)
+            applier.run()
+            files = applier.surviving_files()
+            answers = fs.run([b"dump_extents -l " + quote(_path(parts)) for parts, _ in files])
+        except BaseException:
+            fs.abort()
+            raise
+        fs.close()
+        out = []
+        fd = os.open(self.raw, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            for (_parts, entry), text in zip(files, answers, strict=True):
+                ext = parse_extents(text, path=entry.display)
+                for _logical, physical, blocks in ext:
+                    # the bytes stay in the tar: the working copy keeps metadata only
+                    punch_hole(fd, physical * FS_BLOCK, blocks * FS_BLOCK)
+                out.append(remote_extents(entry, ext))
+        finally:
+            os.close(fd)
+        return out
+
+    def _commit(self, extents: list[list[RemoteExtent]], work: str, meta_path: str) -> tuple[int, int]:
+        """Write the changed metadata and the remote extents into a warp layer and commit it."""
+        layer = WarpRWLayer.create(
+            os.path.join(work, "writable_index"), os.path.join(work, "writable_data"), self.vsize
+        )
+        try:
+            prev = FileSource(self.prev)
+            try:
+                _compared, changed = write_changes(self.raw, prev, layer)
+            finally:
+                prev.close()
+            remote = 0
+            for file_extents in extents:
+                for ext in file_extents:
+                    layer.register_remote(ext.offset, ext.count, ext.roffset)
+                    remote += ext.count
+            layer.flush()
+            commit_warp_layer(layer, meta_path, options=META_OUTPUT)
+        finally:
+            layer.close()
+        return changed, remote
+
+    def close(self) -> None:
+        for p in (self.raw, self.prev):
+            if os.path.exists(p):
+                os.unlink(p)
+
+
+def chain_key(digests: list[str]) -> str:
+    """The cache key of the meta layer of the last of ``digests`` (layer digests, lowest first).
+
+    A meta layer depends on every layer below it (its ext4 is built on theirs), so it is keyed by
+    the whole chain, as containerd keys snapshots by chain ID.
+    """
+    h = hashlib.sha256()
+    for d in digests:
+        h.update(d.encode() + b"\n")
+    return h.hexdigest()
+
+
+__all__ = [
+    "GZIP_INDEX_NAME",
+    "META_NAME",
+    "META_OUTPUT",
+    "RemoteExtent",
+    "TurboBuilder",
+    "TurboLayer",
+    "TurboLayerStats",
+    "chain_key",
+    "parse_extents",
+    "remote_extents",
+]
