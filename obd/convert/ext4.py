@@ -64,7 +64,7 @@ class _Inode:
         self.delta = 0
 
 
-class _Node:
+class FsNode:
     """One name in the model: its kind, its inode, and for a directory its (lazily listed) children.
 
     ``new`` marks paths this layer unpacked: whiteouts and opaque markers spare them.
@@ -72,7 +72,7 @@ class _Node:
 
     __slots__ = ("children", "inode", "kind", "new")
 
-    def __init__(self, kind: str, inode: _Inode, *, new: bool, children: dict[bytes, _Node] | None = None):
+    def __init__(self, kind: str, inode: _Inode, *, new: bool, children: dict[bytes, FsNode] | None = None):
         self.kind = kind
         self.inode = inode
         self.new = new
@@ -94,7 +94,7 @@ class ApplyStats:
     write_seconds: float = 0.0
 
 
-def _path(parts: Sequence[bytes]) -> bytes:
+def debugfs_path(parts: Sequence[bytes]) -> bytes:
     """An absolute debugfs path. A top-level name is written ``/./name``: debugfs' ``rm`` and
     ``rmdir`` cut a path at its last slash, and an empty directory part would mean the cwd."""
     if len(parts) == 1:
@@ -120,11 +120,11 @@ class LayerApplier:
         self.spool = spool_dir
         self.epoch = epoch
         self.inodes: dict[int, _Inode] = {}
-        self.root = _Node(DIR, self._lower_inode(ROOT_INO), new=False)
+        self.root = FsNode(DIR, self._lower_inode(ROOT_INO), new=False)
         self.cmds: list[bytes] = []
         self.stats = ApplyStats()
         self._cwd: tuple[bytes, ...] | None = None
-        self._dir_times: list[tuple[tuple[bytes, ...], _Node, int]] = []
+        self._dir_times: list[tuple[tuple[bytes, ...], FsNode, int]] = []
         self._xattr_files = 0
 
     # -- the lower file system, listed on demand ---------------------------------------------------
@@ -135,28 +135,28 @@ class LayerApplier:
             node = self.inodes[ino] = _Inode(ino)
         return node
 
-    def _load(self, dirs: Sequence[_Node]) -> None:
+    def _load(self, dirs: Sequence[FsNode]) -> None:
         todo = [d for d in dirs if d.children is None]
         if not todo:
             return
         listings = self.fs.listdirs([d.inode.ino for d in todo])  # type: ignore[misc]
         self.stats.listed_dirs += len(todo)
         for d, entries in zip(todo, listings, strict=True):
-            children: dict[bytes, _Node] = {}
+            children: dict[bytes, FsNode] = {}
             for name, ino, mode in entries:
                 kind = _KIND_OF_TYPE.get(mode & 0o170000)
                 if kind is None:
                     raise Ext4Error(f"inode {ino} ({name!r}) has an unknown type, mode {mode:o}")
-                children[name] = _Node(kind, self._lower_inode(ino), new=False)
+                children[name] = FsNode(kind, self._lower_inode(ino), new=False)
             d.children = children
 
-    def _children(self, node: _Node) -> dict[bytes, _Node]:
+    def _children(self, node: FsNode) -> dict[bytes, FsNode]:
         if node.children is None:
             self._load([node])
         assert node.children is not None
         return node.children
 
-    def _load_subtree(self, node: _Node) -> None:
+    def _load_subtree(self, node: FsNode) -> None:
         level = [node]
         while level:
             self._load(level)
@@ -171,7 +171,7 @@ class LayerApplier:
                     wanted.setdefault(tuple(target[:i]), set()).add(target[i])
                 if len(target):
                     wanted.setdefault(tuple(target[:-1]), set())
-        level: list[tuple[tuple[bytes, ...], _Node]] = [((), self.root)]
+        level: list[tuple[tuple[bytes, ...], FsNode]] = [((), self.root)]
         while level:
             self._load([n for _, n in level])
             nxt = []
@@ -198,7 +198,7 @@ class LayerApplier:
             inode.nlink = self.fs.links([inode.ino])[0]  # type: ignore[list-item]
         return inode.nlink + inode.delta
 
-    def _find(self, parts: tuple[bytes, ...], *, load: bool = True) -> _Node | None:
+    def _find(self, parts: tuple[bytes, ...], *, load: bool = True) -> FsNode | None:
         node = self.root
         for name in parts:
             if node.kind != DIR:
@@ -217,11 +217,11 @@ class LayerApplier:
 
     def _cd(self, parts: tuple[bytes, ...]) -> None:
         if self._cwd != parts:
-            self._emit(b"cd", quote(_path(parts)))
+            self._emit(b"cd", quote(debugfs_path(parts)))
             self._cwd = parts
 
     def _sif(self, parts: tuple[bytes, ...], field: bytes, value: bytes) -> None:
-        self._emit(b"sif", quote(_path(parts)), field, value)
+        self._emit(b"sif", quote(debugfs_path(parts)), field, value)
 
     def _times(self, parts: tuple[bytes, ...], t: int) -> None:
         arg = _time_arg(t)
@@ -240,12 +240,12 @@ class LayerApplier:
             path = os.path.join(self.spool, f"x{self._xattr_files}")
             with open(path, "wb") as f:
                 f.write(value)
-            self._emit(b"ea_set", b"-f", quote(os.fsencode(path)), quote(_path(parts)), quote(name))
+            self._emit(b"ea_set", b"-f", quote(os.fsencode(path)), quote(debugfs_path(parts)), quote(name))
 
     # -- removal -----------------------------------------------------------------------------------
 
-    def _unlink(self, parts: tuple[bytes, ...], parent: _Node, name: bytes, node: _Node) -> None:
-        self._emit(b"rm", quote(_path(parts)))
+    def _unlink(self, parts: tuple[bytes, ...], parent: FsNode, name: bytes, node: FsNode) -> None:
+        self._emit(b"rm", quote(debugfs_path(parts)))
         if node.inode.nlink is None:
             node.inode.delta -= 1
         else:
@@ -254,7 +254,7 @@ class LayerApplier:
         self.stats.removed += 1
 
     def _remove(
-        self, parts: tuple[bytes, ...], parent: _Node, name: bytes, node: _Node, *, lower_only: bool
+        self, parts: tuple[bytes, ...], parent: FsNode, name: bytes, node: FsNode, *, lower_only: bool
     ) -> None:
         """Remove ``node`` and what is below it; with ``lower_only`` spare what this layer unpacked."""
         if node.kind != DIR:
@@ -266,14 +266,14 @@ class LayerApplier:
             self._remove((*parts, cname), node, cname, child, lower_only=lower_only)
         if (lower_only and node.new) or node.children:
             return
-        self._emit(b"rmdir", quote(_path(parts)))
+        self._emit(b"rmdir", quote(debugfs_path(parts)))
         self._cwd = None  # the session's cwd may have been inside it
         del parent.children[name]  # type: ignore[union-attr]
         self.stats.removed += 1
 
     # -- entries -----------------------------------------------------------------------------------
 
-    def _parent(self, e: TarEntry) -> _Node:
+    def _parent(self, e: TarEntry) -> FsNode:
         """The directory an entry goes into, created with its ancestors as needed."""
         node = self.root
         parts = e.parts
@@ -286,7 +286,7 @@ class LayerApplier:
                 self._emit(b"mkdir", quote(name))
                 self._sif(here, b"mode", b"040755")
                 self._times(here, self.epoch)
-                child = children[name] = _Node(DIR, _Inode(nlink=2), new=True, children={})
+                child = children[name] = FsNode(DIR, _Inode(nlink=2), new=True, children={})
                 self.stats.created += 1
             elif child.kind != DIR:
                 raise FormatError(
@@ -369,7 +369,7 @@ class LayerApplier:
             self._emit(b"mknod", q, b"c" if e.kind == CHR else b"b", b"%d" % e.devmajor, b"%d" % e.devminor)
         else:  # pragma: no cover - the tar reader admits no other kind
             raise AssertionError(e.kind)
-        node = _Node(e.kind, _Inode(nlink=2 if e.kind == DIR else 1), new=True)
+        node = FsNode(e.kind, _Inode(nlink=2 if e.kind == DIR else 1), new=True)
         if e.kind == DIR:
             node.children = {}
         children[name] = node
@@ -381,7 +381,7 @@ class LayerApplier:
         else:
             self._times(parts, e.mtime)
 
-    def _hardlink(self, e: TarEntry, parts: tuple[bytes, ...], parent: _Node) -> None:
+    def _hardlink(self, e: TarEntry, parts: tuple[bytes, ...], parent: FsNode) -> None:
         target_parts = tuple(e.link.split(b"/"))
         target = self._find(target_parts)
         if target is None:
@@ -402,8 +402,8 @@ class LayerApplier:
         # debugfs' ln does not grow a full directory; a placeholder made and removed first leaves
         # exactly the room the new name needs
         self._emit(b"mknod", q, b"p")
-        self._emit(b"rm", quote(_path(parts)))
-        self._emit(b"ln", quote(_path(target_parts)), q)
+        self._emit(b"rm", quote(debugfs_path(parts)))
+        self._emit(b"ln", quote(debugfs_path(target_parts)), q)
         links = self._nlink(target.inode) + 1
         target.inode.nlink, target.inode.delta = links, 0
         self._sif(parts, b"links_count", b"%d" % links)
@@ -411,7 +411,7 @@ class LayerApplier:
         self._owner_mode(parts, target.kind, e)
         self._times(parts, e.mtime)
         self._xattrs(parts, e)
-        self._children(parent)[name] = _Node(target.kind, target.inode, new=True)
+        self._children(parent)[name] = FsNode(target.kind, target.inode, new=True)
         self.stats.created += 1
 
     # -- running -----------------------------------------------------------------------------------

@@ -78,7 +78,7 @@ def _runs(mask: np.ndarray | np.bool_) -> list[tuple[int, int]]:
     return list(zip(starts.tolist(), ends.tolist(), strict=True))
 
 
-def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+def pwrite_all(fd: int, view: memoryview, offset: int) -> None:
     done = 0
     while done < len(view):
         done += os.pwrite(fd, view[done:], offset + done)
@@ -108,7 +108,7 @@ def export_nonzero(stack: Stack, path: str) -> int:
                     view[got:n] = bytes(n - got)
                 blocks = words[: n // 8].reshape(-1, FS_BLOCK // 8)
                 for s, e in _runs(blocks.any(axis=1)):
-                    _pwrite_all(fd, view[s * FS_BLOCK : e * FS_BLOCK], a + s * FS_BLOCK)
+                    pwrite_all(fd, view[s * FS_BLOCK : e * FS_BLOCK], a + s * FS_BLOCK)
                     written += (e - s) * FS_BLOCK
                 a += n
         os.fsync(fd)

@@ -40,8 +40,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from obd.convert.debugfs import Debugfs, Ext4Error, quote
-from obd.convert.ext4 import LayerApplier, _Node, _path
-from obd.convert.layer import FS_BLOCK, _pwrite_all, export_nonzero, write_changes
+from obd.convert.ext4 import FsNode, LayerApplier, debugfs_path
+from obd.convert.layer import FS_BLOCK, export_nonzero, pwrite_all, write_changes
 from obd.convert.layertar import (
     DIR,
     FILE,
@@ -158,7 +158,7 @@ class _TurboApplier(LayerApplier):
     def surviving_files(self) -> list[tuple[tuple[bytes, ...], TarEntry]]:
         """One path to each file inode this layer created that is still linked, with its entry."""
         found: dict[int, tuple[tuple[bytes, ...], TarEntry]] = {}
-        todo: list[tuple[tuple[bytes, ...], _Node]] = [((), self.root)]
+        todo: list[tuple[tuple[bytes, ...], FsNode]] = [((), self.root)]
         while todo:
             parts, node = todo.pop()
             for name, child in (node.children or {}).items():
@@ -215,7 +215,7 @@ class TurboBuilder:
                     punch_hole(fd, offset * SECTOR, length * SECTOR)
                     continue
                 data = layer.files[0].pread(moffset * SECTOR, length * SECTOR)
-                _pwrite_all(fd, memoryview(data), offset * SECTOR)
+                pwrite_all(fd, memoryview(data), offset * SECTOR)
         finally:
             os.close(fd)
             layer.close()
@@ -296,7 +296,7 @@ class TurboBuilder:
             applier = _TurboApplier(fs, parsed, os.path.join(work, "spool"), epoch=stamp)
             applier.run()
             files = applier.surviving_files()
-            answers = fs.run([b"dump_extents -l " + quote(_path(parts)) for parts, _ in files])
+            answers = fs.run([b"dump_extents -l " + quote(debugfs_path(parts)) for parts, _ in files])
         except BaseException:
             fs.abort()
             raise
