@@ -98,7 +98,8 @@ def add_remote_args(parser: argparse.ArgumentParser, *, stats: bool = True) -> N
         metavar="HOST",
         action="append",
         type=registry_host,
-        help="reach registry HOST[:PORT] over plain HTTP; repeatable",
+        help="as in docker: reach registry HOST[:PORT] over HTTPS without certificate checks, or over "
+        "plain HTTP when it does not speak TLS; repeatable",
     )
     g.add_argument(
         "--tls-verify",
@@ -177,7 +178,8 @@ def add_remote_args(parser: argparse.ArgumentParser, *, stats: bool = True) -> N
 
 
 def _insecure(args: argparse.Namespace) -> bool | tuple[str, ...]:
-    """True (every registry over plain HTTP) or the hosts ``args`` reaches over plain HTTP."""
+    """True (every registry over plain HTTP: ``--insecure-registry '*'``) or docker's insecure
+    registries (HTTPS without certificate checks, then plain HTTP)."""
     hosts = getattr(args, "insecure_registry", None) or []
     if "*" in hosts:
         return True

@@ -33,6 +33,7 @@ examples:
   obd nbd oci:layout:app --socket /tmp/app.sock
   obd nbd localhost:5000/app:1-obd --socket /tmp/app.sock --insecure-registry localhost:5000
   obd nbd base.commit app.commit --upper vm1.upper --socket /tmp/vm1.sock
+  obd nbd localhost:5000/app:1-obd --socket /tmp/app.sock --record-trace boot.trace
   obd nbd --upper vm1.upper --port 10809 --foreground -- --filter=stats statsfile=/dev/stderr
   qemu-system-x86_64 ... -blockdev driver=nbd,server.type=unix,server.path=/tmp/vm1.sock,\\
       node-name=d0,reconnect-delay=10 -device virtio-blk-pci,drive=d0
@@ -58,6 +59,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--upper", metavar="DIR", help="upper directory for writes (created on first use)")
     p.add_argument("--sparse", action="store_true", help="create the RW layer sparse (default: append)")
     p.add_argument("--readonly", action="store_true", help="serve read-only even with an upper")
+    p.add_argument(
+        "--trace", metavar="FILE", help="replay this prefetch trace into the block cache in the background"
+    )
+    p.add_argument(
+        "--record-trace",
+        metavar="FILE",
+        help="record the blocks clients read as a prefetch trace, written when the server stops",
+    )
     where = p.add_mutually_exclusive_group()
     where.add_argument("--socket", metavar="PATH", help="listen on this Unix socket")
     where.add_argument("--port", type=int, metavar="N", help="listen on this TCP port (default 10809)")
@@ -117,6 +126,9 @@ def build_command(args: argparse.Namespace) -> list[str]:
         raise ObdError("--sparse needs --upper")
     if args.readonly:
         cmd.append("readonly=true")
+    for key, value in (("trace", args.trace), ("record-trace", args.record_trace)):
+        if value:
+            cmd.append(f"{key}={os.path.abspath(value)}")
     cmd += remote_params(args)
     if args.no_extents:
         cmd.append("extents=false")

@@ -48,7 +48,8 @@ RESOLVE_TIMEOUT = 120.0
 
 @dataclass
 class RemoteOptions:
-    """How to reach registries. ``insecure`` is True (all plain HTTP) or the hosts to reach over HTTP."""
+    """How to reach registries. ``insecure`` is True (every registry over plain HTTP) or docker's
+    insecure registries: hosts tried over HTTPS without certificate checks, then plain HTTP."""
 
     credentials: Credentials | None = None
     insecure: bool | tuple[str, ...] = False
@@ -80,14 +81,11 @@ class RemoteOptions:
         return default_runner()
 
     def client(self, http_host: str | None = None) -> RegistryClient:
-        """The client for these options; ``http_host`` adds a host reached over plain HTTP."""
-        if self.insecure is True:
-            key: frozenset[str] | bool = True
-        else:
-            hosts = set(self.insecure or ())
-            if http_host:
-                hosts.add(http_host.lower())
-            key = frozenset(hosts)
+        """The client for these options; ``http_host`` adds a host reached over plain HTTP (one an
+        image config's ``http://`` blob URL names)."""
+        key: frozenset[str] | bool = (
+            True if self.insecure is True else frozenset([http_host.lower()] if http_host else ())
+        )
         with self._lock:
             client = self._clients.get(key)
             if client is None:
@@ -95,6 +93,7 @@ class RemoteOptions:
                     credentials=CredentialResolver(self.credentials),
                     insecure=key,
                     tls_verify=self.tls_verify,
+                    skip_verify=self.insecure if isinstance(self.insecure, tuple) else (),
                     ca_file=self.ca_file,
                     stats=self.stats,
                     hosts=self.hosts_dirs,
@@ -115,7 +114,13 @@ class RemoteOptions:
             return self._store
 
     def is_http(self, host: str) -> bool:
-        return self.insecure is True or host.lower() in {h.lower() for h in (self.insecure or ())}
+        """Whether ``host`` is reached over plain HTTP: every host with ``insecure=True``; an insecure
+        registry once its client found it does not speak TLS (docker's rule: HTTPS first)."""
+        if self.insecure is True:
+            return True
+        if host.lower() not in {h.lower() for h in self.insecure or ()}:
+            return False
+        return self.client().is_insecure(host)
 
     def close(self) -> None:
         """Close the registry clients' HTTP sessions."""

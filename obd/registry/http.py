@@ -23,9 +23,10 @@
   for the hosts ``NO_PROXY`` lists; requests (Range headers included) are forwarded unchanged.
 - **Dragonfly** (``p2p``, see :mod:`obd.registry.dragonfly`): blob data requests through dfdaemon's
   proxy or overlaybd's URL prefix while it is healthy, directly otherwise.
-- **TLS without verification** (``tls_verify=False``, skopeo's ``--tls-verify=false``): HTTPS without
-  certificate checks first; a host that does not speak TLS there is reached over plain HTTP from
-  then on (docker's and containerd's rule for insecure registries).
+- **TLS without verification** (``tls_verify=False``, skopeo's ``--tls-verify=false``, for every
+  host; ``skip_verify`` hosts, docker's ``--insecure-registry``, for those): HTTPS without certificate
+  checks first; a host that does not speak TLS there is reached over plain HTTP from then on
+  (docker's rule for insecure registries).
 """
 
 from __future__ import annotations
@@ -144,13 +145,15 @@ class HttpTransport:
     """The connection settings and request plumbing of a registry client (see the module docstring).
 
     ``insecure`` is ``True`` (every registry over plain http) or the hosts (``host:port``) to reach
-    over plain http; everything else uses https with certificate verification, which only
-    ``tls_verify=False`` turns off. ``stats`` defaults to the process-wide
-    :data:`obd.observability.stats.STATS`. ``max_blob_bytes`` and ``chunk_size`` are the limits of
-    whole-blob reads and of upload chunks. ``hosts`` gives the mirrors and per-host settings
-    (``hosts.toml`` directories, or a resolver; default :func:`~obd.registry.hosts.default_hosts_dirs`).
-    ``proxy`` is an HTTP proxy URL for every request; without it ``HTTP_PROXY``/``HTTPS_PROXY`` and
-    ``NO_PROXY`` of the environment apply (``NO_PROXY`` applies to ``proxy`` too). ``p2p`` routes blob
+    over plain http; everything else uses https with certificate verification, which
+    ``tls_verify=False`` turns off for every host and ``skip_verify`` (docker's insecure registries)
+    for the hosts it names: those are tried over https without certificate checks, then plain http.
+    ``stats`` defaults to the process-wide :data:`obd.observability.stats.STATS`. ``max_blob_bytes``
+    and ``chunk_size`` are the limits of whole-blob reads and of upload chunks. ``hosts`` gives the
+    mirrors and per-host settings (``hosts.toml`` directories, or a resolver; default
+    :func:`~obd.registry.hosts.default_hosts_dirs`). ``proxy`` is an HTTP proxy URL for every request;
+    without it ``HTTP_PROXY``/``HTTPS_PROXY`` and ``NO_PROXY`` of the environment apply (``NO_PROXY``
+    applies to ``proxy`` too). ``p2p`` routes blob
     data requests through Dragonfly (:class:`~obd.registry.dragonfly.P2PConfig`).
     """
 
@@ -160,6 +163,7 @@ class HttpTransport:
         credentials: CredentialResolver | Credentials | Mapping[str, Credentials] | None = None,
         insecure: bool | Iterable[str] = False,
         tls_verify: bool = True,
+        skip_verify: Iterable[str] = (),
         ca_file: str | os.PathLike[str] | None = None,
         max_connections: int = 16,
         connect_timeout: float = 10.0,
@@ -196,6 +200,7 @@ class HttpTransport:
         else:
             self._insecure_all, self._insecure_hosts = False, frozenset(h.lower() for h in insecure)
         self.tls_verify = tls_verify
+        self._skip_verify = frozenset(h.lower() for h in skip_verify)
         self.ca_file = os.fspath(ca_file) if ca_file else None
         self.max_connections = max_connections
         self.timeout = aiohttp.ClientTimeout(
@@ -236,11 +241,20 @@ class HttpTransport:
     # -- plumbing ------------------------------------------------------------------------------
 
     def is_insecure(self, host: str) -> bool:
-        """Whether ``host`` (``name[:port]``) may be reached over plain http."""
+        """Whether ``host`` (``name[:port]``) is reached over plain http (marked so, or found not to
+        speak TLS while its certificate checks are off)."""
         if self._insecure_all or host.lower() in self._insecure_hosts or host.lower() in self._http_fallback:
             return True
         configured = self._host_settings.get(host.lower())
         return configured is not None and configured.is_http
+
+    def may_use_http(self, host: str) -> bool:
+        """Whether plain http to ``host`` is allowed (a redirect to it, its token realm)."""
+        return self.is_insecure(host) or host.lower() in self._skip_verify
+
+    def _lenient(self, host: str) -> bool:
+        """Whether ``host``'s certificate goes unchecked (and plain http follows if it has no TLS)."""
+        return not self.tls_verify or host.lower() in self._skip_verify
 
     def _hosts_of(self, registry: str) -> HostsConfig:
         config = self.hosts.hosts(registry)
@@ -341,7 +355,7 @@ class HttpTransport:
                 creds,
                 timeout=self.timeout,
                 allow_http=self.base_url(ref).scheme == "http"
-                or self.is_insecure(hostport(host.challenge.realm)),
+                or self.may_use_http(hostport(host.challenge.realm)),
                 on_request=self._count_token,
                 proxy_for=self._proxy_for,
             )
@@ -438,6 +452,8 @@ class HttpTransport:
             where = hostport(url).lower()
             if where in self._host_ssl and url.scheme == "https":
                 extra["ssl"] = self._host_ssl[where]
+            elif where in self._skip_verify and url.scheme == "https":
+                extra["ssl"] = False
             if via_p2p and self.p2p is not None:
                 hdrs = {**headers, HEADER_PRIORITY: str(read_priority())}
                 if self.p2p.is_proxy:
@@ -469,7 +485,7 @@ class HttpTransport:
                     continue
                 if (
                     url.scheme == "https"
-                    and not self.tls_verify
+                    and self._lenient(where)
                     and where not in self._tls_ok
                     and _not_tls(e)
                 ):
@@ -621,7 +637,7 @@ class HttpTransport:
             raise RegistryError("redirect Location is not a URL", path=safe_url(url)) from None
         if target.scheme not in ("http", "https"):
             raise RegistryError("redirect to a non-http URL", path=safe_url(url), value=safe_url(target))
-        if url.scheme == "https" and target.scheme == "http" and not self.is_insecure(hostport(target)):
+        if url.scheme == "https" and target.scheme == "http" and not self.may_use_http(hostport(target)):
             raise RegistryError(
                 "refusing a redirect from https to plain http (mark the host insecure to allow it)",
                 path=safe_url(url),

@@ -91,7 +91,10 @@ def test_insecure_registry_is_repeatable_and_reaches_the_options():
     assert args.layers == ["b.example"]
     opts = remote_options(args)
     assert opts.insecure == ("a:5000", "c:1") and opts.tls_verify is True
-    assert opts.is_http("A:5000") and not opts.is_http("b.example")
+    # docker's rule: HTTPS first, plain HTTP only once the host is found not to speak TLS
+    # (tests/remote/test_registry_mirrors.py::test_insecure_registry_is_https_first_per_host)
+    assert not opts.is_http("A:5000") and not opts.is_http("b.example")
+    assert remote_options(parse("export", "--insecure-registry", "*", "b", "-o", "x")).is_http("b")
 
 
 @pytest.mark.parametrize("spelling", [["--tls-verify=false"], ["--tls-verify", "false"], ["--no-tls-verify"]])

@@ -21,7 +21,7 @@ from registry_server import FaultProxy, RegistryServer, TokenServer, free_port, 
 from fixtures import FIXTURES
 from obd.cli import main
 from obd.errors import ConfigError, RegistryError
-from obd.image.remote import RemoteOptions, resolve_image
+from obd.image.remote import RemoteOptions, repo_blob_url, resolve_image
 from obd.observability.stats import Stats
 from obd.registry import AsyncRunner, CredentialResolver, RegistryClient
 from obd.registry.auth import Credentials
@@ -493,6 +493,37 @@ def test_tls_verify_false_is_unverified_https_else_plain_http(origin, tmp_path, 
         layer_of(plain, runner, http_ref)
         assert after_resolve - before == plain.stats["requests"] + 1
         for c in (client, plain):
+            runner.run(c.aclose(), 10)
+    finally:
+        reg.stop()
+
+
+def test_insecure_registry_is_https_first_per_host(origin, tmp_path, runner):
+    """docker's ``--insecure-registry HOST``: HTTPS without certificate checks for that host only (a
+    self-signed registry works without --ca-file), plain HTTP for one that does not speak TLS."""
+    reg = TlsRegistry(tmp_path).start()
+    try:
+        pusher = new_client(None, insecure=False, ca_file=reg.cert)
+        runner.run(push_layout(pusher, f"oci:{ACI}:amd64-converted", f"{reg.host}/aci/hello"), 60)
+        runner.run(pusher.aclose(), 10)
+        tls_ref = f"{reg.host}/aci/hello:amd64-converted"
+        http_ref = f"{origin.host}/aci/hello:amd64-converted"
+
+        opts = RemoteOptions(insecure=(reg.host, origin.host), hosts_dirs=(), stats=Stats())
+        client = opts.client()
+        digest, size = layer_of(client, runner, tls_ref)  # self-signed, yet accepted for this host
+        assert len(runner.run(client.read_range(tls_ref, digest, 0, 100, size=size), 30)) == 100
+        assert not opts.is_http(reg.host)
+        digest, size = layer_of(client, runner, http_ref)  # no TLS there: plain HTTP from then on
+        assert opts.is_http(origin.host)
+        assert repo_blob_url(client._repo(http_ref), opts).startswith("http://")
+        assert repo_blob_url(client._repo(tls_ref), opts).startswith("https://")
+
+        # certificate checks stay on for every other host
+        only_http = RemoteOptions(insecure=(origin.host,), hosts_dirs=(), stats=Stats()).client()
+        with pytest.raises(RegistryError, match="TLS"):
+            layer_of(only_http, runner, tls_ref)
+        for c in (client, only_http):
             runner.run(c.aclose(), 10)
     finally:
         reg.stop()
