@@ -54,6 +54,7 @@ TOOL_PACKAGES: dict[str, str] = {
     "lz4": "lz4",
     "busybox": "busybox-static",
     "mkfs.erofs": "erofs-utils",
+    "debootstrap": "debootstrap",
 }
 
 # sbin directories are not on a non-root PATH, but debugfs, e2fsck and mke2fs live there.
