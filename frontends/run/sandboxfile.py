@@ -59,6 +59,11 @@ _KNOWN = {
     "platform",
     "insecure_registry",
     "accel",
+    "hosts_dir",
+    "proxy",
+    "p2p_proxy",
+    "p2p_ping_url",
+    "p2p_address",
 }
 #: microsandbox keys obd has no counterpart for (yet): refused with a clear message, not ignored.
 _UNSUPPORTED = {
@@ -97,6 +102,12 @@ class Sandbox:
     platform: str | None = None
     insecure_registry: list[str] = field(default_factory=list)
     accel: str | None = None
+    #: registry and Dragonfly settings, as ``--hosts-dir``, ``--proxy`` and ``--p2p-*`` (docs/fleet.md)
+    hosts_dir: list[str] | None = None
+    proxy: str | None = None
+    p2p_proxy: str | None = None
+    p2p_ping_url: str | None = None
+    p2p_address: str | None = None
 
     def script_argv(self, script: str) -> list[str]:
         """The command of script ``script``: a list is an argv, a string runs with ``shell -c``."""
@@ -277,6 +288,21 @@ def _sandbox(name: str, body: Any, where: str, base: Path) -> Sandbox:
     box.accel = get("accel", str)
     if box.accel is not None and box.accel not in ("auto", "kvm", "tcg"):
         raise ConfigError("must be auto, kvm or tcg", path=where, field=f"{at}.accel", value=box.accel)
+    hosts_dir = body.get("hosts_dir")
+    if isinstance(hosts_dir, str):
+        hosts_dir = [hosts_dir]
+    if isinstance(hosts_dir, list) and hosts_dir and all(isinstance(d, str) and d for d in hosts_dir):
+        box.hosts_dir = [str(path_of(d)) for d in hosts_dir]
+    elif hosts_dir is not None:
+        raise ConfigError(
+            "must be a directory or a list of them", path=where, field=f"{at}.hosts_dir", value=hosts_dir
+        )
+    box.proxy = get("proxy", str)
+    box.p2p_proxy = get("p2p_proxy", str)
+    box.p2p_ping_url = get("p2p_ping_url", str)
+    box.p2p_address = get("p2p_address", str)
+    if box.p2p_proxy and box.p2p_address:
+        raise ConfigError("give p2p_proxy or p2p_address, not both", path=where, field=f"{at}.p2p_address")
     return box
 
 

@@ -3,6 +3,7 @@
 Layout under the cache root (``$OBD_CACHE_DIR``, else ``$XDG_CACHE_HOME/obd``, else ``~/.cache/obd``)::
 
     lock                    flock target: shared while a blob is opened, exclusive while evicting
+    usage                   the size ledger every process charges its fills to (see ``_Ledger``)
     sha256/<hex>.data       sparse, blob-sized: blob byte x lives at file byte x (as overlaybd does)
     sha256/<hex>.meta       page table (see :mod:`obd.cache.layout`): a header, one 8-byte record per page
     sha512/<hex>.*          the same for sha512 digests
@@ -33,6 +34,7 @@ import os
 import re
 import secrets
 import stat
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -132,6 +134,43 @@ def _disk_bytes(st: os.stat_result) -> int:
     return st.st_blocks * 512
 
 
+#: Allocation unit assumed when charging a fill (ext4, xfs and btrfs allocate 4 KiB blocks).
+_BLOCK = 4096
+
+
+def _fill_cost(nbytes: int, page_size: int) -> int:
+    """What a fill of ``nbytes`` may add on disk: its pages, and the page-table blocks its records touch."""
+    pages = -(-nbytes // page_size)
+    record_blocks = -(-pages * RECORD_SIZE // _BLOCK) + 1  # +1: the records may straddle a block boundary
+    return -(-nbytes // _BLOCK) * _BLOCK + record_blocks * _BLOCK
+
+
+class _Ledger:
+    """The ``usage`` file: the cache's bytes on disk as every process of the host has charged them.
+
+    16 bytes, ``b"obdusage"`` and a little-endian u64. Read and written only under an exclusive
+    ``flock`` of the file itself. Fills add to it before they write (:meth:`CacheStore.reserve`);
+    eviction, prune and clear set it to a fresh count of the directory. Anything else in the file
+    (a new cache, damage) reads as unknown and is recounted.
+    """
+
+    FORMAT = struct.Struct("<8sQ")
+    MAGIC = b"obdusage"
+
+    def read(self, fd: int) -> int | None:
+        raw = os.pread(fd, self.FORMAT.size, 0)
+        if len(raw) != self.FORMAT.size:
+            return None
+        magic, value = self.FORMAT.unpack(raw)
+        return value if magic == self.MAGIC else None
+
+    def write(self, fd: int, value: int) -> None:
+        pwrite_full(fd, self.FORMAT.pack(self.MAGIC, max(0, value)), 0)
+
+
+_LEDGER = _Ledger()
+
+
 class BlobCache:
     """An open blob of the cache: its data file and page table. Thread-safe (pread/pwrite only).
 
@@ -224,9 +263,10 @@ class CacheStore:
     The limit bounds what the cache occupies on disk (allocated blocks of all data files and page
     tables). A fill that would cross it first evicts whole blobs, least recently used first,
     down to :data:`LOW_WATER` of the limit; if that is impossible (the blob being filled is alone
-    bigger than the limit) the fill is not stored and :meth:`reserve` says so. Other processes'
-    fills are seen by rescanning the directory each time this process has written ``limit / 32``
-    bytes (between 256 KiB and 64 MiB), so several processes overshoot by at most that much each.
+    bigger than the limit) the fill is not stored and :meth:`reserve` says so. Every process of
+    the host charges its fills to one ledger in the directory (the ``usage`` file) before writing
+    them, so the limit holds across processes; only fills in flight while an eviction recounts
+    the directory (at most one per process) can take the cache past it, by their size.
 
     ``sync`` (default on): ``fdatasync`` the data file before writing the records of newly
     filled pages, so a present page survives power loss. Off, a page lost with the page cache
@@ -256,10 +296,8 @@ class CacheStore:
         self.sync = sync
         self.stats = stats if stats is not None else default_stats()
         self.lock_path = self.root / "lock"
+        self.ledger_path = self.root / "usage"
         self._acct = threading.Lock()
-        self._estimate: int | None = None  # bytes on disk, as of the last scan plus what we added since
-        self._since_scan = 0
-        self._rescan_every = max(256 << 10, min(self.limit_bytes // 32, 64 << 20))
 
     def __repr__(self) -> str:
         return f"<CacheStore {str(self.root)!r} limit={self.limit_bytes}>"
@@ -406,20 +444,43 @@ class CacheStore:
         Returns False when the bytes do not fit even after evicting every other blob: the caller
         then serves them without storing them.
         """
+        cost = _fill_cost(nbytes, self.page_size)
         with self._acct:
-            if self._estimate is not None:
-                self._estimate += nbytes
-                self._since_scan += nbytes
-                if self._estimate <= self.limit_bytes and self._since_scan < self._rescan_every:
-                    return True
-            total = self.usage()
-            if total + nbytes > self.limit_bytes:
-                target = max(0, int(self.limit_bytes * LOW_WATER) - nbytes)
-                self._evict_lru(target, keep=blob.digest)
+            if self._charge(cost):
+                return True
+            self._evict_lru(max(0, int(self.limit_bytes * LOW_WATER) - cost), keep=blob.digest)
+            return self._charge(cost)
+
+    @contextlib.contextmanager
+    def _ledger(self) -> Iterator[int]:
+        """The usage ledger's descriptor, locked exclusively (a fresh description: see ``_locked``).
+
+        An OSError is left as it is: a fill that cannot be charged is served without being stored,
+        as one that cannot be written is."""
+        self._ensure_dir(self.root)
+        fd = os.open(self.ledger_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield fd
+        finally:
+            os.close(fd)
+
+    def _charge(self, cost: int) -> bool:
+        """Add ``cost`` to the ledger if the total stays within the limit; False (nothing added) if not."""
+        with self._ledger() as fd:
+            total = _LEDGER.read(fd)
+            if total is None:  # new or damaged: count what is there
                 total = self.usage()
-            self._estimate = total + nbytes
-            self._since_scan = 0
-            return total + nbytes <= self.limit_bytes
+            if total + cost > self.limit_bytes:
+                _LEDGER.write(fd, total)
+                return False
+            _LEDGER.write(fd, total + cost)
+            return True
+
+    def _recount(self) -> None:
+        """Set the ledger to what the directory holds (under the exclusive root lock)."""
+        with self._ledger() as fd:
+            _LEDGER.write(fd, self.usage())
 
     def _scan(self) -> dict[str, list[tuple[Path, os.stat_result]]]:
         """``digest → [(path, stat)]`` of every blob file (temporary and foreign files left out)."""
@@ -545,6 +606,7 @@ class CacheStore:
                 self._remove(entry)
                 total -= entry.disk_bytes
                 evicted.append(entry)
+            self._recount()
             return evicted
 
     def prune(self, target: int | None = None) -> list[BlobEntry]:
@@ -555,10 +617,7 @@ class CacheStore:
         target = self.limit_bytes if target is None else target
         if target < 0:
             raise ObdError("must not be negative", field="target", value=target)
-        evicted = self._evict_lru(target, broken_first=True)
-        with self._acct:
-            self._estimate = None
-        return evicted
+        return self._evict_lru(target, broken_first=True)
 
     def clear(self, digest: str | None = None) -> list[BlobEntry]:
         """Remove every blob, or only ``digest``. Processes using them refetch what they read next."""
@@ -568,8 +627,7 @@ class CacheStore:
             removed = [e for e in self.entries(detail=False) if want is None or e.digest == want]
             for entry in removed:
                 self._remove(entry)
-        with self._acct:
-            self._estimate = None
+            self._recount()
         return removed
 
 

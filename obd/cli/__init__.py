@@ -14,6 +14,7 @@ import logging
 import sys
 
 from obd import __version__
+from obd.cli.config import configure
 from obd.errors import ObdError
 
 #: Sub-command modules, in the order ``obd --help`` lists them.
@@ -54,6 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"obd {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (repeat for debug)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    parser.add_argument(
+        "--config",
+        dest="settings_file",
+        metavar="FILE",
+        help="obd's configuration file: registry, Dragonfly and cache settings (default: $OBD_CONFIG, "
+        "else ~/.config/obd/config.toml, else /etc/obd/config.toml; docs/fleet.md)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         module = importlib.import_module(f"obd.cli.{name}")
@@ -70,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        configure(args)
         return int(args.func(args) or 0)
     except ObdError as e:
         if args.debug:

@@ -12,23 +12,26 @@ registry without a folder of its own. Each folder's ``hosts.toml`` says::
       skip_verify = false
       client = [["/etc/certs/client.pem", "/etc/certs/client.key"]]
       override_path = false                      # true: the URL path is the API root itself
+      dial_timeout = "2s"                        # connect timeout (Go duration; default: the client's)
       [host."https://mirror.example.com".header]
         x-custom = "value"
 
-``skip_verify``, ``ca``, ``client`` and ``header`` at the top level apply to the ``server``. A
-host URL without a path gets ``/v2`` as its API root; with a path and no ``override_path``,
-``/v2`` is appended (containerd's rule). Reads that resolve a tag go to hosts with ``resolve``,
-reads by digest (blobs, manifests by digest) to hosts with ``pull``; the origin comes last and is
-the fallback. Pushes use the origin only. The directories searched are ``--hosts-dir`` when
+``skip_verify``, ``ca``, ``client``, ``header`` and ``dial_timeout`` at the top level apply to the
+``server``. A host URL without a path gets ``/v2`` as its API root; with a path and no
+``override_path``, ``/v2`` is appended (containerd's rule). Reads that resolve a tag go to hosts
+with ``resolve``, reads by digest (blobs, manifests by digest) to hosts with ``pull``; the origin
+comes last and is the fallback. Pushes use the origin only. The directories searched are ``--hosts-dir`` when
 given, else :func:`default_hosts_dirs`.
 
-Not (yet) read: docker-style certificate files (``*.crt``, ``*.cert``/``*.key``) in a folder
-without ``hosts.toml``, and containerd's ``dial_timeout``.
+A folder without ``hosts.toml`` follows docker's ``certs.d`` convention, as containerd does: its
+``*.crt`` files are CA bundles and each ``NAME.cert`` with its ``NAME.key`` a client certificate,
+for the registry itself (``/etc/docker/certs.d`` folders can be used as they are).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import ssl
 import tomllib
 from collections.abc import Iterable, Sequence
@@ -50,7 +53,12 @@ CONTAINERD_HOSTS_DIR = "/etc/containerd/certs.d"
 DEFAULT_NAMESPACE = "_default"
 HOSTS_FILE = "hosts.toml"
 
-_HOST_KEYS = frozenset({"capabilities", "ca", "skip_verify", "client", "header", "override_path"})
+_HOST_KEYS = frozenset(
+    {"capabilities", "ca", "skip_verify", "client", "header", "override_path", "dial_timeout"}
+)
+#: Go's time.ParseDuration units, in seconds (containerd's dial_timeout is parsed by it).
+_GO_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_GO_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
 _TOP_KEYS = _HOST_KEYS - {"override_path"} | {"server", "host"}
 
 
@@ -76,6 +84,8 @@ class RegistryHost:
     ca: tuple[str, ...] = ()
     client: tuple[tuple[str, str | None], ...] = ()
     headers: tuple[tuple[str, str], ...] = ()
+    #: seconds to wait for a connection (containerd's ``dial_timeout``); None: the client's default
+    dial_timeout: float | None = None
 
     @property
     def hostport(self) -> str:
@@ -161,6 +171,22 @@ def _headers(value: Any, path: str, where: str) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
+def parse_go_duration(text: str, path: str = HOSTS_FILE, where: str = "dial_timeout") -> float:
+    """Seconds of a Go duration such as ``"500ms"``, ``"2s"``, ``"1m30s"`` (``time.ParseDuration``)."""
+    body = text.strip()
+    pos, total = 0, 0.0
+    for m in _GO_PART.finditer(body):
+        if m.start() != pos:
+            break
+        total += float(m.group(1)) * _GO_UNITS[m.group(2)]
+        pos = m.end()
+    if not body or pos != len(body):
+        raise ConfigError("not a duration (examples: 500ms, 2s, 1m30s)", path=path, field=where, value=text)
+    if total <= 0:
+        raise ConfigError("must be positive", path=path, field=where, value=text)
+    return total
+
+
 def _api_root(url: str, override_path: bool, path: str, where: str) -> str:
     raw = url if "://" in url else f"https://{url}"
     try:
@@ -205,7 +231,44 @@ def _host(table: dict[str, Any], url: str, path: str, where: str, *, top: bool =
         ca=_str_list(table["ca"], path, where + "ca") if "ca" in table else (),
         client=_client_pairs(table["client"], path, where + "client") if "client" in table else (),
         headers=_headers(table["header"], path, where + "header") if "header" in table else (),
+        dial_timeout=_dial_timeout(table, path, where + "dial_timeout"),
     )
+
+
+def _dial_timeout(table: dict[str, Any], path: str, where: str) -> float | None:
+    value = table.get("dial_timeout")
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ConfigError('must be a duration string such as "2s"', path=path, field=where, value=value)
+    return parse_go_duration(value, path, where)
+
+
+def cert_files(folder: str | os.PathLike[str]) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
+    """Docker's ``certs.d`` files of ``folder``: ``(CA bundles, (client cert, key) pairs)``, sorted.
+
+    ``*.crt`` are CA bundles; ``NAME.cert`` is a client certificate whose key is ``NAME.key``. A
+    certificate without its key, or a key without its certificate, is a ConfigError (as in docker).
+    """
+    try:
+        names = sorted(os.listdir(folder))
+    except (FileNotFoundError, NotADirectoryError):
+        return (), ()
+    except OSError as e:
+        raise ConfigError(f"cannot list: {e.strerror}", path=os.fspath(folder)) from None
+    cas = tuple(os.path.join(folder, n) for n in names if n.endswith(".crt"))
+    pairs = []
+    for n in names:
+        stem, ext = os.path.splitext(n)
+        if ext == ".cert":
+            if f"{stem}.key" not in names:
+                raise ConfigError(
+                    f"client certificate without its key {stem}.key", path=os.path.join(folder, n)
+                )
+            pairs.append((os.path.join(folder, n), os.path.join(folder, f"{stem}.key")))
+        elif ext == ".key" and f"{stem}.cert" not in names:
+            raise ConfigError(f"client key without its certificate {stem}.cert", path=os.path.join(folder, n))
+    return cas, tuple(pairs)
 
 
 def default_server(registry: str) -> str:
@@ -258,11 +321,23 @@ def load_hosts(registry: str, dirs: Sequence[str | os.PathLike[str]]) -> HostsCo
             try:
                 data = candidate.read_bytes()
             except FileNotFoundError:
+                found = _certs_d(registry, candidate.parent)
+                if found is not None:
+                    return found
                 continue
             except OSError as e:
                 raise ConfigError(f"cannot read: {e.strerror}", path=candidate) from None
             return parse_hosts_toml(data, registry, str(candidate))
     return HostsConfig(registry)
+
+
+def _certs_d(registry: str, folder: Path) -> HostsConfig | None:
+    """The hosts of ``registry`` from a docker-style certificate folder; None if it has no such files."""
+    cas, pairs = cert_files(folder)
+    if not cas and not pairs:
+        return None
+    url = _api_root(default_server(registry), False, str(folder), "server")
+    return HostsConfig(registry, str(folder), (), RegistryHost(url, ca=cas, client=pairs))
 
 
 @dataclass
@@ -294,8 +369,10 @@ __all__ = [
     "HostsConfig",
     "HostsResolver",
     "RegistryHost",
+    "cert_files",
     "default_hosts_dirs",
     "default_server",
     "load_hosts",
+    "parse_go_duration",
     "parse_hosts_toml",
 ]

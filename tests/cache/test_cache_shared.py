@@ -8,8 +8,10 @@ it was asked, not from obd's own counters.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -60,11 +62,13 @@ def sparse_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def export(host: str, cache: Path, out: Path) -> subprocess.Popen[bytes]:
+def export(
+    host: str, cache: Path, out: Path, image: str = "aci/hello:amd64-converted"
+) -> subprocess.Popen[bytes]:
     argv = [
         str(Path(sys.executable).with_name("obd")),
         "export",
-        f"{host}/aci/hello:amd64-converted",
+        f"{host}/{image}",
         "-o",
         str(out),
     ]
@@ -150,3 +154,56 @@ def test_eviction_takes_idle_blobs_before_open_ones(tmp_path):
     assert held.present_bytes() == 1 << 20
     held.close()
     assert [e.digest for e in store.prune(0)] == [digests[1]]
+
+
+def second_image(tmp: Path) -> Path:
+    """An OCI layout of another image (its own manifest, tag ``v2``) with the ACI image's layer blob."""
+    root = tmp / "second"
+    shutil.copytree(ACI, root)
+    index = json.loads((root / "index.json").read_text())
+    first = next(
+        d
+        for d in index["manifests"]
+        if d.get("annotations", {}).get("org.opencontainers.image.ref.name") == "amd64-converted"
+    )
+    manifest = json.loads((root / "blobs" / "sha256" / first["digest"].partition(":")[2]).read_bytes())
+    manifest["annotations"] = {"org.opencontainers.image.title": "second image, same layer"}
+    raw = json.dumps(manifest).encode()
+    digest = hashlib.sha256(raw).hexdigest()
+    (root / "blobs" / "sha256" / digest).write_bytes(raw)
+    desc = {**first, "digest": f"sha256:{digest}", "size": len(raw)}
+    desc["annotations"] = {"org.opencontainers.image.ref.name": "v2"}
+    (root / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [desc]}))
+    return root
+
+
+def test_images_sharing_a_layer_fetch_it_once(served, tmp_path):
+    """Dedup by blob digest across images: two images in different repositories, with different
+    manifests and one layer blob, read at once through one cold host cache, fetch that layer once;
+    a third read of either fetches nothing."""
+    runner = AsyncRunner("test-cache-dedup")
+    c = RegistryClient(credentials=CredentialResolver(env={}, use_docker_config=False), insecure=True)
+    runner.run(push_layout(c, f"oci:{second_image(tmp_path)}:v2", f"{served.host}/other/app"), 60)
+    runner.run(c.aclose(), 10)
+    runner.close()
+    layer = 642560  # the one layer blob both manifests list
+    served.clear()
+    cache = tmp_path / "cache"
+    procs = [
+        export(served.host, cache, tmp_path / "a.raw"),
+        export(served.host, cache, tmp_path / "b.raw", "other/app:v2"),
+    ]
+    for p in procs:
+        assert p.wait(300) == 0, p.stderr.read().decode() if p.stderr else ""
+    repos = {path.split("/blobs/")[0] for _, path, rng, _ in served.seen if rng and "/blobs/" in path}
+    both = blob_bytes(served)
+    assert sparse_digest(tmp_path / "a.raw") == sparse_digest(tmp_path / "b.raw")
+    served.clear()
+    late = export(served.host, cache, tmp_path / "c.raw", "other/app:v2")
+    assert late.wait(300) == 0, late.stderr.read().decode() if late.stderr else ""
+    again = blob_bytes(served)
+    print(
+        f"layer {layer} bytes; two images at once fetched {both} from {sorted(repos)}; a third read {again}"
+    )
+    assert layer <= both <= 1.1 * layer
+    assert again == 0

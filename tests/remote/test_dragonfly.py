@@ -202,8 +202,13 @@ def ranged(d: StandInDfdaemon) -> list:
 
 def test_trace_replay_through_the_engine_is_prefetch(origin, dfdaemon, tmp_path):
     """RemoteOptions.p2p through the engine: opening reads on demand, a trace replay's GETs are prefetch."""
+    # no readahead: the replay must send GETs of its own, not find the bytes kept from the opening
     opts = RemoteOptions(
-        insecure=(origin.host,), no_cache=True, p2p=P2PConfig(PROXY, dfdaemon.url), stats=Stats()
+        insecure=(origin.host,),
+        no_cache=True,
+        p2p=P2PConfig(PROXY, dfdaemon.url),
+        stats=Stats(),
+        readahead=0,
     )
     stack = open_config(registry_config(f"{origin.host}/aci/hello:amd64-converted", opts), remote=opts)
     try:
