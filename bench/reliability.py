@@ -16,12 +16,16 @@ one of:
 
 Rows (bench/faults/ has one module each): fuzz (LSMT, ZFile, tar envelope, config.v1.json, OCI
 manifests), tar (hostile layers to obd convert), registry (faults while exporting; flipped bits
-in an uncompressed layer), cache (damaged cache files), creds (secrets in -v/-vv output, on
-redirects), nbd and fuse (kill -9 during writes), load (16 clients through one nbdkit).
+in an uncompressed layer), vm (the same faults while a QEMU guest reads files through ``obd nbd``),
+vmrw (``obd run --rw DIR`` after kill -9 of QEMU), cache (damaged cache files), creds (secrets in
+-v/-vv output, on redirects), nbd and fuse (kill -9 during writes), load (16 clients through one
+nbdkit of local layers, and through ``obd nbd`` of a registry image).
 
 Wrong bytes, hangs and crashes must be 0; the exit status is 1 if any row has one. ``--quick``
 runs every row with few trials in under two minutes (tests/remote/test_reliability_quick.py runs
-it); the full run is the soak: 105 K fuzz cases, 50 kills of each server, 10 minutes of load.
+it, tests/remote/test_reliability_vm.py the two QEMU rows); the full run is the soak: 105 K fuzz
+cases, 50 kills of each server, 6 guest boots under registry faults, 12 QEMU kills, 10 minutes of
+load on each server.
 The guarantees and the figures: docs/reliability.md.
 """
 
@@ -41,18 +45,20 @@ sys.path.insert(0, str(HERE))
 
 from faults.tally import Tally, format_table  # noqa: E402
 
-ROWS = ("fuzz", "tar", "registry", "cache", "creds", "nbd", "fuse", "load")
+ROWS = ("fuzz", "tar", "registry", "vm", "vmrw", "cache", "creds", "nbd", "fuse", "load")
 
 #: per row: (quick trials, full trials, quick seconds, full seconds)
 BUDGET = {
     "fuzz": (10_000, 105_000, 20, 3 * 3600),
     "tar": (1, 3, 20, 600),
     "registry": (1, 5, 22, 900),
+    "vm": (1, 1, 20, 1800),
+    "vmrw": (1, 12, 10, 900),
     "cache": (3, 40, 5, 300),
     "creds": (1, 1, 20, 600),
     "nbd": (6, 50, 10, 900),
     "fuse": (5, 50, 10, 900),
-    "load": (1, 1, 5, 600),
+    "load": (1, 1, 6, 1200),
 }
 
 
@@ -75,6 +81,14 @@ def run_row(name: str, quick: bool, seconds: float) -> list[Tally]:
             registry.run(trials, seconds * 0.85, quick=quick),
             registry.run_plain(4 * trials, seconds * 0.15),
         ]
+    if name == "vm":
+        from faults import vm_nbd
+
+        return [vm_nbd.run(seconds, quick=quick)]
+    if name == "vmrw":
+        from faults import vm_rw
+
+        return [vm_rw.run(trials, seconds)]
     if name == "cache":
         from faults import cache
 
@@ -94,7 +108,7 @@ def run_row(name: str, quick: bool, seconds: float) -> list[Tally]:
     if name == "load":
         from faults import load
 
-        return [load.run(seconds)]
+        return [load.run(seconds / 2), load.run_registry(seconds / 2)]
     raise ValueError(name)
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from obd.cli.common import add_remote_args, print_stats, remote_options
+from obd.errors import ConfigError
 from obd.observability.progress import Progress, human_bytes
 
 DESCRIPTION = """\
@@ -92,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
     # lazy: obd.convert pulls the registry client (aiohttp, ~110 ms) into every obd command
     from obd.convert import ConvertOptions, convert_image
 
+    if args.workdir and not os.path.isdir(args.workdir):
+        raise ConfigError("--workdir must be an existing directory", path=args.workdir, field="workdir")
     remote = remote_options(args)
     options = ConvertOptions(
         fstype=args.fstype,

@@ -476,6 +476,14 @@ MKE2FS_CONF = """\
 """
 
 
+#: The journal takes at most this share of a small file system (mke2fs refuses one over half of it):
+#: 512 MiB from 4 GiB up, 128 MiB on a 1 GiB device.
+JOURNAL_SHARE = 8
+#: The smallest journal mke2fs makes (1024 blocks of 4 KiB); the device must hold JOURNAL_SHARE of them.
+MIN_JOURNAL_MIB = 4
+MIN_MKFS_SIZE = JOURNAL_SHARE * MIN_JOURNAL_MIB << 20
+
+
 def mkfs_ext4(
     image: str | os.PathLike[str], size: int, *, uuid: str, epoch: int = 1, journal_mib: int = 512
 ) -> None:
@@ -484,7 +492,16 @@ def mkfs_ext4(
     Features match the base layer's; the file system uuid and directory hash seed are ``uuid`` and
     timestamps ``epoch``, so the result is the same bytes every time. Inode tables and the journal
     are left unwritten (they read as zeros from the sparse file, which is what they must hold).
+    The journal is ``journal_mib`` MiB, or 1/:data:`JOURNAL_SHARE` of a device too small for that.
     """
+    if size < MIN_MKFS_SIZE:
+        raise Ext4Error(
+            f"a device of {size} bytes is too small for an ext4 file system with a journal: "
+            f"mkfs needs at least {MIN_MKFS_SIZE >> 20} MiB",
+            field="vsize",
+            value=size,
+        )
+    journal_mib = min(journal_mib, (size >> 20) // JOURNAL_SHARE)
     path = os.fspath(image)
     with open(path, "wb") as f:
         f.truncate(size)
