@@ -19,6 +19,7 @@ manifest digest, and each layer's target digest the image layer's, before anythi
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import hashlib
 import io
@@ -27,6 +28,7 @@ import os
 import shutil
 import tarfile
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -36,8 +38,11 @@ from obd.oci.model import ANNOTATION_PREFIX, TURBO_TARGET_DIGEST, VERSION, Image
 from obd.registry.http import NotFoundError
 from obd.registry.push import push_blob, push_manifest
 from obd.registry.reference import Reference
-from obd.turbo.build import GZIP_INDEX_NAME, META_NAME
-from obd.turbo.remote import RECORD_NAME, MetaLayer, ensure_meta, plan_meta
+from obd.turbo.build import GZIP_INDEX_NAME, META_NAME, ZSTD_INDEX_NAME
+from obd.turbo.remote import MetaLayer, ensure_local_copies, ensure_meta, plan_meta, write_record
+from obd.verify.index import fetch_listed_tables
+from obd.verify.local import LocalTables
+from obd.verify.pins import TablePin
 
 if TYPE_CHECKING:
     from obd.image.remote import RemoteOptions
@@ -55,6 +60,8 @@ TURBO_MARKER = ".turbo.ociv1"
 #: Largest meta-layer tar accepted from a registry.
 MAX_META_BLOB = 1 << 30
 TIMEOUT = 600.0
+#: On an image index's manifest descriptor: the digest of the image's index artifact (strong link).
+INDEX_DIGEST = "io.github.obd.turbo.index-digest"
 
 
 def fallback_tag(manifest_digest: str) -> str:
@@ -68,8 +75,8 @@ def pack_meta(meta: MetaLayer) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         members = [(META_NAME, meta.meta.read_bytes()), (TURBO_MARKER, b"")]
-        if meta.gzip_index is not None:
-            members.append((GZIP_INDEX_NAME, meta.gzip_index.read_bytes()))
+        if meta.gzip_index is not None:  # gzip.meta, or obd's zstd.meta for a zstd layer
+            members.append((meta.gzip_index.name, meta.gzip_index.read_bytes()))
         for name, data in members:
             info = tarfile.TarInfo(name)
             info.size, info.mode, info.mtime = len(data), 0o644, 0
@@ -88,12 +95,21 @@ class ArtifactPush:
 
 
 async def push_index_artifact(
-    client: Any, ref: Reference, image: Image, metas: list[MetaLayer]
+    client: Any,
+    ref: Reference,
+    image: Image,
+    metas: list[MetaLayer],
+    tables: Mapping[str, tuple[TablePin, bytes]] | None = None,
 ) -> ArtifactPush:
-    """Push the artifact for ``image`` (meta layers already built) and link it with the tag fallback."""
+    """Push the artifact for ``image`` (meta layers already built) and link it with the tag fallback.
+    ``tables`` (``{layer digest: (pin, table bytes)}``) are pushed too, each pinned by the annotations
+    of its layer's meta descriptor (docs/verify.md)."""
     descs = []
     total = 0
     for m in metas:
+        table = (tables or {}).get(m.digest)
+        if table is not None:
+            await push_blob(client, ref, table[0].digest, table[1])
         blob = pack_meta(m)
         digest = "sha256:" + hashlib.sha256(blob).hexdigest()
         await push_blob(client, ref, digest, blob)
@@ -107,6 +123,7 @@ async def push_index_artifact(
                     VERSION: TURBO_VERSION,
                     TURBO_TARGET_DIGEST: m.digest,
                     TARGET_MEDIA_TYPE: m.media_type,
+                    **(table[0].annotations() if table is not None else {}),
                 },
             }
         )
@@ -157,8 +174,17 @@ async def fetch_index_artifact(
     found = [d for d in index.get("manifests", []) if d.get("artifactType") == ARTIFACT_TYPE]
     if not found:
         return None
-    desc = found[-1]
-    manifest = (await client.fetch_manifest(ref, desc["digest"])).json()
+    return await read_index_artifact(client, ref, image, opts, found[-1]["digest"])
+
+
+async def read_index_artifact(
+    client: Any, ref: Reference, image: Image, opts: RemoteOptions, digest: str
+) -> list[MetaLayer]:
+    """The meta layers of ``image`` from the index artifact ``digest`` (fetched by digest, so its
+    bytes are checked), verified against the image and cached. Mismatches raise :class:`FormatError`."""
+    manifest = (await client.fetch_manifest(ref, digest)).json()
+    if manifest.get("artifactType") != ARTIFACT_TYPE:
+        raise _bad(ref, "artifactType", "not an obd index artifact", manifest.get("artifactType"))
     if manifest.get("subject", {}).get("digest") != image.manifest_digest:
         raise _bad(
             ref, "subject.digest", "refers to another image", manifest.get("subject", {}).get("digest")
@@ -167,15 +193,21 @@ async def fetch_index_artifact(
     layers = manifest.get("layers") or []
     if len(layers) != len(metas):
         raise _bad(ref, "layers", f"{len(layers)} meta layers for {len(metas)} image layers", len(layers))
+    todo = []
     for i, (d, m) in enumerate(zip(layers, metas, strict=True)):
         target = (d.get("annotations") or {}).get(TURBO_TARGET_DIGEST)
         if target != m.digest:
             raise _bad(ref, f"layers[{i}].annotations", "target digest is not the image layer's", target)
-        if m.complete:
+        if m.valid():
             continue
         if not isinstance(d.get("size"), int) or d["size"] > MAX_META_BLOB:
             raise _bad(ref, f"layers[{i}].size", "meta layer too large", d.get("size"))
-        blob = await client.get_blob(ref, d["digest"], max_bytes=MAX_META_BLOB)
+        todo.append((i, d, m))
+    # every meta layer and digest table at once: one round trip for all, not one per layer
+    blobs = asyncio.gather(*(client.get_blob(ref, d["digest"], max_bytes=MAX_META_BLOB) for _, d, _ in todo))
+    tables = fetch_listed_tables(client, ref, layers, image, LocalTables(opts.cache_dir))  # docs/verify.md
+    got, _ = await asyncio.gather(blobs, tables)
+    for (i, d, m), blob in zip(todo, got, strict=True):
         _unpack(ref, i, blob, m, d["digest"])
     return metas
 
@@ -188,7 +220,8 @@ def _unpack(ref: Reference, i: int, blob: bytes, m: MetaLayer, digest: str) -> N
         with tarfile.open(fileobj=io.BytesIO(gzip.decompress(blob))) as tar:
             names = set()
             for member in tar.getmembers():
-                if member.name not in (META_NAME, GZIP_INDEX_NAME, TURBO_MARKER) or not member.isfile():
+                known = (META_NAME, GZIP_INDEX_NAME, ZSTD_INDEX_NAME, TURBO_MARKER)
+                if member.name not in known or not member.isfile():
                     raise _bad(ref, f"layers[{i}]", "unexpected member in the meta layer tar", member.name)
                 src = tar.extractfile(member)
                 assert src is not None
@@ -199,12 +232,13 @@ def _unpack(ref: Reference, i: int, blob: bytes, m: MetaLayer, digest: str) -> N
             raise _bad(ref, f"layers[{i}]", "meta layer tar lacks ext4.fs.meta, or its gzip.meta is wrong")
         if TURBO_MARKER in names:
             os.unlink(os.path.join(out, TURBO_MARKER))
+        if ZSTD_INDEX_NAME in names and not m.media_type.endswith("zstd"):
+            raise _bad(ref, f"layers[{i}]", "zstd.meta for a layer that is not zstd")
         record = {
             "layer": {"digest": m.digest, "size": m.size, "mediaType": m.media_type},
             "artifact": digest,
         }
-        with open(os.path.join(out, RECORD_NAME), "w", encoding="utf-8") as f:
-            json.dump(record, f, indent=1)
+        write_record(out, record)
         if m.directory.exists():
             shutil.rmtree(out)
         else:
@@ -214,26 +248,82 @@ def _unpack(ref: Reference, i: int, blob: bytes, m: MetaLayer, digest: str) -> N
         raise
 
 
+async def push_link(client: Any, ref: Reference, image: Image, artifact: str, tag: str) -> str:
+    """Push, at ``tag`` of ``ref``'s repository, an image index holding the image's manifest
+    descriptor annotated with the index artifact's digest (:data:`INDEX_DIGEST`, as SOCI index
+    manifest v2 links its index): pulling that index by digest pins the image and its index both.
+    Returns the index's digest."""
+    raw = await client.fetch_manifest(ref, image.manifest_digest)
+    cfg = image.config
+    platform = {"architecture": cfg.get("architecture", "amd64"), "os": cfg.get("os", "linux")}
+    if cfg.get("variant"):
+        platform["variant"] = cfg["variant"]
+    desc = {
+        "mediaType": raw.media_type,
+        "digest": image.manifest_digest,
+        "size": len(raw.data),
+        "platform": platform,
+        "annotations": {INDEX_DIGEST: artifact},
+    }
+    data = json.dumps(
+        {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [desc]}, separators=(",", ":")
+    ).encode()
+    return str(await push_manifest(client, ref, data, OCI_INDEX, target=tag))
+
+
+async def linked_artifact(client: Any, ref: Reference, image: Image) -> str | None:
+    """The index artifact digest that the image index ``ref`` names (tag or digest, as the user
+    gave it) carries on its descriptor of ``image``'s manifest; None if ``ref`` is no such index."""
+    if ref.target == image.manifest_digest:
+        return None
+    try:
+        raw = await client.fetch_manifest(ref, ref.target)
+        top = raw.json()
+    except (NotFoundError, ValueError):
+        return None
+    if not isinstance(top, dict) or not isinstance(top.get("manifests"), list):
+        return None
+    for i, d in enumerate(top["manifests"]):
+        if isinstance(d, dict) and d.get("digest") == image.manifest_digest:
+            value = (d.get("annotations") or {}).get(INDEX_DIGEST)
+            if value is None:
+                return None
+            if not isinstance(value, str) or not value.startswith("sha256:") or len(value) != 71:
+                raise _bad(ref, f"manifests[{i}].annotations.{INDEX_DIGEST}", "not a sha256 digest", value)
+            return value
+    return None
+
+
 def image_metas(ref: Reference, image: Image, opts: RemoteOptions) -> list[MetaLayer]:
-    """The meta layers of a plain image: from the cache; else, with ``opts.allow_referrers``, from its
-    index artifact (tag fallback); else built now by streaming the layers (:func:`ensure_meta`)."""
+    """The meta layers of a plain image: from the cache (re-checked against its records); else from
+    the index artifact the image index ``ref`` links strongly (:func:`linked_artifact`); else, with
+    ``opts.allow_referrers``, from the one the tag fallback names (a weak link); else built now by
+    streaming the layers (:func:`ensure_meta`). A zstd layer without seek points also gets its
+    local copy (:func:`~obd.turbo.remote.ensure_local_copies`)."""
     metas = plan_meta(image, opts.cache_dir)
-    if all(m.complete for m in metas):
-        return metas
-    if opts.allow_referrers:
+    if not all(m.valid() for m in metas):
         client = opts.client(ref.api_host if opts.is_http(ref.api_host) else None)
-        fetched = opts.runner.run(fetch_index_artifact(client, ref, image, opts), TIMEOUT)
-        if fetched is not None:
-            return fetched
-    return ensure_meta(ref, image, opts)
+        link = opts.runner.run(linked_artifact(client, ref, image), TIMEOUT)
+        fetched = None
+        if link is not None:
+            fetched = opts.runner.run(read_index_artifact(client, ref, image, opts, link), TIMEOUT)
+        elif opts.allow_referrers:
+            fetched = opts.runner.run(fetch_index_artifact(client, ref, image, opts), TIMEOUT)
+        metas = fetched if fetched is not None else ensure_meta(ref, image, opts)
+    ensure_local_copies(ref, metas, opts)
+    return metas
 
 
 __all__ = [
     "ARTIFACT_TYPE",
+    "INDEX_DIGEST",
     "ArtifactPush",
     "fallback_tag",
     "fetch_index_artifact",
     "image_metas",
+    "linked_artifact",
     "pack_meta",
     "push_index_artifact",
+    "push_link",
+    "read_index_artifact",
 ]

@@ -123,7 +123,7 @@ def lower_pin(cfg: ImageConfig, digest: str, mode: str) -> TablePin | None:
         image = meta.get("image") if isinstance(meta, dict) else None
         raise IntegrityError(
             "no digest table pins this layer, and --verify=require refuses unverified reads "
-            "(convert the image with `obd convert`, which writes the tables)",
+            "(give it tables with `obd index REF`, or convert it with `obd convert`)",
             path=image or cfg.path,
             field="layer",
             value=digest,

@@ -12,6 +12,7 @@ import json
 import logging
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -28,7 +29,9 @@ from obd.verify.format import (
     build_table,
     build_table_file,
 )
+from obd.verify.local import LocalTables
 from obd.verify.pins import TablePin, lower_pin
+from obd.verify.repair import OriginRepair
 from obd.verify.verifier import VerifiedSource
 
 if TYPE_CHECKING:
@@ -47,18 +50,29 @@ _tables: dict[str, DigestTable] = {}
 _tables_lock = threading.Lock()
 
 
-def fetch_table(client: RegistryClient, runner: AsyncRunner, ref: Reference, pin: TablePin) -> DigestTable:
-    """The table ``pin`` names, from the repository of ``ref`` (any mirror: its digest is checked),
-    parsed; kept for the process, as content addressed by its digest."""
+def fetch_table(
+    client: RegistryClient,
+    runner: AsyncRunner,
+    ref: Reference,
+    pin: TablePin,
+    local: LocalTables | None = None,
+) -> DigestTable:
+    """The table ``pin`` names: from the ``local`` store if it holds it, else from the repository of
+    ``ref`` (any mirror: its digest is checked) and then kept in ``local``; parsed, and kept for the
+    process, as content addressed by its digest."""
     with _tables_lock:
         found = _tables.get(pin.digest)
     if found is not None:
         return found
-    data = runner.run(client.get_blob(ref, pin.digest, max_bytes=pin.size), TABLE_TIMEOUT)
-    if len(data) != pin.size:
-        raise IntegrityError(
-            f"the table is {len(data)} bytes, the manifest says {pin.size}", path=pin.digest, field="size"
-        )
+    data = local.get_table(pin) if local is not None else None
+    if data is None:
+        data = runner.run(client.get_blob(ref, pin.digest, max_bytes=pin.size), TABLE_TIMEOUT)
+        if len(data) != pin.size:
+            raise IntegrityError(
+                f"the table is {len(data)} bytes, the manifest says {pin.size}", path=pin.digest, field="size"
+            )
+        if local is not None:
+            local.put_table(pin, data)
     table = DigestTable(data, path=f"{ref.name}@{pin.digest}")
     if table.block_size != pin.block_size:
         raise FormatError(
@@ -69,6 +83,23 @@ def fetch_table(client: RegistryClient, runner: AsyncRunner, ref: Reference, pin
     with _tables_lock:
         _tables[pin.digest] = table
     return table
+
+
+def fetch_tables(
+    client: RegistryClient,
+    runner: AsyncRunner,
+    ref: Reference,
+    pins: list[TablePin],
+    local: LocalTables | None = None,
+    *,
+    parallel: int = 4,
+) -> list[DigestTable]:
+    """:func:`fetch_table` of every pin of an image's layers, ``parallel`` at a time: opening the
+    layers then finds them in the process's table cache instead of fetching one after another."""
+    if len(pins) <= 1:
+        return [fetch_table(client, runner, ref, p, local) for p in pins]
+    with ThreadPoolExecutor(max_workers=min(parallel, len(pins))) as pool:
+        return list(pool.map(lambda p: fetch_table(client, runner, ref, p, local), pins))
 
 
 @dataclass
@@ -110,14 +141,31 @@ def origin_fetcher(
     return fetch
 
 
+def origin_repair(
+    src: Source, opts: RemoteOptions, ref: Reference, digest: str, *, http: bool
+) -> OriginRepair:
+    """The repair path of blob ``digest`` read through ``src`` (the cache over the registry): evict
+    from the cache, refetch from the origin, write a checked copy back (:mod:`obd.verify.repair`)."""
+    return OriginRepair(
+        src.name,
+        digest,
+        evict=getattr(src, "evict", None),
+        origin=origin_fetcher(opts, ref, digest, src.size, http=http),
+        keep=getattr(src, "put", None),
+        stats=opts.stats,
+        size=src.size,
+        align=getattr(src, "page_size", 1),
+    )
+
+
 def open_verified(
     src: Source, opts: RemoteOptions, ref: Reference, digest: str, pin: TablePin, *, http: bool
 ) -> VerifiedSource:
     """``src`` (blob ``digest`` of ``ref``'s repository, through the cache) checked block by block
-    against the table ``pin`` names. A bad cached block is evicted when ``src`` can evict."""
+    against the table ``pin`` names. A bad cached block is evicted when ``src`` can evict, and the
+    good copy from the origin written back when it can store."""
     client = opts.client(ref.api_host if http else None)
-    table = fetch_table(client, opts.runner, ref, pin)
-    evict = getattr(src, "evict", None)
+    table = fetch_table(client, opts.runner, ref, pin, None if opts.no_cache else LocalTables(opts.cache_dir))
     log.debug(
         "%s: verifying %d blocks of %d bytes against %s",
         src.name,
@@ -126,12 +174,7 @@ def open_verified(
         pin.digest,
     )
     return VerifiedSource(
-        src,
-        table,
-        digest=digest,
-        stats=opts.stats,
-        evict=evict,
-        origin=origin_fetcher(opts, ref, digest, src.size, http=http),
+        src, table, digest=digest, stats=opts.stats, repair=origin_repair(src, opts, ref, digest, http=http)
     )
 
 
@@ -229,7 +272,7 @@ def table_artifact(
                 "mediaType": MEDIA_TYPE,
                 "digest": pin.digest,
                 "size": pin.size,
-                "annotations": {"io.github.obd.verify.layer": layer},
+                "annotations": {"io.github.obd.verify.layer": layer, **pin.annotations()},
             }
             for pin, layer in tables
         ],
@@ -260,9 +303,11 @@ __all__ = [
     "add_tables",
     "artifact_tag",
     "fetch_table",
+    "fetch_tables",
     "lower_pin",
     "open_verified",
     "origin_fetcher",
+    "origin_repair",
     "push_table_artifact",
     "table_artifact",
     "table_for_file",

@@ -24,6 +24,7 @@ from obd.errors import IntegrityError
 from obd.io.source import Source
 from obd.observability.stats import Stats, default_stats
 from obd.verify.format import DigestTable
+from obd.verify.repair import REFETCHES, OriginRepair
 
 log = logging.getLogger("obd.verify")
 
@@ -31,7 +32,6 @@ log = logging.getLogger("obd.verify")
 VERIFIED_BLOCKS = "verify_blocks"
 VERIFIED_BYTES = "verify_bytes"
 MISMATCHES = "verify_mismatches"
-REFETCHES = "verify_refetches"
 #: Bytes of verified blocks kept in memory per source.
 DEFAULT_KEEP_BYTES = 8 << 20
 
@@ -41,6 +41,8 @@ class VerifiedSource(Source):
 
     ``evict(offset, length)`` drops a bad block from the cache below; ``origin(offset, length)``
     fetches it from the origin registry. Either may be None (nothing to evict, no second chance).
+    ``repair`` (an :class:`~obd.verify.repair.OriginRepair`) replaces both, and also writes a good
+    refetched block back to the cache.
     """
 
     def __init__(
@@ -53,6 +55,7 @@ class VerifiedSource(Source):
         stats: Stats | None = None,
         evict: Callable[[int, int], None] | None = None,
         origin: Callable[[int, int], bytes] | None = None,
+        repair: OriginRepair | None = None,
         keep_bytes: int = DEFAULT_KEEP_BYTES,
     ):
         table.check_blob(digest, inner.size, path=name or inner.name)
@@ -63,8 +66,7 @@ class VerifiedSource(Source):
         self.size = inner.size
         self.block_size = table.block_size
         self.stats = stats if stats is not None else default_stats()
-        self.evict = evict
-        self.origin = origin
+        self.repair = repair or OriginRepair(self.name, digest, evict=evict, origin=origin, stats=self.stats)
         self._keep = max(1, keep_bytes // self.block_size)
         self._blocks: OrderedDict[int, memoryview] = OrderedDict()
         self._lock = threading.Lock()
@@ -189,15 +191,16 @@ class VerifiedSource(Source):
             got,
             want,
         )
-        if self.evict is not None:
-            self.evict(off, length)
         origin_note = "no origin to refetch from"
-        if self.origin is not None:
-            self.stats.incr(REFETCHES)
-            data = memoryview(self.origin(off, length)).cast("B")
+        fetched = self.repair.refetch(off, length, REFETCHES)
+        if fetched is not None:
+            data = fetched.data
             again = hashlib.sha256(data).hexdigest()
             if len(data) == length and again == want:
-                log.warning("%s: block %d: the origin's copy is good; serving it", self.name, block)
+                log.warning(
+                    "%s: block %d: the origin's copy is good; serving and caching it", self.name, block
+                )
+                fetched.keep()
                 return data
             origin_note = f"the origin's copy, sha256:{again}, is wrong as well"
             if again == got:

@@ -24,6 +24,7 @@ gets them: it gets its own bytes back, moved.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict, deque
 from dataclasses import dataclass
@@ -34,8 +35,11 @@ import numpy as np
 from obd.errors import ChecksumError, FormatError, TruncatedError
 from obd.formats.crc import ZFILE_BLOCK_SEED, crc32c_raw
 from obd.io.source import Source
+from obd.verify.repair import CRC_MISMATCHES, CRC_REFETCHES, find_repair
 from obd.zfile.format import BLOCK_CRC_SIZE, RECORD_SIZE, ZFileRecord
 from obd.zfile.layout import ZFileLayout, check_record_digest
+
+log = logging.getLogger(__name__)
 
 #: Uncompressed bytes decoded per chunk of a large read (bounds the scratch buffer). Each chunk
 #: costs some tens of microseconds of Python and numpy calls, so larger chunks are faster.
@@ -269,12 +273,37 @@ class ZFileReader(Source):
         stored = int.from_bytes(rec[-BLOCK_CRC_SIZE:], "little")
         crc = crc32c_raw(rec[:-BLOCK_CRC_SIZE], ZFILE_BLOCK_SEED)
         if crc != stored:
-            raise ChecksumError(
-                f"block {i}: CRC mismatch (stored 0x{stored:08x}, computed 0x{crc:08x})",
-                path=self.name,
-                field=f"block[{i}].crc",
-                value=stored,
-            )
+            self._refetch_block(i, rec, stored, crc)
+
+    def _refetch_block(self, i: int, rec: memoryview, stored: int, crc: int) -> None:
+        """Block ``i``'s record ``rec`` failed its CRC. For a registry blob, treat it as a verify
+        mismatch (:mod:`obd.verify.repair`): evict the cached copy, refetch the record once from the
+        origin into ``rec`` and keep it if its CRC holds; else (or for a local file) ChecksumError."""
+        found = find_repair(self.source)
+        off = self.block_extent(i)[0]
+        what = f"block {i}: CRC mismatch (stored 0x{stored:08x}, computed 0x{crc:08x})"
+        if found is None:
+            raise ChecksumError(what, path=self.name, field=f"block[{i}].crc", value=stored)
+        repair, shift = found
+        repair.stats.incr(CRC_MISMATCHES)
+        log.warning("%s: %s at blob offset %d; refetching it from the origin", self.name, what, shift + off)
+        fetched = repair.refetch(shift + off, len(rec), CRC_REFETCHES)
+        note = "no origin to refetch from"
+        if fetched is not None:
+            again = fetched.data
+            good = crc32c_raw(again[:-BLOCK_CRC_SIZE], ZFILE_BLOCK_SEED)
+            if len(again) == len(rec) and good == int.from_bytes(again[-BLOCK_CRC_SIZE:], "little"):
+                rec[:] = again
+                fetched.keep()
+                log.warning("%s: block %d: the origin's copy is good; serving and caching it", self.name, i)
+                return
+            note = "the origin's copy fails its CRC as well"
+        raise ChecksumError(
+            f"{what} at blob offset {shift + off}; {note}",
+            path=f"{self.name} (blob {repair.digest})",
+            field=f"block[{i}].crc",
+            value=stored,
+        )
 
     def _check_crcs(self, span: memoryview, base: int, r0: int, r1: int) -> None:
         """Check the CRC of blocks ``r0..r1`` held in ``span`` (which starts at file offset ``base``)."""
