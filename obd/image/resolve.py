@@ -21,10 +21,12 @@ from obd.image.config import ImageConfig, LowerConfig, UpperConfig
 from obd.image.local import open_config
 from obd.lsmt.stack import Stack
 from obd.oci.layout import OCILayout, parse_oci_reference
+from obd.turbo import is_plain_image
 
 if TYPE_CHECKING:
     from obd.image.remote import RemoteOptions
     from obd.lsmt.rw import RWLayer
+    from obd.oci.model import Image
 
 
 def abs_path(path: str) -> str:
@@ -57,7 +59,7 @@ def image_config(
     if not specs:
         raise ConfigError("no image given (layer files, a config.v1.json or oci:DIR[:TAG])")
     if len(specs) == 1 and specs[0].startswith("oci:"):
-        return _oci_config(specs[0], platform)
+        return _oci_config(specs[0], platform, remote)
     if len(specs) == 1 and os.path.isfile(specs[0]) and _is_config_file(specs[0]):
         return _resolved_config(specs[0])
     lowers = []
@@ -147,10 +149,12 @@ def _resolved_config(path: str) -> ImageConfig:
     return out
 
 
-def _oci_config(reference: str, platform: str | None) -> ImageConfig:
+def _oci_config(reference: str, platform: str | None, remote: RemoteOptions | None = None) -> ImageConfig:
     root, tag = parse_oci_reference(reference)
     layout = OCILayout(root)
     image = layout.resolve(tag, platform=platform)
+    if is_plain_image(image):
+        return _plain_oci_config(layout, image, remote)
     lowers = []
     accel = None
     for i, layer in enumerate(image.overlaybd_layers()):
@@ -176,6 +180,23 @@ def _oci_config(reference: str, platform: str | None) -> ImageConfig:
     cfg = ImageConfig(lowers=lowers, path=None)
     if accel is not None:
         cfg.extra["obd"] = {META_KEY: trace_layer_ref(accel, file=abs_path(layout.blob_path(accel.digest)))}
+    return cfg
+
+
+def _plain_oci_config(layout: OCILayout, image: Image, remote: RemoteOptions | None) -> ImageConfig:
+    """A plain image in a layout, read like a plain registry image: meta layers built from the
+    layout's blobs (cached under the same chain keys), file data read from the blobs themselves."""
+    # lazy: the meta-layer builder pulls in the converter (debugfs, tar reader) and the registry code
+    from obd.turbo.remote import ensure_layout_meta, plain_lowers
+
+    cache_dir = remote.cache_dir if remote else None
+    metas = ensure_layout_meta(image, layout.blob_path, cache_dir, quiet=bool(remote and remote.quiet))
+    lowers = plain_lowers(metas, cache_dir)
+    for lower, m in zip(lowers[1:], metas, strict=True):
+        if lower.targetDigest:  # the target is the layout's blob, not a registry one
+            lower.targetFile, lower.targetDigest, lower.size = abs_path(layout.blob_path(m.digest)), "", 0
+    cfg = ImageConfig(lowers=lowers, path=None)
+    cfg.extra["obd"] = {"image": image.reference, "manifest": image.manifest_digest, "plain": True}
     return cfg
 
 

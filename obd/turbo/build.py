@@ -24,8 +24,10 @@ Layer N is thus built on layer N-1's metadata, as turboOCI does. The stack a rea
 base layer (the raw ``ext4_64``, as turboOCI places it when not making a file system) and the meta
 layers, each with its target.
 
-zstd layers are refused: random access into a zstd stream needs seekable frames, which registry
-layers do not have (turboOCI accepts only gzip and uncompressed layers too).
+A zstd layer (which turboOCI refuses) gets obd's frame index, ``zstd.meta``, when it has several
+small frames (zstd:chunked, estargz-zstd), so a read decodes only the frames it touches; a layer of
+one frame has no seek point and is kept decompressed beside its meta layer, ``layer.tar``
+(:mod:`obd.turbo.zstd`).
 """
 
 from __future__ import annotations
@@ -52,7 +54,6 @@ from obd.convert.layertar import (
     open_stream,
     read_layer,
 )
-from obd.errors import UnsupportedError
 from obd.formats.gzindex import DEFAULT_SPAN, build_gzip_index
 from obd.image.local import open_layer
 from obd.io.publish import publish_path
@@ -64,10 +65,14 @@ from obd.lsmt.rw import punch_hole
 from obd.lsmt.sealed import SealedLayer
 from obd.lsmt.stack import Stack
 from obd.lsmt.warp import FS_META, MissingTarget, WarpRWLayer
+from obd.turbo.zstd import decompress_file, scan_frames, write_frame_index
 
 #: File names inside a meta directory, as turboOCI names them inside its ``turboOCIv1.tar.gz``.
 META_NAME = "ext4.fs.meta"
 GZIP_INDEX_NAME = "gzip.meta"
+#: obd's own: a zstd layer's frame index, or its decompressed copy when it has no seek points.
+ZSTD_INDEX_NAME = "zstd.meta"
+LOCAL_COPY_NAME = "layer.tar"
 #: How the meta layer is committed: ``overlaybd-commit -z --fastoci`` (ZFile lz4, 4 KiB blocks).
 META_OUTPUT = OutputOptions(compress="lz4", block_size=4096, verify=True)
 
@@ -100,18 +105,23 @@ class TurboLayerStats:
     meta_file_bytes: int = 0  # size of ext4.fs.meta
     gzip_index_bytes: int = 0
     gzip_index_entries: int = 0
+    zstd_frames: int = 0
+    local_copy_bytes: int = 0  # a zstd layer without seek points, kept decompressed
     seconds: float = 0.0
 
 
 @dataclass
 class TurboLayer:
-    """A built meta layer: ``meta`` (ext4.fs.meta), ``gzip_index`` (gzip.meta, gzip layers only)."""
+    """A built meta layer: ``meta`` (ext4.fs.meta), ``gzip_index`` (gzip.meta, gzip layers only;
+    for a zstd layer its ``zstd.meta`` frame index), ``local_copy`` (a zstd layer without seek points:
+    its decompressed tar)."""
 
     meta: str
     gzip_index: str | None
     compression: str
     diff_id: str
     stats: TurboLayerStats = field(default_factory=TurboLayerStats)
+    local_copy: str | None = None
 
 
 def parse_extents(text: bytes, *, path: str) -> list[tuple[int, int, int]]:
@@ -239,17 +249,22 @@ class TurboBuilder:
         stats = TurboLayerStats(blob_bytes=os.path.getsize(blob))
         with open(blob, "rb") as f:
             compression = detect_compression(f.read(4))
-        if compression == "zstd":
-            raise UnsupportedError(
-                "zstd layers cannot be read lazily: a zstd stream has no seek points (turboOCI "
-                "accepts only gzip and uncompressed layers); convert the image with `obd convert`",
-                path=label,
-                field="mediaType",
-            )
         os.makedirs(out_dir, exist_ok=True)
         work = tempfile.mkdtemp(prefix="turbo-", dir=self.workdir)
+        copy_path = None
         try:
             gz_path = None
+            if compression == "zstd":
+                say("zstd frames")
+                frames = scan_frames(blob, name=label)
+                stats.zstd_frames = len(frames.frames)
+                if frames.seekable:
+                    gz_path = os.path.join(out_dir, ZSTD_INDEX_NAME)
+                    write_frame_index(frames, gz_path)
+                    stats.gzip_index_bytes = os.path.getsize(gz_path)
+                else:
+                    copy_path = os.path.join(out_dir, LOCAL_COPY_NAME)
+                    stats.local_copy_bytes = decompress_file(blob, copy_path)
             if compression == "gzip":
                 say("gzip index")
                 tmp_gz = os.path.join(work, GZIP_INDEX_NAME)
@@ -276,7 +291,7 @@ class TurboBuilder:
             if os.path.exists(self.prev):
                 os.unlink(self.prev)
         stats.seconds = time.monotonic() - t0
-        return TurboLayer(meta, gz_path, compression, parsed.diff_id, stats)
+        return TurboLayer(meta, gz_path, compression, parsed.diff_id, stats, copy_path)
 
     def _parse(self, blob: str, work: str, label: str) -> ParsedLayer:
         spool_dir = os.path.join(work, "spool")
@@ -356,8 +371,10 @@ def chain_key(digests: list[str]) -> str:
 
 __all__ = [
     "GZIP_INDEX_NAME",
+    "LOCAL_COPY_NAME",
     "META_NAME",
     "META_OUTPUT",
+    "ZSTD_INDEX_NAME",
     "RemoteExtent",
     "TurboBuilder",
     "TurboLayer",

@@ -15,6 +15,7 @@ import random
 import tarfile
 
 import pytest
+import zstandard
 from ext4tree import read_file, read_tree
 from registry_server import RegistryServer
 
@@ -27,7 +28,14 @@ from obd.observability.stats import Stats
 from obd.oci.layout import write_layout
 from obd.oci.model import TURBO_TARGET_DIGEST, Image
 from obd.registry.push import push_manifest
-from obd.turbo.artifact import ARTIFACT_TYPE, fallback_tag, image_metas, push_index_artifact
+from obd.turbo.artifact import (
+    ARTIFACT_TYPE,
+    INDEX_DIGEST,
+    fallback_tag,
+    image_metas,
+    push_index_artifact,
+    push_link,
+)
 from obd.turbo.remote import ensure_meta, meta_root
 
 pytestmark = pytest.mark.timeout(600)
@@ -36,6 +44,7 @@ MTIME = 1700000000
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 LAYER_GZ = "application/vnd.oci.image.layer.v1.tar+gzip"
 LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
+LAYER_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
 
 
 def obd(*args: str) -> int:
@@ -122,7 +131,24 @@ def _layers():
     ], tree
 
 
-def _push_plain(host: str, layout, layers) -> None:
+def _zstd_layers(layers):
+    """The same three layers as zstd: the first of many small frames (zstd:chunked style, seekable),
+    the second left uncompressed, the third one zstd frame (no seek point)."""
+    (_a, _ta, tar_a), b, (_c, _tc, tar_c) = layers
+    z = zstandard.ZstdCompressor()
+    step = 256 << 10
+    frames = b"".join(z.compress(tar_a[i : i + step]) for i in range(0, len(tar_a), step))
+    return [(frames, LAYER_ZSTD, tar_a), b, (z.compress(tar_c), LAYER_ZSTD, tar_c)]
+
+
+def _push_plain(host: str, layout, layers, name: str = "plain/multi:v1") -> None:
+    """Write the plain image of ``layers`` to the OCI layout ``layout`` (tag v1) and push it as ``name``."""
+    _write_plain_layout(layout, layers)
+    assert obd("push", f"oci:{layout}:v1", f"{host}/{name}", "--insecure-registry", host) == 0
+
+
+def _write_plain_layout(layout, layers) -> None:
+    """The plain image of ``(blob, media type, tar)`` layers in an OCI layout, tagged v1."""
     blobs = []
     descs = []
     diff_ids = []
@@ -160,7 +186,6 @@ def _push_plain(host: str, layout, layers) -> None:
         tag="v1",
         platform={"os": "linux", "architecture": "amd64"},
     )
-    assert obd("push", f"oci:{layout}:v1", f"{host}/plain/multi:v1", "--insecure-registry", host) == 0
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +196,9 @@ def registry(tmp_path_factory):
     hello = FIXTURES / "aci-hello-world"
     assert obd("push", f"oci:{hello}:amd64", f"{host}/hello:latest", "--insecure-registry", host) == 0
     layers, tree = _layers()
-    _push_plain(host, tmp_path_factory.mktemp("layout") / "multi", layers)
+    reg.layout = tmp_path_factory.mktemp("layout") / "multi"
+    _push_plain(host, reg.layout, layers)
+    _push_plain(host, tmp_path_factory.mktemp("layout") / "zstd", _zstd_layers(layers), "plain/zstd:v1")
     reg.layers, reg.tree = layers, tree
     yield reg
     reg.stop()
@@ -214,32 +241,16 @@ def test_plain_hello_world_is_read_without_conversion(registry, tmp_path, capsys
     assert read_file(tmp_path / "again.raw", "/hello") == _hello_bytes()
 
 
-def test_multi_layer_plain_image_has_exactly_the_extracted_files(registry, tmp_path):
-    cache = tmp_path / "cache"
-    out = tmp_path / "multi.raw"
-    host = registry.host
-    assert (
-        obd(
-            "export",
-            f"{host}/plain/multi:v1",
-            "-o",
-            str(out),
-            "--insecure-registry",
-            host,
-            "--cache-dir",
-            str(cache),
-            "--quiet",
-        )
-        == 0
-    )
+def _assert_tree(out, want) -> None:
+    """The exported device holds exactly the files of ``want``, with their links and whiteouts."""
     tree = {r["path"]: r for r in read_tree(out)}
     files = {p: r for p, r in tree.items() if r["type"] in ("file", "symlink")}
-    assert set(files) == set(registry.tree)
-    for path, want in registry.tree.items():
-        if isinstance(want, tuple):
-            assert files[path]["type"] == "symlink" and files[path]["target"] == want[1]
+    assert set(files) == set(want)
+    for path, data in want.items():
+        if isinstance(data, tuple):
+            assert files[path]["type"] == "symlink" and files[path]["target"] == data[1]
         else:
-            assert files[path]["sha256"] == hashlib.sha256(want).hexdigest(), path
+            assert files[path]["sha256"] == hashlib.sha256(data).hexdigest(), path
     # hard links (one in the layer, one onto a lower layer's file) share one inode
     assert tree["/bin/tool"]["ino"] == tree["/bin/tool-hard"]["ino"] == tree["/bin/tool-lower-link"]["ino"]
     assert tree["/bin/tool"]["nlink"] == 3
@@ -252,9 +263,89 @@ def test_multi_layer_plain_image_has_exactly_the_extracted_files(registry, tmp_p
     )
 
 
+def test_multi_layer_plain_image_has_exactly_the_extracted_files(registry, tmp_path, capsys):
+    out = tmp_path / "multi.raw"
+    host = registry.host
+    args = ("--insecure-registry", host, "--cache-dir", str(tmp_path / "cache"), "--quiet")
+    assert obd("export", f"{host}/plain/multi:v1", "-o", str(out), *args) == 0
+    assert capsys.readouterr().err == ""  # --quiet: the index build says nothing
+    _assert_tree(out, registry.tree)
+
+
+def test_zstd_layers_are_read_through_frames_or_a_local_copy(registry, tmp_path, capsys):
+    """A many-frame zstd layer is read lazily at frame boundaries; a one-frame layer is fetched once
+    and kept decompressed, and the build says so; the files are those of the gzip image."""
+    cache = tmp_path / "cache"
+    out = tmp_path / "zstd.raw"
+    host = registry.host
+    image = f"{host}/plain/zstd:v1"
+    assert obd("export", image, "-o", str(out), "--insecure-registry", host, "--cache-dir", str(cache)) == 0
+    err = capsys.readouterr().err
+    assert "zstd frame index" in err and "keeping it decompressed in the cache" in err
+    _assert_tree(out, registry.tree)
+    # no block cache: the export above filled it, and this read must go to the registry
+    o = RemoteOptions(insecure=(host,), cache_dir=str(cache), no_cache=True, readahead=0, stats=Stats())
+    cfg = registry_config(image, o)
+    assert [bool(x.targetDigest) for x in cfg.lowers] == [False, True, True, False]
+    assert cfg.lowers[1].gzipIndex.endswith("zstd.meta") and cfg.lowers[3].targetFile.endswith("layer.tar")
+    stack = open_config(cfg, readonly=True, remote=o)
+    try:
+        bottom = stack.lowers[1]  # layer 1: many 256 KiB frames
+        moffset = max((m for m in bottom.index if m[4] == 1), key=lambda m: m[1])[2]
+        before = o.stats["bytes_fetched"]
+        got = bottom.files[1].pread(moffset * 512, 4096)  # the tar stream the tag-1 mappings point into
+        assert got == registry.layers[0][2][moffset * 512 : moffset * 512 + 4096]
+        fetched = o.stats["bytes_fetched"] - before
+        assert 0 < fetched < len(_zstd_layers(registry.layers)[0][0]) / 2, fetched
+    finally:
+        stack.close()
+    # through an index artifact: the frame index travels in it, the one-frame layer is fetched once
+    reg_args = ("--insecure-registry", host, "--cache-dir", str(cache))
+    assert obd("index", image, "--link", "v1-lazy", *reg_args, "--quiet") == 0
+    out, err = capsys.readouterr()
+    assert err == "" and len(out.split()) == 2  # --quiet: only the two digests
+    fresh = ("--insecure-registry", host, "--cache-dir", str(tmp_path / "fresh"))
+    assert obd("export", f"{host}/plain/zstd:v1-lazy", "-o", str(tmp_path / "z2.raw"), *fresh) == 0
+    err = capsys.readouterr().err
+    assert "building" not in err and "fetching it once and keeping it decompressed" in err
+    _assert_tree(tmp_path / "z2.raw", registry.tree)
+
+
+def test_plain_image_in_an_oci_layout(registry, tmp_path, capsys):
+    """``oci:DIR:TAG`` of a plain image: meta layers built from the layout's blobs, cached the same way."""
+    cache = tmp_path / "cache"
+    out = tmp_path / "layout.raw"
+    args = ("--cache-dir", str(cache))
+    assert obd("export", f"oci:{registry.layout}:v1", "-o", str(out), *args) == 0
+    assert "building the file-system index of 3 of 3 layers" in capsys.readouterr().err
+    _assert_tree(out, registry.tree)
+    # the registry image with the same layers finds them cached (same chain keys)
+    reg = ("--insecure-registry", registry.host)
+    assert obd("export", f"{registry.host}/plain/multi:v1", "-o", str(tmp_path / "r.raw"), *args, *reg) == 0
+    assert "building" not in capsys.readouterr().err
+
+
+def test_damaged_cached_meta_is_rebuilt(registry, tmp_path, capsys, caplog):
+    cache = tmp_path / "cache"
+    host = registry.host
+    args = ("--insecure-registry", host, "--cache-dir", str(cache), "--quiet")
+    assert obd("export", f"{host}/plain/multi:v1", "-o", str(tmp_path / "a.raw"), *args) == 0
+    metas = sorted(meta_root(cache).iterdir())
+    victim = next(d / "ext4.fs.meta" for d in metas)
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0x40  # same size, other bytes
+    victim.write_bytes(bytes(data))
+    assert obd("export", f"{host}/plain/multi:v1", "-o", str(tmp_path / "b.raw"), *args) == 0
+    assert "does not have its recorded sha256; rebuilding it" in caplog.text
+    _assert_tree(tmp_path / "b.raw", registry.tree)
+
+
 def test_file_data_is_read_with_ranges_into_the_original_blobs(registry, tmp_path):
     """Once the meta layers exist, reading a block fetches about a seek-point span, not the blob."""
-    o = RemoteOptions(insecure=(registry.host,), cache_dir=str(tmp_path / "cache"), stats=Stats())
+    # readahead off: what is measured is what the seek points cost, not what a readahead adds
+    o = RemoteOptions(
+        insecure=(registry.host,), cache_dir=str(tmp_path / "cache"), readahead=0, stats=Stats()
+    )
     cfg = registry_config(f"{registry.host}/plain/multi:v1", o)  # builds and caches the meta layers
     assert cfg.extra["obd"]["plain"] is True
     assert [bool(low.targetDigest) for low in cfg.lowers] == [False, True, True, True]
@@ -306,9 +397,56 @@ def test_index_artifact_is_pushed_and_read_back_only_when_allowed(registry, tmp_
     assert "building" not in capsys.readouterr().err
     assert read_file(tmp_path / "b.raw", "/data/big.bin") == registry.tree["/data/big.bin"]
     # without the opt-in the weak link is ignored and the index is built locally
-    other = ("--cache-dir", str(tmp_path / "c"), "--quiet")
+    other = ("--cache-dir", str(tmp_path / "c"))
     assert obd("export", image, "-o", str(tmp_path / "c.raw"), *reg_args, *other) == 0
     assert "building the file-system index of 3 of 3 layers" in capsys.readouterr().err
+
+
+def test_strong_link_finds_the_artifact_without_referrers(registry, tmp_path, capsys):
+    """``obd index --link TAG``: an image index at TAG whose descriptor of the image carries the
+    artifact's digest; pulling TAG, or that index by digest, starts from the artifact (nothing is
+    built) with no --allow-referrers, on a registry without the referrers API."""
+    host = registry.host
+    reg_args = ("--insecure-registry", host)
+    image = f"{host}/plain/multi:v1"
+    assert obd("index", image, "--link", "v1-lazy", *reg_args, "--cache-dir", str(tmp_path / "a")) == 0
+    artifact, linked = capsys.readouterr().out.split()
+    o = RemoteOptions(insecure=(host,), cache_dir=str(tmp_path / "a"))
+    ref, resolved = resolve_image(f"{host}/plain/multi:v1-lazy", o)
+    index = o.runner.run(o.client().fetch_manifest(ref, linked), 60).json()
+    assert [(d["digest"], d["annotations"][INDEX_DIGEST]) for d in index["manifests"]] == [
+        (resolved.manifest_digest, artifact)
+    ]
+    for n, pulled in enumerate((f"{host}/plain/multi:v1-lazy", f"{host}/plain/multi@{linked}")):
+        cache = ("--cache-dir", str(tmp_path / f"fresh{n}"))
+        out = tmp_path / f"{n}.raw"
+        assert obd("export", pulled, "-o", str(out), *reg_args, *cache) == 0
+        assert "building" not in capsys.readouterr().err
+        assert read_file(out, "/data/big.bin") == registry.tree["/data/big.bin"]
+    # the image itself, pulled by its own tag, is not linked: its index is built
+    assert (
+        obd("export", image, "-o", str(tmp_path / "p.raw"), *reg_args, "--cache-dir", str(tmp_path / "p"))
+        == 0
+    )
+    assert "building the file-system index" in capsys.readouterr().err
+
+
+def test_a_strong_link_to_another_images_artifact_is_refused(registry, tmp_path):
+    """An index whose annotation names the artifact of another image (hello-world, pushed to the same
+    repository) fails loudly instead of being used."""
+    host = registry.host
+    hello = FIXTURES / "aci-hello-world"
+    assert obd("push", f"oci:{hello}:amd64", f"{host}/plain/multi:hello", "--insecure-registry", host) == 0
+    o = RemoteOptions(insecure=(host,), cache_dir=str(tmp_path / "a"))
+    client = o.client()
+    href, himage = resolve_image(f"{host}/plain/multi:hello", o)
+    metas = ensure_meta(href, himage, o, quiet=True)
+    pushed = o.runner.run(push_index_artifact(client, href, himage, metas), 60)
+    ref, multi = resolve_image(f"{host}/plain/multi:v1", o)
+    o.runner.run(push_link(client, ref, multi, pushed.digest, "v1-bad"), 60)
+    bad, image = resolve_image(f"{host}/plain/multi:v1-bad", o)
+    with pytest.raises(FormatError, match="refers to another image"):
+        image_metas(bad, image, RemoteOptions(insecure=(host,), cache_dir=str(tmp_path / "b")))
 
 
 def test_an_artifact_for_another_image_is_refused(registry, tmp_path):

@@ -18,16 +18,18 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import zstandard
 from ext4tree import compare_trees, e2fsck_clean, read_tree
 
 from fixtures import fixture_path, require_tool
 from obd.convert.baselayer import base_layer_path
 from obd.convert.layer import export_nonzero
-from obd.errors import UnsupportedError
+from obd.errors import FormatError
 from obd.image.local import open_layer
 from obd.lsmt.stack import Stack
 from obd.lsmt.warp import REMOTE_DATA
 from obd.turbo.build import TurboBuilder, chain_key
+from obd.turbo.zstd import Frame, ZstdFrameIndex
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -142,15 +144,59 @@ def test_sparse_and_replaced_files(base, tmp_path):
     assert tree["/a"]["sha256"] == hashlib.sha256(payload).hexdigest()
 
 
-def test_zstd_layers_are_refused_with_the_reason(base, tmp_path):
+def test_zstd_layers_read_through_frames_or_a_local_copy(base, tmp_path):
+    """A zstd layer of many frames gets a frame index (seek points at frame starts), one of a single
+    frame a decompressed copy; both read as overlaybd applied the tar, with the same meta layer."""
+    tar = fixture_path(TAR + "layer1.tar").read_bytes()
+    z = zstandard.ZstdCompressor()
+    step = 64 << 10
+    framed = tmp_path / "framed.tar.zst"
+    framed.write_bytes(b"".join(z.compress(tar[i : i + step]) for i in range(0, len(tar), step)))
+    single = tmp_path / "single.tar.zst"
+    single.write_bytes(z.compress(tar))
+    builder = TurboBuilder(str(tmp_path), base)
+    try:
+        a = builder.build(str(framed), str(tmp_path / "framed"))
+    finally:
+        builder.close()
+    builder = TurboBuilder(str(tmp_path), base)
+    try:
+        b = builder.build(str(single), str(tmp_path / "single"))
+    finally:
+        builder.close()
+    assert a.compression == b.compression == "zstd"
+    assert a.gzip_index and a.gzip_index.endswith("zstd.meta") and a.local_copy is None
+    assert a.stats.zstd_frames == -(-len(tar) // step)
+    assert b.gzip_index is None and b.local_copy and Path(b.local_copy).read_bytes() == tar
+    assert Path(a.meta).read_bytes() == Path(b.meta).read_bytes()
+    assert a.diff_id == "sha256:" + hashlib.sha256(tar).hexdigest()
+    for name, layer in (
+        ("framed", open_layer(a.meta, target=str(framed), gzip_index=a.gzip_index)),
+        ("single", open_layer(b.meta, target=b.local_copy)),
+    ):
+        assert compare_trees(device_tree(tmp_path, [open_layer(base), layer], name), facts("ext4_L1")) == []
+
+
+def test_a_broken_zstd_blob_is_a_format_error(base, tmp_path):
     blob = tmp_path / "layer.tar.zst"
     blob.write_bytes(b"\x28\xb5\x2f\xfd" + bytes(60))
     builder = TurboBuilder(str(tmp_path), base)
     try:
-        with pytest.raises(UnsupportedError, match="no seek points"):
+        with pytest.raises(FormatError, match="zstd"):
             builder.build(str(blob), str(tmp_path / "out"))
     finally:
         builder.close()
+
+
+def test_a_zstd_frame_index_is_validated(tmp_path):
+    index = ZstdFrameIndex.build([Frame(0, 10, 0), Frame(10, 10, 100)], 200, 20, name="ok")
+    assert ZstdFrameIndex(index.to_bytes(), name="again").frames == index.frames
+    with pytest.raises(FormatError, match="tar offsets"):
+        ZstdFrameIndex.build([Frame(0, 10, 0), Frame(10, 10, 0)], 200, 20, name="bad")
+    with pytest.raises(FormatError, match="outside the blob"):
+        ZstdFrameIndex.build([Frame(0, 30, 0)], 200, 20, name="bad")
+    with pytest.raises(FormatError, match="blob size"):
+        ZstdFrameIndex(index.to_bytes(), name="x", blob_size=21)
 
 
 def test_chain_key_depends_on_every_lower():
