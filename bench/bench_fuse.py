@@ -239,7 +239,13 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3, help="rounds of measurements; medians kept (default 3)")
     ap.add_argument("--dir", help="work directory (kept; default: a temporary one)")
     ap.add_argument("--serve-ram", nargs=2, metavar=("IMAGE", "MNT"), help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--quick", action="store_true", help="a smoke run in seconds: --size 16 --count 1000 --rounds 1"
+    )
     args = ap.parse_args()
+    if args.quick:  # the quick sizes become the defaults; flags given still win
+        ap.set_defaults(size=16, count=1000, rounds=1)
+        args = ap.parse_args()
     if args.serve_ram:
         serve_ram(*args.serve_ram)
         return 0

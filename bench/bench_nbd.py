@@ -167,7 +167,13 @@ def main() -> int:
     ap.add_argument("--runtime", type=float, default=4.0, help="seconds per fio run (default 4)")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of measurements; medians kept (default 3)")
     ap.add_argument("--dir", help="work directory, kept between runs (default: a temporary one)")
+    ap.add_argument(
+        "--quick", action="store_true", help="a smoke run in seconds: --size 16 --runtime 0.5 --rounds 1"
+    )
     args = ap.parse_args()
+    if args.quick:  # the quick sizes become the defaults; flags given still win
+        ap.set_defaults(size=16, runtime=0.5, rounds=1)
+        args = ap.parse_args()
     for t in ("nbdkit", "nbdcopy", "fio"):
         tool(t)
     tmp = None

@@ -97,7 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help=f"writer threads (default {default_threads()})")
     ap.add_argument("--algorithms", default="lz4,zstd")
     ap.add_argument("--dir", default=None, help="where to put the compressed files (default: a temp dir)")
+    ap.add_argument("--quick", action="store_true", help="a smoke run in seconds: --size 16 --repeat 2")
     args = ap.parse_args(argv)
+    if args.quick:  # the quick sizes become the defaults; flags given still win
+        ap.set_defaults(size=16, repeat=2)
+        args = ap.parse_args(argv)
 
     size = args.size * MiB
     bs = args.block_size

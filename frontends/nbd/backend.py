@@ -27,6 +27,13 @@ connection; each connection's handle is a small :class:`Handle` over it.
       once serving, read the ext4 metadata of the disk in the background (:mod:`obd.prefetch.ext4`)
       so that a lazily fetched image has it cached before the guest looks: ``inodes`` (or true) the
       superblock, group descriptors and used inode tables, ``all`` also every directory.
+  ``prefetch-exec=PROGRAM`` (repeatable), ``prefetch-exec-path=PATH``
+      once serving, read in the background what starting PROGRAM reads from the ext4 root: its path
+      (looked up in PATH unless it holds a ``/``), its ELF dynamic loader and libraries
+      (:mod:`obd.prefetch.startup`); ``obd run`` passes the image's command and ``PATH``.
+  ``profile=BOOL``
+      print on stderr where the start's time went once the disk is ready, and the whole profile
+      when nbdkit shuts down (:func:`obd.observability.stats.format_profile`; ``obd nbd --profile``).
 * **FUA** is emulated by nbdkit with a flush after the write; **block sizes** follow the device's
   write granule.
 * **Multi-conn** is always safe: all connections of the process share one stack (one in-memory
@@ -99,6 +106,7 @@ from obd.image.device import (
 from obd.io.publish import publishing
 from obd.observability.stats import default_stats
 from obd.prefetch.ext4 import prefetch_metadata
+from obd.prefetch.startup import DEFAULT_PATH, prefetch_startup
 
 API_VERSION = 2
 
@@ -126,6 +134,9 @@ class PluginOptions(DeviceOptions):
         "stats-file",
         "stats-interval",
         "prefetch-meta",
+        "prefetch-exec",
+        "prefetch-exec-path",
+        "profile",
         "venv",
     )
 
@@ -135,6 +146,9 @@ class PluginOptions(DeviceOptions):
     stats_file: str | None = None
     stats_interval: float = 0.5
     prefetch_meta: str | None = None  # "inodes" or "all"
+    profile: bool = False  # print where the start's time went (docs/performance.md) on stderr
+    prefetch_exec: list[str] = field(default_factory=list)  # programs whose start to prefetch
+    prefetch_exec_path: str | None = None  # the PATH they are looked up in
 
     def set(self, key: str, value: str) -> None:
         name = canonical_key(key)
@@ -142,6 +156,12 @@ class PluginOptions(DeviceOptions):
             self.extents = parse_bool(key, value)
         elif name == "multi-conn":
             self.multi_conn = parse_bool(key, value)
+        elif name == "profile":
+            self.profile = parse_bool(key, value)
+        elif name == "prefetch-exec":
+            self.prefetch_exec.append(value)
+        elif name == "prefetch-exec-path":
+            self.prefetch_exec_path = value
         elif name == "venv":
             self.venv = value  # used by plugin.py before this module is imported
         elif name == "stats-file":
@@ -262,6 +282,18 @@ def _prefetch_metadata(dev: Device, directories: bool) -> None:
         nbdkit.debug(f"obd: metadata prefetch failed: {e}")
 
 
+def _prefetch_startup(dev: Device, programs: list[str], search_path: str) -> None:
+    try:
+        t0 = time.monotonic()
+        res = prefetch_startup(dev.stack, programs, search_path=search_path)
+        nbdkit.debug(
+            f"obd: prefetched {res.bytes} bytes for starting {' '.join(programs)} in {res.ranges} reads, "
+            f"{time.monotonic() - t0:.2f} s"
+        )
+    except Exception as e:  # an optimisation only
+        nbdkit.debug(f"obd: start-up prefetch failed: {e}")
+
+
 # --- nbdkit callbacks: lifecycle ------------------------------------------------------------------
 def dump_plugin() -> None:
     print(f"obd_version={__version__}")
@@ -291,8 +323,12 @@ def thread_model() -> int:
 def get_ready() -> None:
     """Open the image now, so that a bad one stops nbdkit before it forks or listens."""
     if _STATE.device is None:
+        started = time.monotonic()
         _STATE.device = _startup("open", lambda: open_device(_STATE.options))
         nbdkit.debug(_STATE.device.description)
+        if _STATE.options.profile:
+            ready = {"disk ready (image resolved, layers opened)": time.monotonic() - started}
+            print(default_stats().format_profile(ready), file=sys.stderr, flush=True)
 
 
 def after_fork() -> None:
@@ -308,6 +344,13 @@ def after_fork() -> None:
     if opts.stats_file:
         threading.Thread(
             target=_stats_writer, args=(_STATE.stop, opts.stats_interval), name="obd-stats", daemon=True
+        ).start()
+    if opts.prefetch_exec and dev is not None:
+        threading.Thread(
+            target=_prefetch_startup,
+            args=(dev, opts.prefetch_exec, opts.prefetch_exec_path or DEFAULT_PATH),
+            name="obd-prefetch-exec",
+            daemon=True,
         ).start()
     if opts.prefetch_meta and dev is not None:
         threading.Thread(
@@ -328,6 +371,8 @@ def cleanup() -> None:
                 _STATE.device = None
     finally:
         write_stats()
+        if _STATE.options.profile:
+            print(default_stats().format_profile(), file=sys.stderr, flush=True)
 
 
 # --- nbdkit callbacks: connections ----------------------------------------------------------------

@@ -46,6 +46,7 @@ from obd.errors import ConfigError, ObdError
 from obd.host.nbdkit import find_nbdkit, nbdkit_env, plugin_path
 from obd.image.config import ImageConfig
 from obd.image.remote import RemoteOptions
+from obd.registry.blob import READAHEAD_AUTO
 
 #: How long nbdkit may take to open the image and listen (a slow registry makes this long).
 SERVER_START_TIMEOUT = 120.0
@@ -297,7 +298,7 @@ def remote_params(remote: RemoteOptions) -> list[str]:
         params.append(f"cache-dir={os.path.abspath(remote.cache_dir)}")
     if remote.cache_limit:
         params.append(f"cache-limit={remote.cache_limit}")
-    if remote.readahead:
+    if remote.readahead != READAHEAD_AUTO:
         params.append(f"readahead={remote.readahead}")
     params += [f"hosts-dir={os.path.abspath(d)}" for d in remote.hosts_dirs or ()]
     if remote.proxy:
@@ -418,6 +419,9 @@ class RunOptions:
     prefetch_meta: bool | str = True
     """Fetch the root file system's metadata in the background from the start: True or ``"inodes"``
     (superblock, group descriptors, used inode tables), ``"all"`` (also every directory), False."""
+    prefetch_exec: bool = True
+    """With ``prefetch_meta``: also fetch what starting the command reads (its path, ELF loader and
+    libraries: :mod:`obd.prefetch.startup`)."""
     timeout: float | None = None
     accel: str = "auto"
     platform: str | None = None
@@ -543,7 +547,6 @@ def run_image(image: str | Sequence[str] | None, args: Sequence[str], options: R
         env = environment(process, options.env)
         workdir = options.workdir or process.get("WorkingDir") or "/"
         user = options.user if options.user is not None else process.get("User")
-        resolve_stats = _diff(remote.stats.snapshot(), resolve_before)
 
         assets = ensure_assets(options.vm_cache_dir, progress=say)
         timings["prepared"] = time.monotonic() - t0
@@ -564,6 +567,12 @@ def run_image(image: str | Sequence[str] | None, args: Sequence[str], options: R
         if options.prefetch_meta and not options.trace:  # a trace covers the metadata too
             value = options.prefetch_meta if isinstance(options.prefetch_meta, str) else "inodes"
             params.append(f"prefetch-meta={value}")
+            # and the command's own start: its path, ELF loader and libraries (obd.prefetch.startup)
+            search = next((e[5:] for e in env if e.startswith("PATH=")), None)
+            if argv and options.prefetch_exec:
+                params.append(f"prefetch-exec={argv[0]}")
+            if argv and options.prefetch_exec and search:
+                params.append(f"prefetch-exec-path={search}")
         server = NbdServer(
             runtime,
             params,
@@ -577,6 +586,7 @@ def run_image(image: str | Sequence[str] | None, args: Sequence[str], options: R
             # ZFile jump tables, LSMT indexes) into the shared block cache: nbdkit then opens them
             # without waiting on the registry.
             _warm_open(resolved.config, remote)
+        resolve_stats = _diff(remote.stats.snapshot(), resolve_before)  # resolve + the warming opens
         server.wait_ready()
         timings["server"] = time.monotonic() - t0
         say(f"serving the disk on {server.socket}; booting ({' '.join(argv)})")

@@ -7,10 +7,12 @@ range per run of neighbouring missing pages, so a 4 KiB read costs at most the t
 
 Which GETs those ranges become is the upstream's business, not the cache's: the registry's
 :class:`~obd.registry.blob.RemoteBlob` sees every read that may go to the network (it also serves
-uncached reads), so it alone merges nearly neighbouring ranges, reads ahead and shares fetches
+uncached reads), so it alone merges nearly neighbouring ranges, sizes readahead and shares fetches
 already in flight between threads of this process. Across processes, a fill first claims the
 pages it will fetch (:mod:`obd.cache.claims`); pages another process has claimed are not fetched
-but waited for and then read from the cache, so N processes missing a page fetch it once.
+but waited for and then read from the cache, so N processes missing a page fetch it once. For the
+same reason readahead is *fetched* here: an upstream that offers ``delegate_readahead`` says how
+far past a missed read to go, and those pages join the read's fill, claimed and stored like it.
 
 Fetched pages are written to the data file, made durable (see :class:`CacheStore` ``sync``) and
 only then marked present. The caller's bytes never depend on the cache write succeeding: a full
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 import numpy as np
@@ -30,7 +32,7 @@ from obd.cache.claims import page_runs
 from obd.cache.store import BlobCache, CacheStore, page_crcs
 from obd.errors import ObdError
 from obd.io.source import Source
-from obd.observability.stats import CACHE_BYTES, CACHE_HITS, CACHE_MISSES, Stats
+from obd.observability.stats import CACHE_BYTES, CACHE_HITS, CACHE_MISSES, READAHEAD_BYTES, Stats
 
 log = logging.getLogger("obd.cache")
 
@@ -75,6 +77,8 @@ class _Out:
         self.first, self.last = offset // ps, (self.end - 1) // ps
         self.inner_first = self.first if offset % ps == 0 else self.first + 1
         self.inner_last = self.last if self.end == min((self.last + 1) * ps, blob_size) else self.last - 1
+        #: the read's ``(start, end)`` until its readahead is planned (see ``CachedSource``)
+        self.plan: tuple[int, int] | None = None
         self.scratch: dict[int, memoryview] = {}
         for p in (self.first, self.last):
             if not self.inner_first <= p <= self.inner_last and p not in self.scratch:
@@ -91,7 +95,9 @@ class _Out:
         return self.buf[start : start + self.page_len(p)]
 
     def views(self, p: int, q: int) -> list[memoryview]:
-        """Buffers for pages ``p..q`` (within the read) in order: at most three pieces."""
+        """Buffers for pages ``p..q`` in order, clipped to the read's (pages read ahead past it have
+        none): at most three pieces."""
+        q = min(q, self.last)
         out = []
         while p <= q:
             s = self.scratch.get(p)
@@ -106,7 +112,7 @@ class _Out:
 
     def overlap(self, p: int) -> int:
         start = p * self.ps
-        return min(start + self.ps, self.end) - max(start, self.offset)
+        return max(0, min(start + self.ps, self.end) - max(start, self.offset))
 
     def finish(self) -> None:
         for p, s in self.scratch.items():
@@ -146,6 +152,9 @@ class CachedSource(Source):
         self.page_size = store.page_size
         self.stats = stats if stats is not None else store.stats
         self._blob: BlobCache = store.open_blob(digest, size)
+        delegate = getattr(upstream, "delegate_readahead", None)
+        #: ``plan(start, end)``: bytes to read ahead after a missed read (the upstream sizes it)
+        self._plan_ahead: Callable[[int, int], int] | None = delegate() if delegate else None
         self._retired: list[BlobCache] = []
         self._lock = threading.Lock()  # guards swapping _blob for a reopened one
 
@@ -159,6 +168,7 @@ class CachedSource(Source):
             return 0
         view = memoryview(buf).cast("B")[:n]
         out = _Out(view, offset, self.page_size, self.size)
+        out.plan = (offset, offset + n)
         self._fill(np.arange(out.first, out.last + 1, dtype=np.int64), out)
         out.finish()
         return n
@@ -223,6 +233,19 @@ class CachedSource(Source):
             self.stats.incr(WRITE_ERRORS)
             log.warning("%s: cannot drop pages from the cache: %s", self.name, e.strerror)
 
+    def put(self, offset: int, data: bytes | memoryview) -> None:
+        """Store the whole pages of ``data`` (blob bytes at ``offset`` that a verifier above has just
+        refetched and checked), so the next read of them is a hit, not another refetch."""
+        ps, end = self.page_size, min(self.size, offset + len(data))
+        a = -(-offset // ps)
+        b = (end // ps if end < self.size else -(-end // ps)) - 1
+        if b < a:
+            return
+        lo, hi = a * ps, min((b + 1) * ps, self.size)
+        self._refresh()
+        view = memoryview(data).cast("B")[lo - offset : hi - offset]
+        self._store_and_copy(self._blob, [(a, b)], [view], None)
+
     def close(self) -> None:
         for blob in [self._blob, *self._retired]:
             blob.close()
@@ -255,12 +278,32 @@ class CachedSource(Source):
                 self._reopen(blob)
                 pending = missing
                 continue
+            if out is not None:
+                missing = self._with_readahead(blob, missing, out)
             return self._fetch_missing(blob, missing, out)
         raise ObdError(
             f"pages {int(pending[0])}..{int(pending[-1])} not filled: "
             "the cache kept being evicted under the read",
             path=self.name,
         )
+
+    def _with_readahead(self, blob: BlobCache, missing: np.ndarray, out: _Out) -> np.ndarray:
+        """``missing`` plus the absent pages of the readahead the upstream plans after this read."""
+        if self._plan_ahead is None or out.plan is None:
+            return missing
+        start, end = out.plan
+        out.plan = None  # once per read, however many rounds its fill takes
+        ahead = self._plan_ahead(start, end)
+        if ahead <= 0:
+            return missing
+        ps = self.page_size
+        a, b = out.last + 1, (end + ahead - 1) // ps
+        if b < a:
+            return missing
+        _, present = blob.records(a, b - a + 1)
+        extra = np.arange(a, b + 1, dtype=np.int64)[~present]
+        self.stats.incr(READAHEAD_BYTES, int(np.minimum(ps, self.size - extra * ps).sum()))
+        return np.concatenate([missing, extra])
 
     def _serve_present(
         self,
@@ -327,6 +370,8 @@ class CachedSource(Source):
         crcs, present = blob.records(lo, hi - lo + 1)
         is_present = present[pages - lo]
         served, missing = pages[is_present], pages[~is_present]
+        if out is not None:
+            served = served[served <= out.last]  # pages read ahead that someone filled: nothing to copy
         if out is not None and len(served):
             bad = self._serve_present(blob, out, served, lo, crcs, None)
             if len(bad):
@@ -360,8 +405,9 @@ class CachedSource(Source):
         if out is None:
             self.stats.incr(PREFETCH_BYTES, total)
         else:
-            self.stats.incr(CACHE_MISSES, len(missing))
-            self.stats.incr(MISS_BYTES, sum(out.overlap(p) for p in missing.tolist()))
+            inside = missing[missing <= out.last]
+            self.stats.incr(CACHE_MISSES, len(inside))
+            self.stats.incr(MISS_BYTES, sum(out.overlap(p) for p in inside.tolist()))
         self._store_and_copy(blob, runs, views, out)
         return total
 

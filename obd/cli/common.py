@@ -175,6 +175,12 @@ def add_remote_args(parser: argparse.ArgumentParser, *, stats: bool = True) -> N
         g.add_argument(
             "--stats", action="store_true", help="print fetch/cache counters and latencies at the end"
         )
+        g.add_argument(
+            "--profile",
+            action="store_true",
+            help="print where the time went at the end: resolving the image, opening its layers, range "
+            "GETs in flight, requests and bytes on the wire (docs/performance.md)",
+        )
 
 
 def _insecure(args: argparse.Namespace) -> bool | tuple[str, ...]:
@@ -190,8 +196,9 @@ def remote_options(args: argparse.Namespace):
     """A :class:`~obd.image.remote.RemoteOptions` from the registry options of ``args``."""
     # the registry client (aiohttp) costs a quarter of a second to import: only once a command runs
     from obd.cache.store import parse_size
-    from obd.image.remote import RemoteOptions, set_default_remote_options
+    from obd.image.remote import RemoteOptions, parse_readahead, set_default_remote_options
     from obd.registry.auth import Credentials
+    from obd.registry.blob import READAHEAD_AUTO
     from obd.registry.dragonfly import P2PConfig
 
     creds = None
@@ -208,6 +215,7 @@ def remote_options(args: argparse.Namespace):
         cache_limit=parse_size(limit) if limit else None,
         no_cache=getattr(args, "no_cache", False),
         platform=getattr(args, "platform", None),
+        readahead=parse_readahead(args.readahead) if getattr(args, "readahead", None) else READAHEAD_AUTO,
         hosts_dirs=tuple(args.hosts_dir) if getattr(args, "hosts_dir", None) else None,
         proxy=getattr(args, "proxy", None),
         allow_referrers=getattr(args, "allow_referrers", False),
@@ -218,6 +226,7 @@ def remote_options(args: argparse.Namespace):
         ),
         verify=getattr(args, "verify", "auto"),
         verify_signature=getattr(args, "verify_signature", None),
+        quiet=bool(getattr(args, "quiet", False)),
     )
     set_default_remote_options(opts)  # for code paths that do not take options explicitly
     return opts
@@ -247,6 +256,12 @@ def remote_params(args: argparse.Namespace) -> list[str]:
     if args.platform:
         params.append(f"platform={args.platform}")
     params += [f"hosts-dir={os.path.abspath(d)}" for d in getattr(args, "hosts_dir", None) or []]
+    if getattr(args, "verify", "auto") != "auto":
+        params.append(f"verify={args.verify}")
+    if getattr(args, "verify_signature", None):
+        params.append(f"verify-signature={os.path.abspath(args.verify_signature)}")
+    if getattr(args, "allow_referrers", False):
+        params.append("allow-referrers=true")
     for key, value in _network_options(args):
         params.append(f"{key}={value}")
     return params
@@ -276,12 +291,16 @@ def remote_argv(args: argparse.Namespace) -> list[str]:
         argv.append(f"--verify={args.verify}")
     if getattr(args, "verify_signature", None):
         argv += ["--verify-signature", os.path.abspath(args.verify_signature)]
+    if getattr(args, "allow_referrers", False):
+        argv.append("--allow-referrers")
     for d in getattr(args, "hosts_dir", None) or []:
         argv += ["--hosts-dir", os.path.abspath(d)]
     for key, value in _network_options(args):
         argv += [f"--{key}", value]
     if getattr(args, "stats", False):
         argv.append("--stats")
+    if getattr(args, "profile", False):
+        argv.append("--profile")
     return argv
 
 
@@ -299,6 +318,8 @@ def print_stats(args: argparse.Namespace) -> None:
     """The ``--stats`` block on stderr, if asked for."""
     if getattr(args, "stats", False):
         print(default_stats().format(), file=sys.stderr)
+    if getattr(args, "profile", False):
+        print(default_stats().format_profile(), file=sys.stderr)
 
 
 def open_stack_from_args(args: argparse.Namespace, *, readonly: bool = True):

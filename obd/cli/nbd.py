@@ -79,6 +79,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nbdkit-verbose", action="store_true", help="nbdkit -v (debug messages)")
     p.add_argument("--print-command", action="store_true", help="print the nbdkit command and exit")
     p.add_argument(
+        "--profile",
+        action="store_true",
+        help="print where the start's time went (resolve, layer opens, range GETs, the wire) once the "
+        "disk is ready, and again when the server stops (use with -f to see it)",
+    )
+    p.add_argument(
         "--plugin-path",
         action="store_true",
         help="print the path of obd's nbdkit plugin script and exit: "
@@ -132,6 +138,8 @@ def build_command(args: argparse.Namespace) -> list[str]:
     cmd += remote_params(args)
     if args.no_extents:
         cmd.append("extents=false")
+    if args.profile:
+        cmd.append("profile=true")
     return cmd
 
 

@@ -8,12 +8,13 @@ import shlex
 import sys
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from obd.cache.store import parse_size
 from obd.cli.common import add_dashdash_parser, add_remote_args, remote_options
+from obd.cli.config import set_unless_given
 from obd.errors import ConfigError, ObdError
 from obd.observability.progress import human_bytes
+from obd.observability.stats import TIMERS, format_profile
 
 if TYPE_CHECKING:
     from frontends.run.launcher import RunOptions, RunResult
@@ -117,7 +118,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--accel", choices=("auto", "kvm", "tcg"), help="QEMU accelerator (default: auto = try KVM)"
     )
     p.add_argument(
-        "--readahead", metavar="SIZE", help="registry readahead per miss (e.g. 256K; default: none)"
+        "--readahead",
+        metavar="SIZE",
+        help="registry readahead: auto (the default: sequential reads read ahead by the link's "
+        "bandwidth-delay product), 0 (none) or SIZE after every miss (e.g. 256K)",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress or summary lines on stderr")
     add_remote_args(p)
@@ -156,14 +160,12 @@ def build_options(args: argparse.Namespace) -> tuple[list[str] | None, list[str]
             raise ConfigError("give a script or a command after --, not both", field="script")
         if box.insecure_registry:
             args.insecure_registry = [*(args.insecure_registry or []), *box.insecure_registry]
+        for dest in ("hosts_dir", "proxy", "p2p_proxy", "p2p_ping_url", "p2p_address"):
+            set_unless_given(args, dest, getattr(box, dest))  # over the config file, under the flags
     elif args.script:
         raise ConfigError("--script needs -f SANDBOXFILE", field="script")
 
-    if args.readahead:
-        remote = remote_options(args)
-        remote.readahead = parse_size(args.readahead)
-    else:
-        remote = remote_options(args)
+    remote = remote_options(args)  # --readahead included
     opts = RunOptions(remote=remote, on_output=write_stdout, say=_say(args))
     if box is not None:
         opts.memory_mib = box.memory_mib or opts.memory_mib
@@ -269,7 +271,33 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.stats or (args.verbose and not args.quiet):  # asked for explicitly: -q does not hide it
         print(summary(result), file=sys.stderr)
+    if args.profile:
+        print(profile(result, opts.remote.stats.snapshot()), file=sys.stderr)
     return exit_code
+
+
+def profile(result: RunResult, here: dict[str, Any]) -> str:
+    """The ``--profile`` block: this process's resolve and warming layer opens, the nbd server's
+    opens and range GETs, and the guest (boot to the command's first output), with the wire's
+    requests and bytes of both processes."""
+    t = result.timings
+    server = result.stats
+    merged: dict[str, Any] = {
+        k: here.get(k, 0) + server.get(k, 0) for k in ("requests", "bytes_received", "bytes_fetched")
+    }
+    merged["latency"] = server.get("latency") or here.get("latency")
+    timers: dict[str, float] = {}
+    for name in TIMERS:  # this process's (resolve, the warming opens), then the server's
+        for where, snap in (("obd run", here), ("nbd server", server)):
+            if name in (snap.get("timers") or {}):
+                timers[f"{name} ({where})"] = snap["timers"][name]
+    if "server" in t:
+        timers["disk ready (nbd server listening)"] = t["server"]
+        if "first_output" in t:
+            timers["guest: boot to the first output"] = t["first_output"] - t["server"]
+    if "first_output" in t:
+        timers["first output"] = t["first_output"]
+    return format_profile(merged, timers)
 
 
 def summary(result: RunResult) -> str:
@@ -292,8 +320,8 @@ def summary(result: RunResult) -> str:
             if key in t
         ),
         f"obd: fetched {human_bytes(s.get('bytes_fetched', 0))} in {s.get('requests', 0)} requests while "
-        f"running (+{r.get('requests', 0)} to resolve the image); cache hits {s.get('cache_hits', 0)}, "
-        f"misses {s.get('cache_misses', 0)}",
+        f"running (+{r.get('requests', 0)} to resolve and open the image); "
+        f"cache hits {s.get('cache_hits', 0)}, misses {s.get('cache_misses', 0)}",
     ]
     lat = s.get("latency") or {}
     if lat.get("count"):

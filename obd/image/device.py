@@ -136,6 +136,9 @@ class DeviceOptions:
         "trace",
         "record-trace",
         "acceleration",
+        "verify",
+        "verify-signature",
+        "allow-referrers",
     )
 
     image: list[str] = field(default_factory=list)
@@ -155,10 +158,13 @@ class DeviceOptions:
     p2p_proxy: str | None = None
     p2p_ping_url: str | None = None
     p2p_address: str | None = None
-    readahead: int = 0
+    readahead: int = -1  # obd.registry.blob.READAHEAD_AUTO (importing it here would load aiohttp)
     trace: str | None = None
     record_trace: str | None = None
     acceleration: bool = True
+    verify: str = "auto"  # require|auto|off: digest-table checks (docs/verify.md)
+    verify_signature: str | None = None  # a cosign public key file
+    allow_referrers: bool = False
 
     def set(self, key: str, value: str) -> None:
         """Apply one ``key=value``; an unknown key or a bad value is an :class:`ObdError` naming it."""
@@ -201,10 +207,18 @@ class DeviceOptions:
             self.record_trace = absolute_path(value)
         elif name in ("acceleration", "acceleration-layer"):
             self.acceleration = parse_bool(key, value)
+        elif name == "verify":
+            if value not in ("require", "auto", "off"):
+                raise ObdError("verify must be require, auto or off", field=key, value=value)
+            self.verify = value
+        elif name == "verify-signature":
+            self.verify_signature = absolute_path(value)
+        elif name == "allow-referrers":
+            self.allow_referrers = parse_bool(key, value)
         elif name == "readahead":
-            from obd.cache.store import parse_size  # the block cache is loaded for registry images only
+            from obd.image.remote import parse_readahead  # loaded for registry images only
 
-            self.readahead = parse_size(value)
+            self.readahead = parse_readahead(value)
         else:
             raise ObdError(f"unknown parameter (known: {', '.join(self.KEYS)})", field=key)
 
@@ -240,6 +254,9 @@ class DeviceOptions:
             hosts_dirs=tuple(self.hosts_dirs) if self.hosts_dirs else None,
             proxy=self.proxy,
             p2p=P2PConfig.from_options(self.p2p_proxy, self.p2p_address, self.p2p_ping_url),
+            verify=self.verify,
+            verify_signature=self.verify_signature,
+            allow_referrers=self.allow_referrers,
         )
         set_default_remote_options(opts)
         return opts

@@ -29,10 +29,10 @@ def open_target(path: str, gzip_index: str | None = None) -> Source:
     """The uncompressed tar stream a warp layer's tag-1 mappings point into."""
     src = FileSource(path)
     if gzip_index:
-        # lazy: the gzip index reader costs ~6 ms at start-up and only gzip targets need it
-        from obd.formats.gzindex import GzipIndexedSource
+        # lazy: the index readers cost ~6 ms at start-up and only compressed targets need them
+        from obd.turbo.zstd import open_seekable
 
-        return GzipIndexedSource(src, FileSource(gzip_index))
+        return open_seekable(src, gzip_index)  # a gzip index, or obd's zstd frame index
     if src.pread(0, 2) == GZIP_MAGIC:
         src.close()
         raise FormatError(
@@ -152,16 +152,16 @@ def _remote_target_layer(
             raise ConfigError(
                 "gzip index not found", path=cfg.path, field=f"lowers[{i}].gzipIndex", value=lower.gzipIndex
             )
-    # lazy: obd.image.remote pulls aiohttp (~110 ms), the gzip index reader ~6 ms
-    from obd.formats.gzindex import GzipIndexedSource
+    # lazy: obd.image.remote pulls aiohttp (~110 ms), the index readers ~6 ms
     from obd.image.remote import default_remote_options, open_remote_blob
+    from obd.turbo.zstd import open_seekable
+    from obd.verify.pins import lower_pin
 
-    src = open_remote_blob(cfg.repoBlobUrl, lower.targetDigest, None, remote or default_remote_options())
-    try:
-        target: Source = GzipIndexedSource(src, FileSource(gz)) if gz else src
-    except BaseException:
-        src.close()
-        raise
+    remote = remote or default_remote_options()
+    pin = lower_pin(cfg, lower.targetDigest, remote.verify)
+    size = lower.size or None  # known: no HEAD request
+    src = open_remote_blob(cfg.repoBlobUrl, lower.targetDigest, size, remote, path=cfg.path, table=pin)
+    target: Source = open_seekable(src, gz) if gz else src  # gzip or zstd frame index; closes src on failure
     try:
         blob = open_blob(path)
     except BaseException:
@@ -192,27 +192,25 @@ def open_config(
         lowers = lowers[:-1]  # the last lower is a trace layer, not part of the device
     layers: list[SealedLayer] = []
     upper: RWLayer | None = None
+    fetched: dict[int, SealedLayer] = {}
     try:
-        for i, lower in enumerate(lowers):
-            path = _lower_path(cfg, lower, i)
-            if path is None:
-                if lower.is_warp:
-                    raise UnsupportedError(
-                        "turboOCI layers are not read from registries yet",
-                        path=cfg.path,
-                        field=f"lowers[{i}]",
-                    )
-                # lazy: obd.image.remote pulls aiohttp (~110 ms), needed only for registry layers
-                from obd.image.remote import default_remote_options, open_remote_blob
-                from obd.verify.pins import lower_pin
-
-                remote = remote or default_remote_options()
-                pin = lower_pin(cfg, lower.digest, remote.verify)
-                src = open_remote_blob(
-                    cfg.repoBlobUrl, lower.digest, lower.size, remote, path=cfg.path, table=pin
+        registry = [(i, lw) for i, lw in enumerate(lowers) if _lower_path(cfg, lw, i) is None]
+        for i, lower in registry:
+            if lower.is_warp:
+                raise UnsupportedError(
+                    "turboOCI layers are not read from registries yet", path=cfg.path, field=f"lowers[{i}]"
                 )
-                layers.append(layer_from_source(src, src.name))
+        if registry:
+            # lazy: obd.image.remote pulls aiohttp (~110 ms), needed only for registry layers
+            from obd.image.remote import default_remote_options, open_registry_layers
+
+            fetched = open_registry_layers(cfg, registry, remote or default_remote_options())  # concurrently
+        for i, lower in enumerate(lowers):
+            if i in fetched:
+                layers.append(fetched.pop(i))
                 continue
+            path = _lower_path(cfg, lower, i)
+            assert path is not None
             target = None
             gz = None
             if lower.targetFile:
@@ -250,7 +248,7 @@ def open_config(
                 upper = open_rw(data, index, readonly=readonly)
         return Stack(layers, upper, name=cfg.path)
     except BaseException:
-        for ly in layers:
+        for ly in [*layers, *fetched.values()]:
             ly.close()
         if upper is not None:
             upper.close()

@@ -17,30 +17,36 @@ import hashlib
 import os
 import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from obd.cache import CachedSource, CacheStore
+from obd.cache.store import parse_size
 from obd.errors import ChecksumError, ConfigError, UnsupportedError
 from obd.image.accel import META_KEY, trace_layer_ref
 from obd.image.config import ImageConfig, LowerConfig
+from obd.image.local import layer_from_blob, layer_from_source
 from obd.io.publish import publishing
 from obd.io.source import Source
-from obd.observability.stats import Stats, default_stats
+from obd.layer.blob import open_source
+from obd.lsmt.sealed import SealedLayer
+from obd.observability.stats import TIME_OPEN, TIME_RESOLVE, Stats, default_stats
 from obd.oci.layout import OCILayout, layout_blob_path, write_layout
 from obd.oci.model import Image
 from obd.registry.auth import CredentialResolver, Credentials
-from obd.registry.blob import RemoteBlob
+from obd.registry.blob import READAHEAD_AUTO, RemoteBlob
 from obd.registry.client import RegistryClient
 from obd.registry.dragonfly import P2PConfig, background_reads
 from obd.registry.loop import AsyncRunner, default_runner
 from obd.registry.reference import DOCKER_HUB_API, Reference, parse_reference
 from obd.turbo import is_plain_image
-from obd.verify.pins import TablePin, layer_pins, pins_json, table_descriptors
+from obd.verify.index import image_table_pins
+from obd.verify.pins import TablePin, lower_pin, pins_json, table_descriptors
+from obd.verify.repair import RepairableSource
 from obd.verify.signature import verify_image_signature
-from obd.verify.table import open_verified
+from obd.verify.table import open_verified, origin_repair
 
 #: How long resolving a manifest and config may take, in seconds.
 RESOLVE_TIMEOUT = 120.0
@@ -59,7 +65,9 @@ class RemoteOptions:
     cache_limit: int | None = None
     no_cache: bool = False
     platform: str | None = None
-    readahead: int = 0
+    #: bytes read ahead of a registry read: :data:`READAHEAD_AUTO` (sequential reads, by the link's
+    #: bandwidth-delay product), 0 (none) or a fixed size after every miss
+    readahead: int = READAHEAD_AUTO
     #: containerd-style hosts.toml directories (mirrors, per-host TLS); None: the default ones
     hosts_dirs: tuple[str, ...] | None = None
     #: HTTP proxy for registry requests (else HTTP_PROXY/HTTPS_PROXY/NO_PROXY)
@@ -67,10 +75,14 @@ class RemoteOptions:
     #: read a plain image's index artifact found through the referrers tag fallback (a weak link)
     allow_referrers: bool = False
     p2p: P2PConfig | None = None  # Dragonfly: dfdaemon's proxy or overlaybd's URL prefix (docs/fleet.md)
+    #: registry layers opened at once (their header, index and table reads overlap); 1: one by one
+    open_parallel: int = 16
     #: ``require``, ``auto`` or ``off``: check layer blocks against the image's digest tables (docs/verify.md)
     verify: str = "auto"
     #: a cosign public key (PEM): the manifest must carry a signature it verifies (docs/verify.md)
     verify_signature: str | None = None
+    #: no progress bars or build messages (``--quiet``): the plain-image index build stays silent
+    quiet: bool = False
     stats: Stats = field(default_factory=default_stats)
     _clients: dict[frozenset[str] | bool, RegistryClient] = field(default_factory=dict, repr=False)
     _store: CacheStore | None = field(default=None, repr=False)
@@ -138,6 +150,11 @@ _live: list[RemoteOptions] = []
 _default: RemoteOptions | None = None
 
 
+def parse_readahead(text: str) -> int:
+    """``--readahead`` / ``readahead=``: ``auto`` (:data:`~obd.registry.blob.READAHEAD_AUTO`), 0 or a size."""
+    return READAHEAD_AUTO if text.strip().lower() == "auto" else parse_size(text)
+
+
 def default_remote_options() -> RemoteOptions:
     """The process-wide options used wherever none are passed (set by the CLI or the nbd plugin)."""
     global _default
@@ -182,17 +199,23 @@ def resolve_image(reference: str, opts: RemoteOptions) -> tuple[Reference, Image
     """The manifest, config and layers of a registry image (platform-resolved, digest-verified)."""
     ref = parse_reference(reference)
     client = opts.client()
+    started = time.monotonic()
     image = opts.runner.run(client.get_image(ref, opts.platform), RESOLVE_TIMEOUT)
     if opts.verify_signature:
         check = verify_image_signature(client, ref, image.manifest_digest, opts.verify_signature)
         opts.runner.run(check, RESOLVE_TIMEOUT)
+    opts.stats.add_time(TIME_RESOLVE, time.monotonic() - started)
     return ref, image
 
 
 def registry_config(reference: str, opts: RemoteOptions) -> ImageConfig:
     """The ``config.v1.json`` overlaybd's snapshotter would write for a registry image."""
     ref, image = resolve_image(reference, opts)
-    return image_to_config(ref, image, opts, label=reference)
+    started = time.monotonic()
+    try:
+        return image_to_config(ref, image, opts, label=reference)
+    finally:
+        opts.stats.add_time(TIME_RESOLVE, time.monotonic() - started)  # digest tables, plain-image index
 
 
 def image_to_config(ref: Reference, image: Image, opts: RemoteOptions, *, label: str) -> ImageConfig:
@@ -208,6 +231,9 @@ def image_to_config(ref: Reference, image: Image, opts: RemoteOptions, *, label:
         metas = image_metas(ref, image, opts)
         cfg = ImageConfig(lowers=plain_lowers(metas, opts.cache_dir), repoBlobUrl=repo_blob_url(ref, opts))
         cfg.extra["obd"] = {"image": label, "manifest": image.manifest_digest, "plain": True}
+        kept = image_table_pins(ref, image, opts, (m.digest for m in metas))  # built while indexing
+        if kept:
+            cfg.extra["obd"]["verify"] = pins_json(kept)
         return cfg
     lowers = []
     accel = None
@@ -222,7 +248,7 @@ def image_to_config(ref: Reference, image: Image, opts: RemoteOptions, *, label:
         lowers.append(LowerConfig(digest=layer.digest, size=layer.size))
     cfg = ImageConfig(lowers=lowers, repoBlobUrl=repo_blob_url(ref, opts))
     cfg.extra["obd"] = {"image": label, "manifest": image.manifest_digest}
-    pins = layer_pins(((d.digest, d.annotations) for d in image.layers), path=label)
+    pins = image_table_pins(ref, image, opts, (lw.digest for lw in lowers))  # manifest's, obd index's
     if pins:
         cfg.extra["obd"]["verify"] = pins_json(pins)
     if accel is not None:
@@ -256,8 +282,81 @@ def open_remote_blob(
     store = opts.store()
     src: Source = remote if store is None else CachedSource(remote, store, digest=digest, stats=opts.stats)
     if table is None or opts.verify == "off":
-        return src
+        return RepairableSource(src, origin_repair(src, opts, ref, digest, http=http))  # ZFile CRC refetch
     return open_verified(src, opts, ref, digest, table, http=http)
+
+
+def open_registry_layers(
+    cfg: ImageConfig, lowers: Sequence[tuple[int, LowerConfig]], opts: RemoteOptions
+) -> dict[int, SealedLayer]:
+    """The registry lowers ``(index, lower)`` of ``cfg`` opened as sealed layers, by index.
+
+    Opening a layer is a chain of dependent reads (tar header, ZFile header and trailer, jump table,
+    LSMT trailer and index, the digest table): a few round trips each. Layers do not depend on one
+    another, so up to ``opts.open_parallel`` of them open at once and an image's disk is ready after
+    about one layer's chain instead of the sum; and the blob's last bytes (the ZFile trailer, read
+    second) are read beside its headers, which saves one more round trip. ``open_parallel=1`` opens
+    them one by one, with neither (how obd did before; ``bench/bench_open.py`` compares). On failure
+    every layer opened is closed and the error of the lowest failing index is raised.
+    """
+    if not lowers:
+        return {}
+    started = time.monotonic()
+    try:
+        return _open_layers(cfg, lowers, opts)
+    finally:
+        opts.stats.add_time(TIME_OPEN, time.monotonic() - started)
+
+
+def _open_layers(
+    cfg: ImageConfig, lowers: Sequence[tuple[int, LowerConfig]], opts: RemoteOptions
+) -> dict[int, SealedLayer]:
+    """:func:`open_registry_layers`, untimed."""
+
+    def source(lower: LowerConfig) -> Source:
+        pin = lower_pin(cfg, lower.digest, opts.verify)
+        return open_remote_blob(cfg.repoBlobUrl, lower.digest, lower.size, opts, path=cfg.path, table=pin)
+
+    workers = max(1, min(opts.open_parallel, len(lowers)))
+    if workers == 1:
+        opened: dict[int, SealedLayer] = {}
+        try:
+            for i, lower in lowers:
+                src = source(lower)
+                opened[i] = layer_from_source(src, src.name)
+        except BaseException:
+            for layer in opened.values():
+                layer.close()
+            raise
+        return opened
+
+    def one(lower: LowerConfig, tails: ThreadPoolExecutor) -> SealedLayer:
+        src = source(lower)
+        tail = tails.submit(src.pread, max(0, src.size - 1), 1)  # into the cache, beside the headers
+        # the tail read's error, if any, is the open's to report (it reads the same bytes); the
+        # source is closed only once that read is over
+        try:
+            blob = open_source(src, src.name)
+        except BaseException:
+            wait([tail])
+            src.close()
+            raise
+        wait([tail])  # done already: the ZFile open read the trailer
+        return layer_from_blob(blob)
+
+    with (
+        ThreadPoolExecutor(max_workers=workers, thread_name_prefix="obd-open") as pool,
+        ThreadPoolExecutor(max_workers=workers, thread_name_prefix="obd-open-tail") as tails,
+    ):
+        futures = [(i, pool.submit(one, lower, tails)) for i, lower in lowers]
+        wait([f for _, f in futures])
+    failed = [f.exception() for _, f in futures if f.exception() is not None]
+    if failed:
+        for _, f in futures:
+            if f.exception() is None:
+                f.result().close()
+        raise failed[0]  # type: ignore[misc]
+    return {i: f.result() for i, f in futures}
 
 
 @dataclass(frozen=True)

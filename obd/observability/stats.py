@@ -20,6 +20,9 @@ from typing import Any
 REQUESTS = "requests"
 #: Body bytes received for blob data (range reads and whole-blob downloads).
 BYTES_FETCHED = "bytes_fetched"
+#: Body bytes of every response (blobs, manifests, configs, digest tables, errors; HEAD has none):
+#: what crossed the link, to compare with what a proxy or the registry saw.
+BYTES_RECEIVED = "bytes_received"
 #: Attempts repeated after a retryable failure (5xx, 429, connection error, timeout, bad body).
 RETRIES = "retries"
 #: Operations that failed for good (after the retries allowed, or at once when not retryable).
@@ -47,6 +50,7 @@ CACHE_BYTES = "cache_bytes"
 COUNTERS = (
     REQUESTS,
     BYTES_FETCHED,
+    BYTES_RECEIVED,
     RETRIES,
     ERRORS,
     REDIRECTS,
@@ -60,6 +64,16 @@ COUNTERS = (
     CACHE_MISSES,
     CACHE_BYTES,
 )
+
+#: Timers (:meth:`Stats.add_time`, printed by ``--profile``): where a cold start's time goes.
+#: Resolving the image: token, manifest, config and digest-table requests.
+TIME_RESOLVE = "resolve"
+#: Opening the registry layers (wall time; they open concurrently).
+TIME_OPEN = "open"
+#: Range GETs in flight, summed over GETs (concurrent ones overlap: this can exceed the wall time).
+TIME_FETCH = "fetch"
+#: Timers :meth:`Stats.format_profile` shows first, in this order.
+TIMERS = (TIME_RESOLVE, TIME_OPEN, TIME_FETCH)
 
 #: How many of the most recent latency samples percentiles are computed over.
 DEFAULT_WINDOW = 10_000
@@ -81,6 +95,12 @@ class Stats:
         self._latency_count = 0
         self._latency_sum = 0.0
         self._latency_max = 0.0
+        self._timers: dict[str, float] = {}
+
+    def add_time(self, name: str, seconds: float) -> None:
+        """Add ``seconds`` to timer ``name`` (created at zero on first use)."""
+        with self._lock:
+            self._timers[name] = self._timers.get(name, 0.0) + seconds
 
     def incr(self, name: str, n: int = 1) -> None:
         """Add ``n`` to counter ``name`` (created at zero on first use)."""
@@ -112,6 +132,7 @@ class Stats:
             self._latency_count = 0
             self._latency_sum = 0.0
             self._latency_max = 0.0
+            self._timers = {}
 
     def snapshot(self) -> dict[str, Any]:
         """A consistent copy: every counter, plus ``latency`` with count, mean, p50/p90/p99 and max (s)."""
@@ -119,6 +140,7 @@ class Stats:
             out: dict[str, Any] = dict(self._counters)
             samples = sorted(self._samples)
             count, total, peak = self._latency_count, self._latency_sum, self._latency_max
+            timers = dict(self._timers)
         latency: dict[str, float | int] = {"count": count}
         if samples:
             latency.update(
@@ -129,19 +151,21 @@ class Stats:
                 max=peak,
             )
         out["latency"] = latency
+        out["timers"] = timers
         return out
 
     def format(self) -> str:
         """A human-readable block, one counter per line, for ``--stats``."""
         snap = self.snapshot()
         latency = snap.pop("latency")
+        snap.pop("timers")
         names = [n for n in COUNTERS if n in snap] + sorted(n for n in snap if n not in COUNTERS)
         width = max(len(n) for n in [*names, "latency"])
         lines = []
         for name in names:
             value = snap[name]
             text = f"{value}"
-            if name.endswith("bytes") or name == BYTES_FETCHED:
+            if name.endswith("bytes") or name in (BYTES_FETCHED, BYTES_RECEIVED):
                 text += f" ({_human(value)})"
             lines.append(f"{name:<{width}}  {text}")
         if latency["count"]:
@@ -154,9 +178,40 @@ class Stats:
             lines.append(f"{'latency':<{width}}  n=0")
         return "\n".join(lines)
 
+    def format_profile(self, extra: dict[str, float] | None = None) -> str:
+        """The ``--profile`` block: :func:`format_profile` of this process's timers and counters."""
+        return format_profile(self.snapshot(), extra)
+
     def __repr__(self) -> str:
         snap = self.snapshot()
         return f"<Stats requests={snap[REQUESTS]} bytes_fetched={snap[BYTES_FETCHED]}>"
+
+
+def format_profile(snap: dict[str, Any], extra: dict[str, float] | None = None) -> str:
+    """Where a start's time went, from a :meth:`Stats.snapshot` (this process's or another's, e.g.
+    the nbd server's stats file): each timer in seconds, then the wire — requests, bytes and the
+    round trips they stand for — so the biggest gap is the first line to look at. ``extra`` adds
+    timers measured elsewhere (``guest``: boot to the command's first output, say), in order."""
+    timers = dict(snap.get("timers") or {})
+    timers.update(extra or {})
+    names = [n for n in TIMERS if n in timers] + [n for n in timers if n not in TIMERS]
+    labels = {
+        TIME_RESOLVE: "resolve (token, manifest, config, digest tables)",
+        TIME_OPEN: "layer opens (headers, jump tables, indexes; concurrent)",
+        TIME_FETCH: "range GETs in flight (summed over GETs)",
+    }
+    lines = []
+    for n in names:
+        base, sep, where = n.partition(" (")
+        label = labels.get(base, base) + (f" [{where[:-1]}]" if sep and base in labels else sep + where)
+        lines.append(f"profile: {label:<66} {timers[n]:8.3f} s")
+    latency = snap.get("latency") or {}
+    rtt = f", p50 latency {latency['p50'] * 1000:.0f} ms" if latency.get("count") else ""
+    lines.append(
+        f"profile: wire: {snap.get(REQUESTS, 0)} requests, {_human(snap.get(BYTES_RECEIVED, 0))} received "
+        f"({_human(snap.get(BYTES_FETCHED, 0))} blob data){rtt}"
+    )
+    return "\n".join(lines)
 
 
 def _human(n: int) -> str:
@@ -177,4 +232,4 @@ def default_stats() -> Stats:
     return STATS
 
 
-__all__ = ["COUNTERS", "STATS", "Stats", "default_stats"]
+__all__ = ["COUNTERS", "STATS", "TIMERS", "Stats", "default_stats", "format_profile"]

@@ -19,8 +19,13 @@ How a read becomes GETs:
    the flights that rode along in another's GET; the bytes between them are fetched and dropped).
 3. With ``readahead`` > 0, a read whose following bytes are not already (mostly) in flight also
    fetches the next ``readahead`` bytes, and completed flights are kept (up to ``keep_bytes``) to
-   serve the reads that follow. With the default of 0 nothing is kept: caching is the block
-   cache's job.
+   serve the reads that follow. With 0 nothing is kept: caching is the block cache's job. With
+   :data:`READAHEAD_AUTO` only a *sequential* read (one starting where a recent read of this blob
+   ended) reads ahead: :data:`AUTO_FIRST` for the first, twice as much for each next one of the
+   run, up to the link's bandwidth-delay product (:class:`LinkEstimate`, measured from the
+   client's own range GETs, between :data:`AUTO_MIN` and :data:`AUTO_MAX`): one round trip's
+   worth of bytes is what a reader streaming at the link's rate would otherwise wait for, and a
+   short run (a small file) costs little.
 
 Each flight keeps the Dragonfly priority of its read (:func:`obd.registry.dragonfly.read_priority`:
 on-demand, or prefetch inside :func:`~obd.registry.dragonfly.background_reads`); readahead bytes are
@@ -34,8 +39,11 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import threading
+import time
+import weakref
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from obd.errors import RegistryError
 from obd.io.priority import PRIORITY_PREFETCH, read_priority, reads_at
@@ -49,6 +57,73 @@ DEFAULT_COALESCE_WINDOW = 0.001
 DEFAULT_MAX_MERGE = 4 << 20
 DEFAULT_MERGE_GAP = 8 << 10
 DEFAULT_TIMEOUT = 300.0
+#: ``readahead`` value: read ahead on sequential reads only, by the bandwidth-delay product.
+READAHEAD_AUTO = -1
+#: Bounds of the automatic readahead (before any GET was timed: :data:`AUTO_MIN`); the first read
+#: ahead of a sequential run is at most :data:`AUTO_FIRST`.
+AUTO_MIN = 128 << 10
+AUTO_MAX = 4 << 20
+AUTO_FIRST = 32 << 10
+#: Flights kept for the reads that follow, with automatic readahead.
+AUTO_KEEP = 2 * AUTO_MAX
+#: GETs up to this size time the round trip; from :data:`RATE_SAMPLE` up, the throughput.
+RTT_SAMPLE = 32 << 10
+RATE_SAMPLE = 256 << 10
+#: Weight of a new throughput sample in :class:`LinkEstimate`'s moving average.
+EWMA = 0.25
+#: Small GETs the round trip is the least of.
+RTT_WINDOW = 32
+#: How many recent read ends of a blob a read is compared with to call it sequential.
+RECENT_ENDS = 16
+
+
+class LinkEstimate:
+    """Round-trip time and throughput of a registry client's link, from the timings of its range GETs.
+
+    A small GET costs about one round trip; a large one a round trip plus its bytes at the link's
+    rate. The round trip is the *least* of the last :data:`RTT_WINDOW` small GETs (a GET queued
+    behind others on a busy link takes longer, and a readahead sized by that would make the link
+    busier still); the rate a moving average (:data:`EWMA`). Concurrent GETs share the link, so the
+    rate is per GET and the product a conservative estimate. Loop-thread state only.
+    """
+
+    __slots__ = ("_rtts", "rate")
+
+    def __init__(self) -> None:
+        self._rtts: deque[float] = deque(maxlen=RTT_WINDOW)
+        self.rate: float | None = None
+
+    @property
+    def rtt(self) -> float | None:
+        """The round trip (seconds), None before any small GET."""
+        return min(self._rtts) if self._rtts else None
+
+    def observe(self, nbytes: int, seconds: float) -> None:
+        """Account one GET of ``nbytes`` that took ``seconds`` from request to the last body byte."""
+        if nbytes <= RTT_SAMPLE:
+            self._rtts.append(seconds)
+        elif nbytes >= RATE_SAMPLE:
+            rate = nbytes / max(1e-4, seconds - (self.rtt or 0.0))
+            self.rate = rate if self.rate is None else (1 - EWMA) * self.rate + EWMA * rate
+
+    def readahead(self) -> int:
+        """The bandwidth-delay product, 64 KiB-aligned, within [:data:`AUTO_MIN`, :data:`AUTO_MAX`]."""
+        rtt = self.rtt
+        if rtt is None or self.rate is None:
+            return AUTO_MIN
+        bdp = int(self.rate * rtt) & ~0xFFFF
+        return max(AUTO_MIN, min(AUTO_MAX, bdp))
+
+
+_links: weakref.WeakKeyDictionary[RegistryClient, LinkEstimate] = weakref.WeakKeyDictionary()
+
+
+def link_estimate(client: RegistryClient) -> LinkEstimate:
+    """The :class:`LinkEstimate` every remote blob of ``client`` shares (one link per client)."""
+    link = _links.get(client)
+    if link is None:
+        link = _links[client] = LinkEstimate()
+    return link
 
 
 class _Flight:
@@ -88,16 +163,20 @@ class RemoteBlob(Source):
         self.ref = repo if isinstance(repo, Reference) else parse_reference(repo)
         self.digest = validate_digest(digest)
         self.name = name or f"{self.ref.name}@{digest}"
-        if max_merge < 1 or merge_gap < 0 or readahead < 0 or coalesce_window < 0:
+        if max_merge < 1 or merge_gap < 0 or readahead < READAHEAD_AUTO or coalesce_window < 0:
             raise RegistryError(
-                "max_merge must be positive; merge_gap, readahead and coalesce_window not negative",
+                "max_merge must be positive; merge_gap and coalesce_window not negative; readahead "
+                "a byte count or READAHEAD_AUTO",
                 path=self.name,
             )
         self.coalesce_window = coalesce_window
         self.max_merge = max_merge
         self.merge_gap = merge_gap
         self.readahead = readahead
-        self.keep_bytes = keep_bytes if keep_bytes is not None else 4 * readahead
+        if keep_bytes is None:
+            keep_bytes = AUTO_KEEP if readahead == READAHEAD_AUTO else 4 * readahead
+        self.keep_bytes = keep_bytes
+        self.link = link_estimate(client)
         self.timeout = timeout
         self.stats = stats if stats is not None else client.stats
         # loop-thread state
@@ -108,6 +187,11 @@ class RemoteBlob(Source):
         self._kept_bytes = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._generation = -1
+        self._ends: dict[int, int] = {}  # end of a recent read -> how many sequential reads led there
+        #: a page cache above plans the readahead (:meth:`delegate_readahead`), under its fill claims
+        self._delegated = False
+        self._delegated_ends: dict[int, int] = {}
+        self._delegated_lock = threading.Lock()
         if size is None:
             size = runner.run(client.blob_size(self.ref, digest), timeout)
         if size < 0:
@@ -115,6 +199,28 @@ class RemoteBlob(Source):
         self.size = size
 
     # -- synchronous API (any thread) ----------------------------------------------------------
+
+    def delegate_readahead(self) -> Callable[[int, int], int]:
+        """Hand readahead to the page cache above: from now on this blob fetches exactly what it is
+        asked, and the cache calls the returned ``plan(start, end)`` with each read it misses on to
+        learn how many bytes after ``end`` to fetch with it. The cache claims those pages before it
+        fetches them, so N processes sharing one host cache read ahead once, not N times; bytes read
+        ahead here instead would be fetched outside the claims and never stored."""
+        self._delegated = True
+        return self._delegated_window
+
+    def _delegated_window(self, start: int, end: int) -> int:
+        if self.readahead != READAHEAD_AUTO:
+            window = self.readahead
+        else:
+            with self._delegated_lock:
+                ends = self._delegated_ends
+                streak = ends.pop(start, -1) + 1
+                ends[end] = streak
+                if len(ends) > RECENT_ENDS:
+                    del ends[next(iter(ends))]
+            window = min(self.link.readahead(), AUTO_FIRST << (streak - 1)) if streak else 0
+        return max(0, min(window, self.size - end))
 
     def fetch(self, offset: int, length: int) -> bytes:
         """Exactly ``length`` bytes at ``offset`` (which must lie inside the blob), or an error."""
@@ -158,16 +264,26 @@ class RemoteBlob(Source):
             self._kept_bytes = 0
             self._flush_handle = None
             self._tasks = set()
+            self._ends = {}
             self._generation = self.runner.generation
 
     async def _read(self, start: int, end: int) -> bytes:
         self._reset_if_new_loop()
         self.stats.incr(st.READS)
         plan_end = end
-        if self.readahead and end < self.size:
+        readahead = 0 if self._delegated else self.readahead
+        if readahead == READAHEAD_AUTO:
+            streak = self._ends.pop(start, -1) + 1  # 0: not sequential
+            # like the kernel's: the first sequential read ahead is small, each next one doubles,
+            # up to the bandwidth-delay product
+            readahead = min(self.link.readahead(), AUTO_FIRST << (streak - 1)) if streak else 0
+            self._ends[end] = streak
+            if len(self._ends) > RECENT_ENDS:
+                del self._ends[next(iter(self._ends))]
+        if readahead and end < self.size:
             ahead = self._covered_to(end)
-            if ahead - end < self.readahead // 2 and ahead < self.size:
-                plan_end = min(self.size, ahead + self.readahead)
+            if ahead - end < readahead // 2 and ahead < self.size:
+                plan_end = min(self.size, ahead + readahead)
                 self.stats.incr(st.READAHEAD_BYTES, plan_end - ahead)
         pieces = self._cover(start, plan_end, end)
         need = [f for f in pieces if f.start < end]
@@ -260,10 +376,12 @@ class RemoteBlob(Source):
 
     async def _fetch_group(self, group: list[_Flight]) -> None:
         lo, hi = group[0].start, group[-1].end
+        started = time.monotonic()
         try:
             with reads_at(max(f.priority for f in group)):
                 data = await self.client.read_range(self.ref, self.digest, lo, hi - lo, size=self.size)
         except BaseException as e:
+            self.stats.add_time(st.TIME_FETCH, time.monotonic() - started)
             for f in group:
                 self._drop(f)
                 if not f.future.done():
@@ -274,6 +392,9 @@ class RemoteBlob(Source):
             if not isinstance(e, Exception):
                 raise
             return
+        took = time.monotonic() - started
+        self.stats.add_time(st.TIME_FETCH, took)
+        self.link.observe(hi - lo, took)
         view = memoryview(data)
         for f in group:
             if not f.future.done():
@@ -296,4 +417,12 @@ class RemoteBlob(Source):
             del self._flights[i]
 
 
-__all__ = ["DEFAULT_COALESCE_WINDOW", "DEFAULT_MAX_MERGE", "DEFAULT_MERGE_GAP", "RemoteBlob"]
+__all__ = [
+    "DEFAULT_COALESCE_WINDOW",
+    "DEFAULT_MAX_MERGE",
+    "DEFAULT_MERGE_GAP",
+    "READAHEAD_AUTO",
+    "LinkEstimate",
+    "RemoteBlob",
+    "link_estimate",
+]

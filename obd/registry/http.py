@@ -265,6 +265,15 @@ class HttpTransport:
                     self._host_ssl[h.hostport.lower()] = h.ssl_context(self.ca_file)
         return config
 
+    def _dial_timeout(self, where: str, timeout: aiohttp.ClientTimeout) -> aiohttp.ClientTimeout:
+        """``timeout`` with the connect timeout ``hosts.toml`` sets for host ``where`` (``dial_timeout``)."""
+        configured = self._host_settings.get(where)
+        if configured is None or configured.dial_timeout is None:
+            return timeout
+        return aiohttp.ClientTimeout(
+            total=timeout.total, sock_read=timeout.sock_read, sock_connect=configured.dial_timeout
+        )
+
     def _origin(self, ref: Reference) -> Reference:
         """``ref`` pointed at the ``server`` its hosts.toml names (unchanged without one)."""
         if ref.api_root is not None:
@@ -475,7 +484,7 @@ class HttpTransport:
                     headers=hdrs,
                     data=data,
                     allow_redirects=False,
-                    timeout=timeout or self.timeout,
+                    timeout=self._dial_timeout(where, timeout or self.timeout),
                     **extra,
                 )
             except aiohttp.ClientConnectionError as e:
@@ -496,6 +505,8 @@ class HttpTransport:
                 raise
             if url.scheme == "https":
                 self._tls_ok.add(where)
+            if method != "HEAD" and resp.content_length:
+                self.stats.incr(st.BYTES_RECEIVED, resp.content_length)  # the wire's count (--stats)
             return resp, url, via_p2p
 
     async def _auth_error(

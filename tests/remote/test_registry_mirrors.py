@@ -6,16 +6,22 @@ Real parts: Debian's ``docker-registry`` as the origin, a second one in pull-thr
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import http.client
 import http.server
 import json
 import re
+import shutil
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
 from registry_server import FaultProxy, RegistryServer, TokenServer, free_port, tls_server_context
 
 from fixtures import FIXTURES
@@ -25,7 +31,7 @@ from obd.image.remote import RemoteOptions, repo_blob_url, resolve_image
 from obd.observability.stats import Stats
 from obd.registry import AsyncRunner, CredentialResolver, RegistryClient
 from obd.registry.auth import Credentials
-from obd.registry.hosts import HostsResolver, load_hosts, parse_hosts_toml
+from obd.registry.hosts import HostsResolver, cert_files, load_hosts, parse_go_duration, parse_hosts_toml
 from obd.registry.push import push_layout
 
 pytestmark = pytest.mark.timeout(180)
@@ -525,5 +531,134 @@ def test_insecure_registry_is_https_first_per_host(origin, tmp_path, runner):
             layer_of(only_http, runner, tls_ref)
         for c in (client, only_http):
             runner.run(c.aclose(), 10)
+    finally:
+        reg.stop()
+
+
+# -- docker's certs.d files and containerd's dial_timeout -----------------------------------------
+
+
+def test_dial_timeout_is_a_go_duration(tmp_path):
+    cfg = parse_hosts_toml(
+        'dial_timeout = "1m30s"\n[host."https://m"]\n  dial_timeout = "250ms"\n[host."https://n"]\n',
+        "example.com",
+    )
+    assert cfg.origin is not None and cfg.origin.dial_timeout == 90.0
+    assert [m.dial_timeout for m in cfg.mirrors] == [0.25, None]
+    assert parse_go_duration("1.5h") == 5400.0 and parse_go_duration(".5s") == 0.5
+    for bad in ["", "5", "2 s", "s", "1x", "0s", "-1s"]:
+        with pytest.raises(ConfigError, match="duration|positive"):
+            parse_go_duration(bad)
+    with pytest.raises(ConfigError, match="duration string") as e:
+        parse_hosts_toml('[host."https://m"]\ndial_timeout = 5\n', "example.com", "h/hosts.toml")
+    assert e.value.field == 'host."https://m".dial_timeout' and e.value.path == "h/hosts.toml"
+
+
+def test_dial_timeout_sets_the_connect_timeout_of_its_host_only(tmp_path, runner):
+    hosts = write_hosts(tmp_path, "example.com", '[host."https://m.example"]\n  dial_timeout = "2s"\n')
+    client = new_client(hosts, connect_timeout=10.0)
+    client._hosts_of("example.com")
+    assert client._dial_timeout("m.example", client.timeout).sock_connect == 2.0
+    assert client._dial_timeout("m.example", client.timeout).sock_read == client.timeout.sock_read
+    assert client._dial_timeout("example.com", client.timeout).sock_connect == 10.0
+    runner.run(client.aclose(), 10)
+
+
+def test_cert_files_follow_docker(tmp_path):
+    folder = tmp_path / "registry.example.com"
+    folder.mkdir()
+    assert cert_files(folder) == ((), ())
+    for name in ["ca.crt", "b.crt", "client.cert", "client.key", "README"]:
+        (folder / name).write_text("x")
+    cas, pairs = cert_files(folder)
+    assert cas == (str(folder / "b.crt"), str(folder / "ca.crt"))
+    assert pairs == ((str(folder / "client.cert"), str(folder / "client.key")),)
+    cfg = load_hosts("registry.example.com", [tmp_path])
+    assert cfg.origin is not None and cfg.origin.url == "https://registry.example.com/v2"
+    assert cfg.origin.ca == cas and cfg.origin.client == pairs and cfg.mirrors == ()
+    (folder / "lone.key").write_text("x")
+    with pytest.raises(ConfigError, match="without its certificate") as e:
+        cert_files(folder)
+    assert e.value.path == str(folder / "lone.key")
+    (folder / "lone.key").unlink()
+    (folder / "other.cert").write_text("x")
+    with pytest.raises(ConfigError, match="without its key"):
+        load_hosts("registry.example.com", [tmp_path])
+    (folder / "hosts.toml").write_text("")  # hosts.toml present: the certificate files are not read
+    assert load_hosts("registry.example.com", [tmp_path]).origin is None
+
+
+def _ca_and_client(workdir: Path) -> tuple[Path, Path, Path]:
+    """A fresh CA (``clients-ca.pem``) and a client certificate it signed (``client.cert``/``.key``)."""
+    now = datetime.datetime.now(datetime.UTC)
+
+    def build(subject: str, issuer: str, key, signer, ca: bool):  # type: ignore[no-untyped-def]
+        return (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+            .sign(signer, hashes.SHA256())
+        )
+
+    ca_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    client_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    ca = build("obd test client CA", "obd test client CA", ca_key, ca_key, True)
+    client = build("obd test client", "obd test client CA", client_key, ca_key, False)
+    paths = (workdir / "clients-ca.pem", workdir / "client.cert", workdir / "client.key")
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(client.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(
+        client_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return paths
+
+
+class ClientCertRegistry(TlsRegistry):
+    """A TLS registry that refuses clients without a certificate its ``clientcas`` signed."""
+
+    def __init__(self, workdir: Path):
+        super().__init__(workdir)
+        self.clients_ca, self.client_cert, self.client_key = _ca_and_client(workdir)
+
+    def _auth_config(self) -> list[str]:
+        tls, rest = super()._auth_config()[:3], super()._auth_config()[3:]
+        return [*tls, "    clientcas:", f"      - {self.clients_ca}", *rest]
+
+
+def test_certs_d_ca_and_client_certificate_reach_a_tls_registry(tmp_path, runner):
+    """docker's ``certs.d/HOST:PORT/{ca.crt,client.cert,client.key}`` against Debian's
+    docker-registry serving TLS that requires client certificates (``http.tls.clientcas``)."""
+    reg = ClientCertRegistry(tmp_path).start()
+    try:
+        certs = tmp_path / "certs.d"
+        folder = certs / reg.host
+        folder.mkdir(parents=True)
+        shutil.copy(reg.cert, folder / "ca.crt")
+        ref = f"{reg.host}/aci/hello:amd64-converted"
+        without_client = new_client(certs, insecure=False)
+        with pytest.raises(RegistryError, match="certificate"):  # CA trusted; no client cert
+            runner.run(without_client.get_image(ref), 60)
+        runner.run(without_client.aclose(), 10)
+        shutil.copy(reg.client_cert, folder / "client.cert")
+        shutil.copy(reg.client_key, folder / "client.key")
+        pusher = new_client(certs, insecure=False)
+        runner.run(push_layout(pusher, f"oci:{ACI}:amd64-converted", f"{reg.host}/aci/hello"), 60)
+        runner.run(pusher.aclose(), 10)
+        client = new_client(certs, insecure=False)
+        digest, size = layer_of(client, runner, ref)
+        assert len(runner.run(client.read_range(ref, digest, 0, 100, size=size), 30)) == 100
+        assert client.stats["errors"] == 0
+        runner.run(client.aclose(), 10)
+        no_certs = new_client(None, insecure=False)  # and without the folder the CA is unknown
+        with pytest.raises(RegistryError, match="TLS"):
+            layer_of(no_certs, runner, ref)
+        runner.run(no_certs.aclose(), 10)
     finally:
         reg.stop()
