@@ -105,45 +105,38 @@ def test_ext4_stack_full_device_sha(tmp_path, entry):
     assert sha256_file(export(tmp_path, entry)) == entry["sha256"]
 
 
+def plain_hello(layout) -> bytes:
+    """/hello of the plain amd64 image of the aci-hello-world layout (one gzip tar layer)."""
+    index = json.loads((layout / "index.json").read_text())
+    plain = next(
+        m
+        for m in index["manifests"]
+        if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == "amd64"
+    )
+    manifest = json.loads((layout / "blobs" / "sha256" / plain["digest"].split(":")[1]).read_text())
+    layer = (layout / "blobs" / "sha256" / manifest["layers"][0]["digest"].split(":")[1]).read_bytes()
+    with tarfile.open(fileobj=io.BytesIO(gzip.decompress(layer))) as tar:
+        return tar.extractfile("hello").read()
+
+
 def test_aci_hello_world_layout_exports_the_hello_binary(tmp_path):
     require_tool("debugfs")
     layout = fixture_path("aci-hello-world/oci-layout").parent
     out = tmp_path / "hw.img"
     assert main(["export", f"oci:{layout}:amd64-converted", "-o", str(out), "-q"]) == 0
     ours = read_file(out, "/hello")
-    # the same file from the plain amd64 image of the layout (a gzip tar layer)
-    index = json.loads((layout / "index.json").read_text())
-    plain = next(
-        m
-        for m in index["manifests"]
-        if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == "amd64"
-    )
-    manifest = json.loads((layout / "blobs" / "sha256" / plain["digest"].split(":")[1]).read_text())
-    layer = (layout / "blobs" / "sha256" / manifest["layers"][0]["digest"].split(":")[1]).read_bytes()
-    with tarfile.open(fileobj=io.BytesIO(gzip.decompress(layer))) as tar:
-        theirs = tar.extractfile("hello").read()
-    assert ours == theirs and len(ours) == 13256
+    assert ours == plain_hello(layout) and len(ours) == 13256
 
 
 def test_plain_oci_image_in_a_layout_exports_lazily(tmp_path):
     """A plain (gzip tar) image of an oci: layout is read through a turboOCI meta layer built on
     first use: its /hello is the tar's, byte for byte."""
+    require_tool("debugfs")
     layout = fixture_path("aci-hello-world/oci-layout").parent
     out = tmp_path / "x"
-    assert (
-        main(["export", f"oci:{layout}:amd64", "-o", str(out), "-q", "--cache-dir", str(tmp_path / "c")]) == 0
-    )
-    ours = read_file(out, "/hello")
-    index = json.loads((layout / "index.json").read_text())
-    plain = next(
-        m
-        for m in index["manifests"]
-        if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == "amd64"
-    )
-    manifest = json.loads((layout / "blobs" / "sha256" / plain["digest"].split(":")[1]).read_text())
-    layer = (layout / "blobs" / "sha256" / manifest["layers"][0]["digest"].split(":")[1]).read_bytes()
-    with tarfile.open(fileobj=io.BytesIO(gzip.decompress(layer))) as tar:
-        assert ours == tar.extractfile("hello").read()
+    cache = str(tmp_path / "c")
+    assert main(["export", f"oci:{layout}:amd64", "-o", str(out), "-q", "--cache-dir", cache]) == 0
+    assert read_file(out, "/hello") == plain_hello(layout)
 
 
 def test_errors_are_one_line_and_exit_1(tmp_path, capsys):
