@@ -216,10 +216,12 @@ class RemoteBlob(Source):
             with self._delegated_lock:
                 ends = self._delegated_ends
                 streak = ends.pop(start, -1) + 1
-                ends[end] = streak
+                window = min(self.link.readahead(), AUTO_FIRST << (streak - 1)) if streak else 0
+                # the next miss of a sequential reader is where this readahead stops (the pages
+                # before it are cache hits the plan never sees)
+                ends[end + max(0, min(window, self.size - end))] = streak
                 if len(ends) > RECENT_ENDS:
                     del ends[next(iter(ends))]
-            window = min(self.link.readahead(), AUTO_FIRST << (streak - 1)) if streak else 0
         return max(0, min(window, self.size - end))
 
     def fetch(self, offset: int, length: int) -> bytes:
