@@ -32,6 +32,7 @@ MIN_INODE_SIZE = 128
 
 INCOMPAT_META_BG = 0x10
 INCOMPAT_64BIT = 0x80
+RO_COMPAT_SPARSE_SUPER = 0x1
 RO_COMPAT_GDT_CSUM = 0x10
 RO_COMPAT_METADATA_CSUM = 0x400
 #: ``bg_flags``: the group's inode table is not initialised (nothing in it is in use).
@@ -231,6 +232,8 @@ class Superblock:
     desc_size: int
     feature_incompat: int
     feature_ro_compat: int
+    #: ``s_journal_inum``: the inode of an internal journal (0: none)
+    journal_inum: int = 0
 
     @classmethod
     def parse(cls, raw: bytes, *, path: str | None = None) -> Superblock:
@@ -278,6 +281,7 @@ class Superblock:
             desc_size=desc_size,
             feature_incompat=incompat,
             feature_ro_compat=f["s_feature_ro_compat"],
+            journal_inum=f["s_journal_inum"],
         )
 
     @property
@@ -298,6 +302,24 @@ class Superblock:
     def group_desc_offset(self) -> int:
         """Byte offset of the group descriptor table (the block after the superblock's; not meta_bg)."""
         return (self.first_data_block + 1) * self.block_size
+
+    def backup_groups(self, limit: int = 64) -> list[int]:
+        """Groups after group 0 that hold a backup superblock (at their first block): with
+        ``sparse_super`` groups 1 and the powers of 3, 5 and 7, else every group (at most ``limit``)."""
+        groups = self.groups
+        if not self.feature_ro_compat & RO_COMPAT_SPARSE_SUPER:
+            return list(range(1, min(groups, limit + 1)))
+        found = {1} if groups > 1 else set()
+        for base in (3, 5, 7):
+            g = base
+            while g < groups:
+                found.add(g)
+                g *= base
+        return sorted(found)[:limit]
+
+    def group_offset(self, group: int) -> int:
+        """Byte offset of the first block of ``group``."""
+        return (self.first_data_block + group * self.blocks_per_group) * self.block_size
 
     @property
     def group_csum(self) -> bool:

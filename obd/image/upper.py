@@ -309,7 +309,21 @@ class UpperDir:
 
 
 def _top_of(cfg: ImageConfig) -> tuple[str | None, int]:
-    """uuid and virtual size of the top lower of an image (parent of a new RW layer)."""
+    """uuid and virtual size of the top lower of an image (parent of a new RW layer).
+
+    Only the top lower is opened when it has a virtual size (it always has, for what overlaybd and
+    obd write): for a registry image that is one layer's round trips instead of every layer's, on
+    the way to ``obd run``'s first boot."""
+    lowers = cfg.lowers[:-1] if cfg.accelerationLayer else cfg.lowers
+    if lowers:
+        one = replace(cfg, lowers=lowers[-1:], accelerationLayer=False, upper=UpperConfig())
+        stack = open_config(one, readonly=True)
+        try:
+            only = stack.lowers[-1]
+            if only.virtual_size > 0:
+                return only.header.uuid, stack.size  # type: ignore[attr-defined]
+        finally:
+            stack.close()
     stack = open_config(replace(cfg, upper=UpperConfig()), readonly=True)
     try:
         top = stack.lowers[-1] if stack.lowers else None

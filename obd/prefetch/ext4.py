@@ -5,7 +5,8 @@ of those reads are file-system metadata: the superblock and group descriptors at
 every path a program opens the inode table blocks holding its inodes (ext4 reads them 32 blocks at
 a time) and the blocks of every directory on the way. Their location is written in the file system
 itself, so this module reads it the way the kernel would — superblock, group descriptors, the used
-part of each inode table, then every directory's extent tree — and returns the byte ranges, which
+part of each inode table, the journal superblock and the backup superblocks (Linux reads both at
+mount), then every directory's extent tree — and returns the byte ranges, which
 the server fetches concurrently while the guest kernel is still starting. What remains for the
 guest to wait on is mostly file data, which a recorded trace covers (``trace=``).
 
@@ -92,6 +93,23 @@ def _extents(node: bytes, bs: int, blocks: int) -> tuple[list[tuple[int, int]], 
     return data, [b for b in parsed.children if b < blocks]
 
 
+def _journal_head(read: Reader, sb: Superblock, gdt: GroupDescriptors, size: int) -> list[tuple[int, int]]:
+    """The first block of an internal journal (its superblock, the first thing a mount reads after
+    the group descriptors); nothing when there is none or it cannot be found."""
+    group, index = divmod(sb.journal_inum - 1, sb.inodes_per_group)
+    if not sb.journal_inum or group >= len(gdt.inode_table):
+        return []
+    at = int(gdt.inode_table[group]) * sb.block_size + index * sb.inode_size
+    if at + sb.inode_size > size:
+        return []
+    try:
+        rec = parse_inodes(read(at, sb.inode_size), sb.inode_size)[0]
+    except ObdError:
+        return []
+    data, _ = _extents(rec["i_block"].tobytes(), sb.block_size, sb.blocks_count)
+    return [(data[0][0], sb.block_size)] if data else []
+
+
 def ext4_metadata(
     read: Reader, size: int, *, budget: int = DEFAULT_BUDGET, directories: bool = True
 ) -> list[tuple[int, int]]:
@@ -142,6 +160,10 @@ def ext4_metadata(
         tables.append((itable * bs, n))
         spent += n
     ranges += tables
+    # What Linux reads at mount besides the above, one dependent round trip each if not prefetched:
+    # the journal superblock and the first block of every group holding a backup superblock.
+    ranges += _journal_head(read, sb, gdt, size)
+    ranges += [(sb.group_offset(g), bs) for g in sb.backup_groups() if sb.group_offset(g) + bs <= size]
     if not directories:
         return _merge(ranges)
     nodes: list[int] = []

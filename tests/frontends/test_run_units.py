@@ -3,6 +3,7 @@ import, image building, the nbdkit parameters and the CLI's argument handling.""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -23,6 +24,7 @@ from frontends.run.launcher import (
     sandbox_dir,
 )
 from obd.errors import ConfigError, ObdError, UnsupportedError
+from obd.formats.ext4 import Superblock
 from obd.image.assemble import layers_image
 from obd.image.local import open_layers
 from obd.image.remote import RemoteOptions
@@ -314,6 +316,14 @@ def test_ext4_metadata_covers_inode_tables_and_every_directory(small_ext4):
         return any(a <= offset < a + n for a, n in ranges)
 
     assert covered(1024)  # the superblock
+    # what Linux reads at mount: the journal superblock and every backup superblock
+    sb = Superblock.parse(small_ext4.read_bytes()[1024:2048])
+    assert sb.journal_inum and covered(_debugfs_blocks(small_ext4, f"<{sb.journal_inum}>")[0] * 4096)
+    assert all(covered(sb.group_offset(g)) for g in sb.backup_groups())
+    # sparse_super: groups 1 and the powers of 3, 5, 7 (what a booting guest read from a 64 GiB disk)
+    big = dataclasses.replace(sb, blocks_count=300 * sb.blocks_per_group)
+    assert big.backup_groups() == [1, 3, 5, 7, 9, 25, 27, 49, 81, 125, 243]
+    assert big.group_offset(3) == 3 * sb.blocks_per_group * 4096
     tree = read_tree(small_ext4)
     dirs = ["/", *(e["path"] for e in tree if e["type"] == "dir")]
     assert len(dirs) > 30

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
 
 from fixtures import require_tool
 from frontends.run.images import mkfs_ext4
-from obd.prefetch.startup import elf_dependencies, startup_ranges
+from obd.io.priority import PRIORITY_PREFETCH, read_priority
+from obd.prefetch.ext4 import _merge
+from obd.prefetch.startup import FILE_HEAD, elf_dependencies, prefetch_startup, startup_ranges
 
 LIBDIR = "usr/lib/x86_64-linux-gnu"
 LOADER = "ld-linux-x86-64.so.2"
@@ -85,8 +88,13 @@ def test_startup_ranges_hold_the_program_its_loader_and_its_libraries(root_image
     loader = (root / LIBDIR / LOADER).read_bytes()
     assert loader[-4096:] in data  # the loader whole
     libc = (root / LIBDIR / "libc.so.6").read_bytes()
-    assert libc[-4096:] not in data  # libraries: their first MiB only
+    assert len(libc) > FILE_HEAD and libc[-4096:] in data  # libraries whole too
     assert sum(n for _, n in ranges) < 8 << 20
+    # every file's head is planned before any file's rest: what starts first is fetched first
+    read = reader(image)
+    tail_at = next(i for i, (a, n) in enumerate(ranges) if libc[-4096:] in read(a, n))
+    head_at = next(i for i, (a, n) in enumerate(ranges) if libc[:4096] in read(a, n))
+    assert head_at < tail_at
 
 
 def test_a_missing_program_or_a_disk_that_is_not_ext4_plans_little_or_nothing(root_image, tmp_path):
@@ -97,3 +105,31 @@ def test_a_missing_program_or_a_disk_that_is_not_ext4_plans_little_or_nothing(ro
     junk = tmp_path / "junk"
     junk.write_bytes(os.urandom(1 << 20))
     assert startup_ranges(reader(junk), 1 << 20, ["true"]) == []
+
+
+def test_prefetch_startup_reads_every_planned_byte_once_in_the_background(root_image):
+    _, image = root_image
+    size = image.stat().st_size
+    plan = startup_ranges(reader(image), size, ["true"], search_path="/sbin:/bin")
+    fd = os.open(image, os.O_RDONLY)
+    lock = threading.Lock()
+    background: list[tuple[int, int]] = []  # the prefetcher's reads (the walk's own are foreground)
+
+    class Disk:
+        def __init__(self) -> None:
+            self.size = size
+
+        def readinto(self, buf: memoryview, offset: int) -> int:
+            if read_priority() == PRIORITY_PREFETCH:
+                with lock:
+                    background.append((offset, len(buf)))
+            return os.preadv(fd, [buf], offset)
+
+    try:
+        res = prefetch_startup(Disk(), ["true"], search_path="/sbin:/bin")
+    finally:
+        os.close(fd)
+    # every planned byte is read in the background, and only once
+    assert len(background) == res.ranges
+    assert _merge(background) == _merge(plan)
+    assert sum(n for _, n in _merge(plan)) == sum(n for _, n in background) == res.bytes
