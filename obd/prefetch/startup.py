@@ -7,11 +7,11 @@ by ``PT_INTERP`` maps itself and every ``DT_NEEDED`` library, found in the usual
 directories. All of that is a chain of dependent reads — each waits a round trip on a lazily fetched
 disk — yet all of it can be found from the file system alone. :func:`startup_ranges` walks it the
 way the kernel and ``ld.so`` would and returns the byte ranges (metadata, then the first
-:data:`FILE_HEAD` of the program, the loader and each library, then the rest of each of those files
-up to :data:`FILE_MAX`), which the server reads concurrently while the guest kernel boots. Whole
-files, because a program's start pages most of its text in through the guest's 128 KiB
-read-around, one dependent round trip each (python3.11: 40 round trips for 4.1 of its 6.6 MB),
-while the link is idle during the kernel's boot.
+:data:`FILE_HEAD` of the program, the loader, each library and the :data:`COMMON_FILES` that start
+most programs, then the rest of each of those files up to :data:`FILE_MAX`), which the server
+reads concurrently while the guest kernel boots. Whole files, because a program's start pages most
+of its text in through the guest's 128 KiB read-around, one dependent round trip each (python3.11:
+40 round trips for 4.1 of its 6.6 MB), while the link is idle during the kernel's boot.
 
 A prefetch is an optimisation: anything unexpected (not ext4, a path that does not resolve, a
 corrupt field, not a 64-bit little-endian ELF) ends that part of the walk with what was found. The
@@ -83,6 +83,20 @@ LIBRARY_DIRS = (
     "/usr/lib",
 )
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#: Small files read when nearly any program starts in a container, after its libraries: ld.so's
+#: cache, what resolving the image's ``User`` and the time zone reads, glibc's locale and gconv
+#: caches (``setlocale(LC_ALL, "")`` with a UTF-8 ``LANG``). Each is read up to :data:`FILE_HEAD`.
+COMMON_FILES = (
+    "/etc/ld.so.cache",
+    "/etc/passwd",
+    "/etc/group",
+    "/etc/nsswitch.conf",
+    "/etc/localtime",
+    "/usr/lib/locale/locale-archive",
+    "/usr/lib/locale/C.utf8/LC_CTYPE",
+    "/usr/lib/x86_64-linux-gnu/gconv/gconv-modules.cache",
+    "/usr/lib/aarch64-linux-gnu/gconv/gconv-modules.cache",
+)
 
 Reader = Callable[[int, int], bytes]
 
@@ -350,6 +364,9 @@ def startup_ranges(
                         libraries += elf(lib)[1]
                         send(lib)
                     break
+    for path in COMMON_FILES if files else ():
+        with _quietly():
+            send(add(fs.lookup(path), FILE_HEAD))
     spent = sum(n for _, n in fs.ranges)
     heads = len(fs.ranges)
     for start, stop in ((0, FILE_HEAD), (FILE_HEAD, None)):  # every head first, then the rest

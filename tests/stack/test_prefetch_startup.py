@@ -40,6 +40,8 @@ def root_image(tmp_path_factory):
     (root / LIBDIR).mkdir(parents=True)
     (root / "usr/lib64").mkdir(parents=True)
     (root / "srv/app").mkdir(parents=True)
+    (root / "etc").mkdir()
+    (root / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n" + "#" * 5000 + "\n")
     shutil.copy(os.path.realpath("/usr/bin/true"), root / "usr/bin/true")
     shutil.copy(host_file(LOADER), root / LIBDIR / LOADER)
     shutil.copy(host_file("libc.so.6"), root / LIBDIR / "libc.so.6")
@@ -82,7 +84,7 @@ def test_startup_ranges_hold_the_program_its_loader_and_its_libraries(root_image
     root, image = root_image
     ranges = startup_ranges(reader(image), image.stat().st_size, [program], search_path="/sbin:/bin")
     data = covered(image, ranges)
-    for path in ("usr/bin/true", f"{LIBDIR}/{LOADER}", f"{LIBDIR}/libc.so.6"):
+    for path in ("usr/bin/true", f"{LIBDIR}/{LOADER}", f"{LIBDIR}/libc.so.6", "etc/passwd"):
         head = (root / path).read_bytes()[:4096]
         assert head in data, path
     loader = (root / LIBDIR / LOADER).read_bytes()
