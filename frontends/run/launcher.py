@@ -529,9 +529,18 @@ def run_image(image: str | Sequence[str] | None, args: Sequence[str], options: R
         if on_output is not None:
             on_output(chunk)
 
+    warming: threading.Thread | None = None
     try:
         if options.trace and not os.path.isfile(options.trace):
             raise ConfigError("trace file not found", path=options.trace, field="trace")
+        if resolved is not None and resolved.config.repoBlobUrl and not remote.no_cache:
+            # Fetch what opening the layers reads (headers, ZFile jump tables, LSMT indexes) into the
+            # shared block cache now, while the upper is made and nbdkit loads the engine (≈ 0.3 s):
+            # nbdkit then opens them without waiting on the registry.
+            warming = threading.Thread(
+                target=_warm_open, args=(resolved.config, remote), name="obd-warm-open", daemon=True
+            )
+            warming.start()
         disk = root_disk(options, runtime)
         if disk.upper is not None:
             _, process = prepare_upper(disk.upper, resolved, sparse=options.sparse, remote=remote)
@@ -581,11 +590,8 @@ def run_image(image: str | Sequence[str] | None, args: Sequence[str], options: R
             log_path=options.server_log,
         )
         server.spawn(env=_server_env(remote))
-        if resolved is not None and resolved.config.repoBlobUrl and not remote.no_cache:
-            # While nbdkit loads the engine (≈ 0.3 s), fetch what opening the layers reads (headers,
-            # ZFile jump tables, LSMT indexes) into the shared block cache: nbdkit then opens them
-            # without waiting on the registry.
-            _warm_open(resolved.config, remote)
+        if warming is not None:
+            warming.join()
         resolve_stats = _diff(remote.stats.snapshot(), resolve_before)  # resolve + the warming opens
         server.wait_ready()
         timings["server"] = time.monotonic() - t0
@@ -610,6 +616,8 @@ def run_image(image: str | Sequence[str] | None, args: Sequence[str], options: R
         )
         timings["exit"] = time.monotonic() - t0
     finally:
+        if warming is not None:
+            warming.join()  # it uses the caller's registry client, which may be closed after this
         if server is not None:
             server.stop()
         stats = server.stats() if server is not None else {}

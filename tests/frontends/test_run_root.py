@@ -138,7 +138,6 @@ def env(tmp_path):
     """A CLI run's environment: private caches and state, a short private TMPDIR (for the socket)."""
     xdg = tmp_path / "xdg"
     (xdg / "obd").mkdir(parents=True)
-    vm_cache_dir().mkdir(parents=True, exist_ok=True)  # run alone, no earlier VM test made it
     (xdg / "obd" / "vm").symlink_to(vm_cache_dir())
     tmp = Path(tempfile.mkdtemp(prefix="obdt", dir="/tmp"))
     e = dict(os.environ)

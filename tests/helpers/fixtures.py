@@ -189,7 +189,9 @@ def vm_cache_dir() -> Path:
     """Where the VM tests keep the microVM kernel and initramfs: shared between sessions like the
     fixture cache, so the kernel is downloaded once per machine (``$OBD_VM_TEST_CACHE`` overrides)."""
     env = os.environ.get("OBD_VM_TEST_CACHE")
-    return Path(env) if env else Path(tempfile.gettempdir()) / f"obd-vm-cache-{os.getuid()}"
+    path = Path(env) if env else Path(tempfile.gettempdir()) / f"obd-vm-cache-{os.getuid()}"
+    path.mkdir(parents=True, exist_ok=True)  # tests link to it before any VM test has filled it
+    return path
 
 
 def find_tool(name: str) -> str | None:
