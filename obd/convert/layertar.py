@@ -11,6 +11,11 @@ end the archive; PAX ``x`` records give ``path``, ``linkpath``, ``size`` (and he
 ``gid``, ``mtime``) and ``SCHILY.xattr.*``; ``g`` headers are ignored; GNU ``L``/``K`` long names are
 honoured; the ustar ``prefix`` counts only with the POSIX magic; names are cleaned Plan 9 style.
 
+Sparse members, in every format GNU tar writes (``--sparse``; their maps are read and validated by
+:mod:`obd.convert.tarsparse`): the spooled file gets the real size with holes, and
+:attr:`TarEntry.sparse` says where each data segment lies so turboOCI can map the segments onto the
+tar. Header numbers and PAX records are parsed by :mod:`obd.convert.tarfields`.
+
 What overlaybd would follow blindly is refused with a :class:`HostileTarError` naming the entry:
 absolute names, names or hard-link targets that climb out of the root with ``..``, sizes beyond the
 device (or beyond what an extension header may hold), more entries than the file system has inodes.
@@ -29,25 +34,44 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
+from obd.convert.tarfields import (
+    BLK,
+    BLOCK,
+    CHR,
+    DIR,
+    FIFO,
+    FILE,
+    HARDLINK,
+    SYMLINK,
+    HostileTarError,
+    checksum_ok,
+    cstr,
+    header_number,
+    parse_pax,
+    parse_pax_list,
+    pax_int,
+    show,
+)
+from obd.convert.tarsparse import (
+    MAX_SPARSE_SEGMENTS,
+    SPARSE_PAIR_KEYS,
+    SparseHeader,
+    check_segments,
+    sparse_header,
+    sparse_map_v1,
+    sparse_old,
+)
 from obd.errors import FormatError, ObdError, TruncatedError, UnsupportedError
 
-BLOCK = 512
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
-# Entry kinds.
-FILE = "file"
-DIR = "dir"
-SYMLINK = "symlink"
-HARDLINK = "hardlink"
-CHR = "chr"
-BLK = "blk"
-FIFO = "fifo"
 
 _KINDS = {
     b"0": FILE,
     b"\x00": FILE,
     b"7": FILE,
+    b"S": FILE,  # GNU sparse: a regular file whose data is stored as segments (see sparse_old)
     b"1": HARDLINK,
     b"2": SYMLINK,
     b"3": CHR,
@@ -56,7 +80,6 @@ _KINDS = {
     b"6": FIFO,
 }
 _NAMES_OF_UNSUPPORTED = {
-    b"S": "GNU sparse file",
     b"M": "GNU multi-volume continuation",
     b"N": "GNU old long name",
     b"V": "GNU volume label",
@@ -76,11 +99,6 @@ MIN_TIME = -(1 << 31)
 MAX_TIME = (1 << 34) + (1 << 31) - 1
 
 _PIECE = 1 << 20
-_HIGH_BYTES = bytes(range(128, 256))
-
-
-class HostileTarError(FormatError):
-    """A tar entry tries to leave the image root, or declares sizes no real layer has."""
 
 
 @dataclass(frozen=True)
@@ -113,6 +131,9 @@ class TarEntry:
     xattrs: dict[bytes, bytes] = field(default_factory=dict)
     data: str | None = None  # spool file holding a regular file's bytes
     data_offset: int = 0  # of a regular file's bytes in the uncompressed stream (turboOCI maps it)
+    #: a sparse file's data segments ``(file offset, length)``, stored one after the other from
+    #: ``data_offset``; None for a plain file (its bytes are stored whole)
+    sparse: tuple[tuple[int, int], ...] | None = None
 
     @property
     def parts(self) -> tuple[bytes, ...]:
@@ -218,18 +239,18 @@ def clean_name(name: bytes) -> bytes:
 def _check_name(raw: bytes, *, path: str, where: str, what: str) -> bytes:
     """The cleaned, root-relative form of an entry name or hard-link target; refuse escapes."""
     if b"\x00" in raw:
-        raise HostileTarError(f"{what} contains a NUL byte", path=path, field=where, value=_show(raw))
+        raise HostileTarError(f"{what} contains a NUL byte", path=path, field=where, value=show(raw))
     if raw.startswith(b"/"):
         raise HostileTarError(
             f"{what} is an absolute path; layer tars name files relative to the root",
             path=path,
             field=where,
-            value=_show(raw),
+            value=show(raw),
         )
     cleaned = clean_name(raw)
     if cleaned == b".." or cleaned.startswith(b"../"):
         raise HostileTarError(
-            f"{what} climbs out of the image root with '..'", path=path, field=where, value=_show(raw)
+            f"{what} climbs out of the image root with '..'", path=path, field=where, value=show(raw)
         )
     if cleaned == b".":
         return b""
@@ -238,7 +259,7 @@ def _check_name(raw: bytes, *, path: str, where: str, what: str) -> bytes:
             f"{what} is {len(cleaned)} bytes long; at most {MAX_PATH} are supported",
             path=path,
             field=where,
-            value=_show(raw[:64]),
+            value=show(raw[:64]),
         )
     for part in cleaned.split(b"/"):
         if len(part) > MAX_COMPONENT:
@@ -246,93 +267,16 @@ def _check_name(raw: bytes, *, path: str, where: str, what: str) -> bytes:
                 f"{what} has a {len(part)}-byte component; ext4 names hold at most {MAX_COMPONENT}",
                 path=path,
                 field=where,
-                value=_show(raw[:64]),
+                value=show(raw[:64]),
             )
     if b"\n" in cleaned or b"\r" in cleaned:
         raise UnsupportedError(
             f"{what} contains a line break, which the ext4 writer (debugfs) cannot take",
             path=path,
             field=where,
-            value=_show(raw),
+            value=show(raw),
         )
     return cleaned
-
-
-def _show(raw: bytes) -> str:
-    return raw.decode("utf-8", "backslashreplace")
-
-
-# -- header fields ----------------------------------------------------------------------------------
-
-
-def _cstr(raw: bytes) -> bytes:
-    return raw.split(b"\x00", 1)[0]
-
-
-def _number(raw: bytes, *, path: str, where: str) -> int:
-    """An octal header number (spaces/NULs around it), or GNU base-256 (top bit of the first byte)."""
-    if raw and raw[0] & 0x80:
-        if raw[0] == 0xFF:
-            raise FormatError("negative base-256 number", path=path, field=where, value=raw)
-        return int.from_bytes(bytes([raw[0] & 0x7F]) + raw[1:], "big")
-    text = _cstr(raw).strip(b" ")
-    if not text:
-        return 0
-    if text.strip(b"01234567"):
-        raise FormatError("not an octal number", path=path, field=where, value=raw)
-    return int(text, 8)
-
-
-def _checksum_ok(block: bytes) -> bool:
-    stored = block[148:156]
-    text = _cstr(stored).strip(b" ")
-    if not text or text.strip(b"01234567"):
-        return False
-    want = int(text, 8)
-    blanked = block[:148] + b" " * 8 + block[156:]
-    unsigned = sum(blanked)
-    high = len(blanked) - len(blanked.translate(None, _HIGH_BYTES))
-    return want in (unsigned, unsigned - 256 * high)
-
-
-def parse_pax(data: bytes, *, path: str, where: str) -> dict[bytes, bytes]:
-    """PAX records ``"<len> <key>=<value>\\n"`` that fill ``data`` exactly; later keys win."""
-    records: dict[bytes, bytes] = {}
-    pos = 0
-    end = len(data)
-    while pos < end:
-        if data[pos] == 0:  # some writers pad the record block with NULs
-            if data[pos:].strip(b"\x00"):
-                raise FormatError("garbage after the PAX records", path=path, field=where)
-            break
-        space = data.find(b" ", pos, min(end, pos + 21))
-        digits = data[pos:space] if space > pos else b""
-        if not digits.isdigit():
-            raise FormatError("PAX record lacks its decimal length", path=path, field=where)
-        length = int(digits)
-        if length < len(digits) + 4 or pos + length > end:
-            raise FormatError("PAX record length runs past the header", path=path, field=where, value=length)
-        record = data[space + 1 : pos + length]
-        if not record.endswith(b"\n"):
-            raise FormatError("PAX record does not end with a newline", path=path, field=where)
-        key, eq, value = record[:-1].partition(b"=")
-        if not eq or not key:
-            raise FormatError("PAX record is not key=value", path=path, field=where, value=_show(record[:40]))
-        records[key] = value
-        pos += length
-    return records
-
-
-def _pax_int(value: bytes, *, path: str, where: str, allow_fraction: bool = False) -> int:
-    text = value.strip()
-    if allow_fraction and b"." in text:
-        text = text.split(b".", 1)[0] or b"0"
-    sign = 1
-    if text.startswith(b"-"):
-        sign, text = -1, text[1:]
-    if not text.isdigit() or len(text) > 20:
-        raise FormatError("PAX value is not a decimal number", path=path, field=where, value=_show(value))
-    return sign * int(text)
 
 
 # -- stream plumbing --------------------------------------------------------------------------------
@@ -388,6 +332,21 @@ class _Input:
 
     def copy(self, fd: int | None, n: int, what: str) -> None:
         """Move ``n`` bytes to ``fd`` (or drop them), then skip the padding to the next block."""
+        self._move(fd, n, what)
+        self._pad(n, what)
+
+    def copy_sparse(self, fd: int, segments: tuple[tuple[int, int], ...], size: int, what: str) -> None:
+        """Move a sparse member's stored segments to their offsets in ``fd``, which gets ``size``
+        bytes (the holes between segments stay holes); then skip the padding."""
+        stored = 0
+        for offset, length in segments:
+            os.lseek(fd, offset, os.SEEK_SET)
+            self._move(fd, length, what)
+            stored += length
+        os.ftruncate(fd, size)
+        self._pad(stored, what)
+
+    def _move(self, fd: int | None, n: int, what: str) -> None:
         left = n
         while left:
             k = min(left, _PIECE)
@@ -402,6 +361,8 @@ class _Input:
                 while done < k:
                     done += os.write(fd, view[done:])
             left -= k
+
+    def _pad(self, n: int, what: str) -> None:
         pad = -n % BLOCK
         if pad and self._readinto(self.view[:pad]) < pad:
             raise TruncatedError(f"stream ends inside the padding of {what}", path=self.name, field=what)
@@ -467,6 +428,7 @@ def read_layer(
     max_mtime = 0
     zeros = bytes(BLOCK)
     pending: dict[bytes, bytes] = {}
+    pending_pairs: list[tuple[bytes, bytes]] = []  # GNU sparse 0.0 map records, in order
     long_name: bytes | None = None
     long_link: bytes | None = None
     chain_start: int | None = None
@@ -484,12 +446,12 @@ def read_layer(
                 "a single zero block inside the archive", path=name, field="header", value=inp.pos - BLOCK
             )
         where = f"entry[{index}]@{start}"
-        if not _checksum_ok(block):
+        if not checksum_ok(block):
             raise FormatError("header checksum is wrong (not a tar, or corrupt)", path=name, field=where)
         if chain_start is None:
             chain_start = start
         typeflag = block[156:157]
-        size = _number(block[124:136], path=name, where=f"{where}.size")
+        size = header_number(block[124:136], path=name, where=f"{where}.size")
         if typeflag in (b"x", b"g", b"L", b"K"):
             if size > MAX_EXTENSION:
                 raise HostileTarError(
@@ -503,15 +465,19 @@ def read_layer(
             if pad:
                 inp.read(pad, f"{where} padding")
             if typeflag == b"x":
-                pending.update(parse_pax(data, path=name, where=where))
+                records = parse_pax_list(data, path=name, where=where)
+                pending.update(records)
+                pending_pairs += [(k, v) for k, v in records if k in SPARSE_PAIR_KEYS]
             elif typeflag == b"L":
-                long_name = _cstr(data)
+                long_name = cstr(data)
             elif typeflag == b"K":
-                long_link = _cstr(data)
+                long_link = cstr(data)
             continue  # 'g': read and ignored, as overlaybd does
+        old_map = sparse_old(block, inp, path=name, where=where) if typeflag == b"S" else None
         entry_offset = chain_start
         chain_start = None
         pax, pending = pending, {}
+        pairs, pending_pairs = pending_pairs, []
         gnu_name, long_name = long_name, None
         gnu_link, long_link = long_link, None
         if len(entries) >= limits.max_entries:
@@ -521,9 +487,29 @@ def read_layer(
                 field=where,
                 value=len(entries),
             )
-        entry, data_size = _entry(
-            block, typeflag, size, pax, gnu_name, gnu_link, name, where, index, entry_offset, limits
+        entry, data_size, sparse = _entry(
+            block,
+            typeflag,
+            size,
+            pax,
+            pairs,
+            old_map,
+            gnu_name,
+            gnu_link,
+            name,
+            where,
+            index,
+            entry_offset,
+            limits,
         )
+        if sparse is not None:
+            segments = sparse.segments
+            if segments is None:  # format 1.0: the map opens the member's data
+                segments, map_bytes = sparse_map_v1(inp, data_size, path=name, field=sparse.field)
+                data_size -= map_bytes
+            entry.sparse = check_segments(
+                segments, entry.size, data_size, path=name, field=sparse.field, shown=entry.display
+            )
         if entry.kind == FILE:
             total_data += data_size
             if total_data > limits.max_bytes:
@@ -545,7 +531,10 @@ def read_layer(
             out = spool.path(f"f{index}", data_size)
             fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
-                inp.copy(fd, data_size, f"{entry.display} data")
+                if entry.sparse is not None:
+                    inp.copy_sparse(fd, entry.sparse, entry.size, f"{entry.display} data")
+                else:
+                    inp.copy(fd, data_size, f"{entry.display} data")
             finally:
                 os.close(fd)
             entry.data = out
@@ -557,7 +546,7 @@ def read_layer(
         max_mtime = max(max_mtime, entry.mtime)
         entries.append(entry)
         index += 1
-    if pending or long_name is not None or long_link is not None:
+    if pending or pending_pairs or long_name is not None or long_link is not None:
         raise TruncatedError("archive ends after an extension header", path=name, field="header")
     inp.drain()
     return ParsedLayer(
@@ -576,6 +565,8 @@ def _entry(
     typeflag: bytes,
     size: int,
     pax: dict[bytes, bytes],
+    pairs: list[tuple[bytes, bytes]],
+    old_map: tuple[int, list[tuple[int, int]]] | None,
     gnu_name: bytes | None,
     gnu_link: bytes | None,
     path: str,
@@ -583,32 +574,32 @@ def _entry(
     index: int,
     offset: int,
     limits: TarLimits,
-) -> tuple[TarEntry, int]:
-    """The entry a header chain describes, and how many data bytes follow its header."""
-    for key in pax:
-        if key.startswith(b"GNU.sparse."):
-            raise UnsupportedError("GNU sparse files are not supported", path=path, field=f"{where}.pax")
+) -> tuple[TarEntry, int, SparseHeader | None]:
+    """The entry a header chain describes, how many data bytes follow its header, and what its
+    headers say of a sparse map (None for a member stored whole)."""
     # the name
-    if b"path" in pax:
+    if b"GNU.sparse.name" in pax:  # GNU sparse 0.1/1.0: the ustar name is a decoy
+        raw_name = pax[b"GNU.sparse.name"]
+    elif b"path" in pax:
         raw_name = pax[b"path"]
     elif gnu_name is not None:
         raw_name = gnu_name
     else:
-        raw_name = _cstr(block[0:100])
+        raw_name = cstr(block[0:100])
         if block[257:263] == b"ustar\x00" and block[345] != 0:
-            raw_name = _cstr(block[345:500]) + b"/" + raw_name
+            raw_name = cstr(block[345:500]) + b"/" + raw_name
     kind = _KINDS.get(typeflag)
     if kind is None:
         what = _NAMES_OF_UNSUPPORTED.get(typeflag, f"type {typeflag!r}")
         raise UnsupportedError(
-            f"{what} entries are not supported", path=path, field=f"{where}.typeflag", value=_show(raw_name)
+            f"{what} entries are not supported", path=path, field=f"{where}.typeflag", value=show(raw_name)
         )
     if kind == FILE and typeflag == b"\x00" and raw_name.endswith(b"/"):
         kind = DIR  # old-style directory entry, as overlaybd's get_mode reads it
     name = _check_name(raw_name, path=path, where=f"{where}.name", what="entry name")
-    shown = "/" + _show(name)
+    shown = "/" + show(name)
     if b"size" in pax:
-        size = _pax_int(pax[b"size"], path=path, where=f"{where}.pax.size")
+        size = pax_int(pax[b"size"], path=path, where=f"{where}.pax.size")
     if size < 0 or size > limits.max_bytes:
         raise HostileTarError(
             f"{shown}: size {size} does not fit the {limits.max_bytes}-byte device",
@@ -616,25 +607,36 @@ def _entry(
             field=f"{where}.size",
             value=size,
         )
-    mode = _number(block[100:108], path=path, where=f"{where}.mode") & 0o7777
-    uid = _number(block[108:116], path=path, where=f"{where}.uid")
-    gid = _number(block[116:124], path=path, where=f"{where}.gid")
-    mtime = _number(block[136:148], path=path, where=f"{where}.mtime")
+    mode = header_number(block[100:108], path=path, where=f"{where}.mode") & 0o7777
+    uid = header_number(block[108:116], path=path, where=f"{where}.uid")
+    gid = header_number(block[116:124], path=path, where=f"{where}.gid")
+    mtime = header_number(block[136:148], path=path, where=f"{where}.mtime")
     if b"uid" in pax:
-        uid = _pax_int(pax[b"uid"], path=path, where=f"{where}.pax.uid")
+        uid = pax_int(pax[b"uid"], path=path, where=f"{where}.pax.uid")
     if b"gid" in pax:
-        gid = _pax_int(pax[b"gid"], path=path, where=f"{where}.pax.gid")
+        gid = pax_int(pax[b"gid"], path=path, where=f"{where}.pax.gid")
     if b"mtime" in pax:
-        mtime = _pax_int(pax[b"mtime"], path=path, where=f"{where}.pax.mtime", allow_fraction=True)
+        mtime = pax_int(pax[b"mtime"], path=path, where=f"{where}.pax.mtime", allow_fraction=True)
     for what, ident in (("uid", uid), ("gid", gid)):
         if not 0 <= ident <= 0xFFFFFFFF:
             raise FormatError(
                 f"{shown}: {what} does not fit 32 bits", path=path, field=f"{where}.{what}", value=ident
             )
     mtime = min(max(mtime, MIN_TIME), MAX_TIME)
-    entry = TarEntry(index, offset, name, kind, mode, uid, gid, mtime, size if kind == FILE else 0)
+    sparse = sparse_header(pax, pairs, old_map, kind, path=path, where=where, shown=shown)
+    real_size = size
+    if sparse is not None:
+        real_size = sparse.real_size
+        if real_size > limits.max_bytes:
+            raise HostileTarError(
+                f"{shown}: sparse file of {real_size} bytes does not fit the {limits.max_bytes}-byte device",
+                path=path,
+                field=sparse.size_field,
+                value=real_size,
+            )
+    entry = TarEntry(index, offset, name, kind, mode, uid, gid, mtime, real_size if kind == FILE else 0)
     # link targets
-    raw_link = pax.get(b"linkpath", gnu_link if gnu_link is not None else _cstr(block[157:257]))
+    raw_link = pax.get(b"linkpath", gnu_link if gnu_link is not None else cstr(block[157:257]))
     if kind == HARDLINK:
         target = _check_name(
             raw_link, path=path, where=f"{where}.linkname", what=f"{shown}: hard link target"
@@ -663,8 +665,8 @@ def _entry(
             )
         entry.link = raw_link
     elif kind in (CHR, BLK):
-        major = _number(block[329:337], path=path, where=f"{where}.devmajor")
-        minor = _number(block[337:345], path=path, where=f"{where}.devminor")
+        major = header_number(block[329:337], path=path, where=f"{where}.devmajor")
+        minor = header_number(block[337:345], path=path, where=f"{where}.devminor")
         if major > MAX_MAJOR or minor > MAX_MINOR:
             raise FormatError(
                 f"{shown}: device {major}:{minor} is out of Linux's range",
@@ -680,7 +682,7 @@ def _entry(
             xname = key[len(b"SCHILY.xattr.") :]
             if not xname or b"\x00" in xname or b"\n" in xname or b"\r" in xname or xname.startswith(b"-"):
                 raise FormatError(
-                    f"{shown}: malformed xattr name", path=path, field=f"{where}.pax", value=_show(xname)
+                    f"{shown}: malformed xattr name", path=path, field=f"{where}.pax", value=show(xname)
                 )
             xattrs[xname] = value
             xattr_bytes += len(xname) + len(value)
@@ -692,7 +694,7 @@ def _entry(
             value=xattr_bytes,
         )
     entry.xattrs = xattrs
-    return entry, size
+    return entry, size, sparse
 
 
 __all__ = [
@@ -702,6 +704,7 @@ __all__ = [
     "FIFO",
     "FILE",
     "HARDLINK",
+    "MAX_SPARSE_SEGMENTS",
     "SYMLINK",
     "HostileTarError",
     "ParsedLayer",
@@ -712,5 +715,6 @@ __all__ = [
     "detect_compression",
     "open_stream",
     "parse_pax",
+    "parse_pax_list",
     "read_layer",
 ]

@@ -17,7 +17,9 @@ that holds metadata only:
    those blocks are punched out of the working copy again (their bytes stay in the tar);
 4. every 4 KiB block that now differs from the copy taken before step 2 is written into a fresh
    :class:`~obd.lsmt.warp.WarpRWLayer` as fs-meta, the extents are registered as remote data
-   (device offset → tar offset, the tail cut at the file size rounded up to 512 as overlaybd does),
+   (device offset → tar offset, the tail cut at the file size rounded up to 512 as overlaybd does;
+   a sparse member's segments each map onto their own run of the tar, and what no whole tar sector
+   holds, the holes inside an allocated block, is written as fs-meta: :func:`file_extents`),
    and the layer is committed ``-z --fastoci`` (ZFile lz4, 4 KiB blocks).
 
 Layer N is thus built on layer N-1's metadata, as turboOCI does. The stack a reader opens is the
@@ -32,7 +34,9 @@ one frame has no seek point and is kept decompressed beside its meta layer, ``la
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import itertools
 import os
 import re
 import shutil
@@ -135,20 +139,68 @@ def parse_extents(text: bytes, *, path: str) -> list[tuple[int, int, int]]:
     return out
 
 
+@dataclass(frozen=True)
+class LocalExtent:
+    """Device bytes ``[offset, offset+count)`` are file bytes ``[foffset, foffset+count)`` that no
+    sector of the tar holds as they are: a hole inside a block ext4 allocated for a sparse file, or
+    a sparse segment that does not start on a sector boundary of the tar. They are written into
+    the meta layer as fs-meta."""
+
+    offset: int
+    count: int
+    foffset: int
+
+
 def remote_extents(entry: TarEntry, extents: list[tuple[int, int, int]]) -> list[RemoteExtent]:
-    """The remote mappings of one file: each extent onto its bytes in the tar stream.
+    """The remote mappings of one file: each extent onto its bytes in the tar stream (see
+    :func:`file_extents`, which also says what cannot be mapped)."""
+    return file_extents(entry, extents)[0]
+
+
+def file_extents(
+    entry: TarEntry, extents: list[tuple[int, int, int]]
+) -> tuple[list[RemoteExtent], list[LocalExtent]]:
+    """Where the bytes of one file's ext4 extents come from: ranges of the tar stream, and the
+    rest (:class:`LocalExtent`), which only a sparse member can have.
 
     As ``extract_regfile_meta_only`` does, a mapping ends at the file size rounded up to 512; the
-    rest of the last block is not mapped (it lies past the end of the file).
+    rest of the last block is not mapped (it lies past the end of the file). A sparse member's data
+    segments lie one after the other in the tar, so each segment is its own run of tar bytes; the
+    sectors of an allocated block that no segment covers whole (holes, unaligned edges) are local.
     """
     limit = -(-entry.size // SECTOR) * SECTOR
-    out = []
+    segments = entry.sparse if entry.sparse is not None else ((0, entry.size),)
+    starts = [offset for offset, _length in segments]
+    # where each segment starts in the tar stream: the stored segments follow one another
+    tar_at = list(itertools.accumulate((length for _o, length in segments), initial=entry.data_offset))
+    remote: list[RemoteExtent] = []
+    local: list[LocalExtent] = []
     for logical, physical, blocks in extents:
-        start = logical * FS_BLOCK
-        count = min(blocks * FS_BLOCK, limit - start)
-        if count > 0:
-            out.append(RemoteExtent(physical * FS_BLOCK, count, entry.data_offset + start))
-    return out
+        lo = logical * FS_BLOCK
+        hi = min(lo + blocks * FS_BLOCK, limit)
+        if hi <= lo:
+            continue
+        device = physical * FS_BLOCK - lo  # device byte of file byte x: device + x
+        covered = lo
+        i = max(0, bisect.bisect_right(starts, lo) - 1)
+        while i < len(segments) and segments[i][0] < hi:
+            offset, length = segments[i]
+            end = offset + length
+            if end == entry.size:
+                end = limit  # the tail sector reads the tar's padding, as for a whole file
+            delta = tar_at[i] - offset  # tar byte of file byte x: x + delta
+            a = -(-max(offset, lo) // SECTOR) * SECTOR
+            b = min(end, hi) // SECTOR * SECTOR
+            i += 1
+            if b <= a or delta % SECTOR:
+                continue
+            if a > covered:
+                local.append(LocalExtent(device + covered, a - covered, covered))
+            remote.append(RemoteExtent(device + a, b - a, a + delta))
+            covered = b
+        if covered < hi:
+            local.append(LocalExtent(device + covered, hi - covered, covered))
+    return remote, local
 
 
 class _TurboApplier(LayerApplier):
@@ -189,6 +241,18 @@ def _sparse_copy(src: str, dst: str) -> None:
         fo.truncate(size)
         for start, length in data_extents(fi.fileno(), size):
             os.copy_file_range(fi.fileno(), fo.fileno(), length, start, start)
+
+
+def _write_local(layer: WarpRWLayer, entry: TarEntry, pieces: list[LocalExtent]) -> int:
+    """Write a file's local pieces (read from its spool file, zeros past its end) as fs-meta."""
+    assert entry.data is not None
+    written = 0
+    with open(entry.data, "rb") as f:
+        for piece in pieces:
+            data = os.pread(f.fileno(), piece.count, piece.foffset)
+            layer.pwrite(data + bytes(piece.count - len(data)), piece.offset)
+            written += piece.count
+    return written
 
 
 class TurboBuilder:
@@ -303,8 +367,10 @@ class TurboBuilder:
             stream.close()
             raw.close()
 
-    def _apply(self, parsed: ParsedLayer, work: str) -> list[list[RemoteExtent]]:
-        """Apply the layer to the working copy; the remote extents of each new file, data punched out."""
+    def _apply(
+        self, parsed: ParsedLayer, work: str
+    ) -> list[tuple[TarEntry, list[RemoteExtent], list[LocalExtent]]]:
+        """Apply the layer to the working copy; where each new file's extents come from, data punched out."""
         stamp = max(1, parsed.max_mtime)
         fs = Debugfs(self.raw, writable=True, epoch=stamp)
         try:
@@ -324,13 +390,19 @@ class TurboBuilder:
                 for _logical, physical, blocks in ext:
                     # the bytes stay in the tar: the working copy keeps metadata only
                     punch_hole(fd, physical * FS_BLOCK, blocks * FS_BLOCK)
-                out.append(remote_extents(entry, ext))
+                out.append((entry, *file_extents(entry, ext)))
         finally:
             os.close(fd)
         return out
 
-    def _commit(self, extents: list[list[RemoteExtent]], work: str, meta_path: str) -> tuple[int, int]:
-        """Write the changed metadata and the remote extents into a warp layer and commit it."""
+    def _commit(
+        self,
+        extents: list[tuple[TarEntry, list[RemoteExtent], list[LocalExtent]]],
+        work: str,
+        meta_path: str,
+    ) -> tuple[int, int]:
+        """Write the changed metadata, the local pieces of sparse files and the remote extents into
+        a warp layer and commit it."""
         layer = WarpRWLayer.create(
             os.path.join(work, "writable_index"), os.path.join(work, "writable_data"), self.vsize
         )
@@ -341,8 +413,10 @@ class TurboBuilder:
             finally:
                 prev.close()
             remote = 0
-            for file_extents in extents:
-                for ext in file_extents:
+            for entry, remotes, locals_ in extents:
+                if locals_:
+                    changed += _write_local(layer, entry, locals_)
+                for ext in remotes:
                     layer.register_remote(ext.offset, ext.count, ext.roffset)
                     remote += ext.count
             layer.flush()
@@ -375,11 +449,13 @@ __all__ = [
     "META_NAME",
     "META_OUTPUT",
     "ZSTD_INDEX_NAME",
+    "LocalExtent",
     "RemoteExtent",
     "TurboBuilder",
     "TurboLayer",
     "TurboLayerStats",
     "chain_key",
+    "file_extents",
     "parse_extents",
     "remote_extents",
 ]

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import zstandard
+from sparsetar import FORMATS, gnu_sparse_tar, make_sparse_files
 
 from fixtures import fixture_path
 from obd.convert.layertar import (
@@ -357,9 +358,167 @@ def test_nul_in_a_pax_path_is_refused(tmp_path):
     assert isinstance(err, HostileTarError) and "NUL" in str(err)
 
 
-def test_gnu_sparse_files_are_unsupported(tmp_path):
-    err = _error(raw_header(b"sparse", typeflag=b"S") + bytes(1024), tmp_path)
-    assert isinstance(err, UnsupportedError) and "GNU sparse" in str(err)
+# -- sparse members ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_gnu_tar_sparse_members_spool_with_their_holes(tmp_path, fmt):
+    """Every format GNU tar writes sparse members in: the spooled file has the source's bytes,
+    its real size and holes where the source has them; the map says where the data lies."""
+    files = make_sparse_files(tmp_path / "src")
+    data = gnu_sparse_tar(tmp_path / "src", tmp_path / "s.tar", fmt)
+    layer = parse(data, tmp_path)
+    by_name = {e.name.decode(): e for e in layer.entries}
+    assert set(by_name) == set(files)
+    for name, want in files.items():
+        e = by_name[name]
+        assert e.kind == FILE and e.size == len(want) and e.mode == 0o644, name
+        assert e.data is not None and Path(e.data).read_bytes() == want, name
+    for name in ("big", "many", "holes"):
+        segments = by_name[name].sparse
+        assert segments is not None, name
+        assert all(files[name][o : o + n].strip(b"\0") for o, n in segments if n >= 4096), name
+    assert by_name["holes"].sparse == ()
+    assert len(by_name["many"].sparse or ()) == 40  # extension blocks in the old GNU format
+    assert os.stat(by_name["big"].data).st_blocks * 512 < 1 << 20  # holes, not 10 MiB of zeros
+    # the tar data of a segment is where data_offset and the map say
+    big = by_name["big"]
+    assert big.sparse is not None
+    at = big.data_offset + sum(n for _o, n in big.sparse[:-1])
+    assert data[at : at + 3] == b"end"
+
+
+def sparse_pax(name: str, records: dict[str, str], stored: bytes, *, fake: str | None = None) -> bytes:
+    """A PAX tar whose one member carries GNU sparse ``records`` and stores ``stored``: how GNU
+    tar's 0.x/1.0 members look, with maps a test can break."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo(fake or name)
+        info.mtime, info.mode, info.size = MTIME, 0o644, len(stored)
+        info.pax_headers = dict(records)
+        tar.addfile(info, io.BytesIO(stored))
+    return buf.getvalue()
+
+
+def v01(size: int, pairs: list[tuple[int, int]], **extra: str) -> dict[str, str]:
+    numbers = ",".join(f"{o},{n}" for o, n in pairs)
+    return {"GNU.sparse.size": str(size), "GNU.sparse.map": numbers, **extra}
+
+
+def test_unaligned_sparse_segments_read_back(tmp_path):
+    """Segments at odd offsets with odd lengths (tar itself writes 512-byte ones) are still placed."""
+    data = sparse_pax("odd", v01(5000, [(3, 10), (1000, 7), (4999, 1)]), b"A" * 10 + b"B" * 7 + b"C")
+    (e,) = parse(data, tmp_path).entries
+    want = bytearray(5000)
+    want[3:13], want[1000:1007], want[4999:] = b"A" * 10, b"B" * 7, b"C"
+    assert e.data is not None and Path(e.data).read_bytes() == want and e.size == 5000
+
+
+def _v10(map_text: bytes, stored: bytes, size: int = 8192) -> bytes:
+    block = map_text + bytes(-len(map_text) % 512)
+    records = {"GNU.sparse.major": "1", "GNU.sparse.minor": "0", "GNU.sparse.name": "f"}
+    return sparse_pax(
+        "f", {**records, "GNU.sparse.realsize": str(size)}, block + stored, fake="x/GNUSparseFile.1/f"
+    )
+
+
+@pytest.mark.parametrize(
+    "data, error, field, text",
+    [
+        (sparse_pax("f", v01(8192, [(4096, 4), (0, 4)]), b"12345678"), FormatError, "map[1]", "out of order"),
+        (sparse_pax("f", v01(8192, [(0, 6), (4, 2)]), b"12345678"), FormatError, "map[1]", "overlapping"),
+        (
+            sparse_pax("f", v01(100, [(96, 8)]), b"12345678"),
+            FormatError,
+            "map[0]",
+            "past the file's real size",
+        ),
+        (sparse_pax("f", v01(8192, [(0, 4)]), b"12345678"), FormatError, "map", "member stores 8"),
+        (
+            sparse_pax("f", v01(8192, [(0, 4), (9, 4)], **{"GNU.sparse.numblocks": "3"}), b"12345678"),
+            FormatError,
+            "numblocks",
+            "says 3",
+        ),
+        (
+            sparse_pax("f", {"GNU.sparse.size": "8192", "GNU.sparse.map": "0,4,x,4"}, b"12345678"),
+            FormatError,
+            "GNU.sparse.map",
+            "not a decimal",
+        ),
+        (
+            sparse_pax("f", {"GNU.sparse.size": "8192", "GNU.sparse.map": "0,4,9"}, b"1234"),
+            FormatError,
+            "GNU.sparse.map",
+            "odd count",
+        ),
+        (sparse_pax("f", {"GNU.sparse.map": "0,4"}, b"1234"), FormatError, "GNU.sparse.size", "without"),
+        (
+            sparse_pax("f", {"GNU.sparse.major": "2", "GNU.sparse.minor": "0"}, b""),
+            UnsupportedError,
+            "GNU.sparse.major",
+            "2.0 is not supported",
+        ),
+        (_v10(b"2\n0\n4\n100\n4\n", b"12345678"), None, None, None),
+        (_v10(b"1\n0\n4\n", b"12345678"), FormatError, "sparse.map", "member stores 8"),
+        (_v10(b"1\n0\nfour\n", b"1234"), FormatError, "numbytes[0]", "not decimal"),
+        (_v10(b"1\n0\n4\nx", b"1234"), FormatError, "sparse.map", "garbage after"),
+        (_v10(b"%d\n" % (1 << 30), b""), HostileTarError, "count", "sparse map entries"),
+        (_v10(b"300\n" + b"0\n" * 254, b""), FormatError, "offset[127]", "runs past"),
+    ],
+    ids=[
+        "order",
+        "overlap",
+        "past-size",
+        "stored-size",
+        "numblocks",
+        "not-a-number",
+        "odd-map",
+        "no-size",
+        "version",
+        "v1.0-good",
+        "v1.0-stored-size",
+        "v1.0-not-a-number",
+        "v1.0-garbage",
+        "v1.0-count",
+        "v1.0-map-cut",
+    ],
+)
+def test_corrupt_sparse_maps_are_refused(tmp_path, data, error, field, text):
+    if error is None:
+        (e,) = parse(data, tmp_path).entries
+        assert e.name == b"f" and e.sparse == ((0, 4), (100, 4)) and e.size == 8192
+        assert e.data is not None and Path(e.data).read_bytes() == b"1234" + bytes(96) + b"5678" + bytes(8088)
+        return
+    err = _error(data, tmp_path)
+    assert isinstance(err, error), err
+    assert err.path == "test.tar" and field in (err.field or "") and text in str(err), err
+
+
+def test_gnu_old_sparse_header_damage_is_refused(tmp_path):
+    """The old GNU ``S`` header: a map entry that is not octal, a real size below the map, and a
+    map whose lengths do not add up to the stored size, each named by field."""
+    make_sparse_files(tmp_path / "src")
+    good = gnu_sparse_tar(tmp_path / "src", tmp_path / "s.tar", "gnu", ["big"])
+    assert good[156:157] == b"S"
+
+    def patched(at: int, value: bytes) -> bytes:
+        block = bytearray(good[:512])
+        block[at : at + len(value)] = value
+        block[148:156] = b" " * 8
+        block[148:156] = b"%06o\x00 " % sum(block)
+        return bytes(block) + good[512:]
+
+    err = _error(patched(386 + 24, b"0000000x000\x00"), tmp_path)  # second entry's offset
+    assert isinstance(err, FormatError) and err.field == "entry[0]@0.sparse[1].offset", err
+    err = _error(patched(483, b"00000001000\x00"), tmp_path)  # realsize 512
+    assert isinstance(err, FormatError) and "past the file's real size" in str(err), err
+    assert err.field is not None and err.field.startswith("entry[0]@0.sparse["), err
+    err = _error(patched(386 + 12, b"00000000001\x00"), tmp_path)  # first length 1 instead of 4096
+    assert isinstance(err, FormatError) and "member stores" in str(err), err
+    # an empty third entry ends the map: the fourth after it is refused
+    err = _error(patched(386 + 2 * 24, bytes(24)), tmp_path)
+    assert isinstance(err, FormatError) and err.field == "entry[0]@0.sparse[3]", err
 
 
 def test_hard_link_to_itself_or_the_root(tmp_path):

@@ -18,9 +18,11 @@ import pytest
 import zstandard
 from ext4tree import read_file, read_tree
 from registry_server import RegistryServer
+from sparsetar import gnu_sparse_tar, make_sparse_files
 
 from fixtures import FIXTURES, require_tool
 from obd.cli import main
+from obd.convert.layertar import FILE, TarEntry
 from obd.errors import FormatError
 from obd.image.local import open_config
 from obd.image.remote import RemoteOptions, registry_config, resolve_image
@@ -36,6 +38,7 @@ from obd.turbo.artifact import (
     push_index_artifact,
     push_link,
 )
+from obd.turbo.build import LocalExtent, RemoteExtent, file_extents
 from obd.turbo.remote import ensure_meta, meta_root
 
 pytestmark = pytest.mark.timeout(600)
@@ -468,3 +471,73 @@ def test_an_artifact_for_another_image_is_refused(registry, tmp_path):
     o2 = RemoteOptions(insecure=(host,), cache_dir=str(tmp_path / "b"), allow_referrers=True)
     with pytest.raises(FormatError, match="refers to another image"):
         image_metas(ref, fake, o2)
+
+
+# -- sparse members ----------------------------------------------------------------------------------
+
+
+def _odd_sparse_tar() -> bytes:
+    """A PAX 0.1 sparse member whose segments are not sector-aligned (GNU tar's are): the second
+    segment starts 10 bytes into the tar's sector, so its bytes cannot be a remote mapping."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("odd")
+        info.mtime, info.mode, info.size = MTIME, 0o644, 10 + 5000 + 3
+        info.pax_headers = {"GNU.sparse.size": "20000", "GNU.sparse.map": "3,10,9000,5000,19997,3"}
+        tar.addfile(info, io.BytesIO(b"A" * 10 + b"B" * 5000 + b"C" * 3))
+    return buf.getvalue()
+
+
+def test_sparse_members_of_a_plain_image_are_read_lazily(tmp_path, capsys):
+    """GNU tar's sparse members in a plain image (old GNU gzip, PAX 0.1 with raw hole detection
+    uncompressed, PAX 1.0 and 0.0 gzip, an unaligned PAX 0.1 map): each data segment is a run of
+    the tar, the holes between read as zeros, and every file equals the source."""
+    require_tool("debugfs")
+    files = make_sparse_files(tmp_path / "src")
+    src = tmp_path / "src"
+    a = gnu_sparse_tar(src, tmp_path / "a.tar", "gnu", ["big", "many"])
+    b = gnu_sparse_tar(src, tmp_path / "b.tar", "pax0.1", ["big", "dense"])  # replaces /big
+    (src / "c").mkdir()
+    (src / "c" / "holes").write_bytes(files["holes"])
+    c = gnu_sparse_tar(src, tmp_path / "c.tar", "pax1.0", ["c"])
+    d = gnu_sparse_tar(src, tmp_path / "d.tar", "pax0.0", ["many"])
+    e = _odd_sparse_tar()
+    layers = [
+        (gzip.compress(a, mtime=0), LAYER_GZ, a),
+        (b, LAYER_TAR, b),
+        (gzip.compress(c, mtime=0), LAYER_GZ, c),
+        (gzip.compress(d, mtime=0), LAYER_GZ, d),
+        (gzip.compress(e, mtime=0), LAYER_GZ, e),
+    ]
+    layout = tmp_path / "layout"
+    _write_plain_layout(layout, layers)
+    out = tmp_path / "sparse.raw"
+    assert obd("export", f"oci:{layout}:v1", "-o", str(out), "--cache-dir", str(tmp_path / "cache")) == 0
+    assert "building the file-system index of 5 of 5 layers" in capsys.readouterr().err
+    odd = bytearray(20000)
+    odd[3:13], odd[9000:14000], odd[19997:] = b"A" * 10, b"B" * 5000, b"CCC"
+    want = {f"/{n}": files[n] for n in ("big", "many", "dense")} | {"/c/holes": files["holes"], "/odd": odd}
+    tree = {r["path"]: r for r in read_tree(out) if r["type"] == "file"}
+    assert set(tree) == set(want)
+    for path, data in want.items():
+        assert tree[path]["sha256"] == hashlib.sha256(data).hexdigest(), path
+
+
+def test_sparse_file_extents_map_segments_and_write_the_rest():
+    """:func:`file_extents` of a sparse member: a 512-byte segment inside a 4 KiB block is remote,
+    the block's holes are local; an unaligned segment is local whole; the tail maps to its sector."""
+    entry = TarEntry(0, 0, b"f", FILE, 0o644, 0, 0, 0, size=10 * 4096 + 3, data_offset=1024)
+    entry.sparse = ((4096 + 512, 512), (3 * 4096, 4096 + 7), (10 * 4096, 3))
+    # file blocks 1, 3-4 and 10, at device blocks 100, 200-201 and 300
+    remote, local = file_extents(entry, [(1, 100, 1), (3, 200, 2), (10, 300, 1)])
+    blk = 4096
+    assert remote == [RemoteExtent(100 * blk + 512, 512, 1024), RemoteExtent(200 * blk, 4096, 1536)]
+    assert local == [
+        LocalExtent(100 * blk, 512, 4096),  # the hole before the 512-byte segment
+        LocalExtent(100 * blk + 1024, 3072, 5120),  # and after it
+        LocalExtent(200 * blk + 4096, 4096, 16384),  # the segment's last 7 bytes: no whole sector
+        LocalExtent(300 * blk, 512, 40960),  # the tail, 7 bytes off a tar sector boundary
+    ]
+    # a file stored whole: one remote run per extent, up to its size rounded to a sector
+    plain = TarEntry(1, 0, b"g", FILE, 0o644, 0, 0, 0, size=5000, data_offset=2048)
+    assert file_extents(plain, [(0, 7, 2)]) == ([RemoteExtent(7 * blk, 5120, 2048)], [])
