@@ -16,6 +16,7 @@ from obd.inspect.lsmt import VARIANT_TEXT
 from obd.inspect.plot import plot_layout
 from obd.inspect.report import inspect_files
 from obd.observability.progress import human_bytes
+from obd.verify.coverage import coverage, coverage_summary
 from obd.verify.pins import config_pins, describe
 
 DESCRIPTION = """\
@@ -102,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
             "layers": len(config.lowers),
             "mode": remote.verify,
             "summary": describe(pins, len(config.lowers)),
+            "coverage": coverage(config),  # docs/verify.md: what else is checked, and how
         }
     print_stats(args)
     if args.plot:
@@ -186,6 +188,11 @@ def render(report: dict[str, Any]) -> str:
     if report.get("verification"):
         v = report["verification"]
         out.head(f"verification: {v['summary']} [--verify={v['mode']}]")
+        parts = v.get("coverage") or []
+        if parts:
+            out.row("coverage", coverage_summary(parts))
+            for e in parts:
+                out.row(e["part"], f"[{e['verified']}] {e['what']}: {e['check']}", 4)
     return out.text()
 
 

@@ -2,7 +2,8 @@
 
 Resolving an image records where its acceleration layer is (:func:`obd.image.accel.trace_layer_ref`);
 this module follows that record to a local file (``oci:`` images) or to the registry, through the
-block cache. It sits apart from :mod:`obd.image.accel`, which knows only the layer's format, because
+block cache, and checks the whole layer against the digest the manifest pins before its trace is
+used. It sits apart from :mod:`obd.image.accel`, which knows only the layer's format, because
 :mod:`obd.image.remote` uses that format module while this one reads through :mod:`obd.image.remote`.
 """
 
@@ -32,6 +33,7 @@ def load_image_trace(config: ImageConfig, remote: Any = None) -> list[Record] | 
     if ref.get("file"):
         with open(ref["file"], "rb") as f:
             blob = f.read(MAX_LAYER_BYTES + 1)
+        _check_digest(blob, digest, ref["file"])  # a layout's blob is as untrusted as a registry's
         return trace_from_layer(blob, path=ref["file"])
     # lazy: obd.image.remote pulls aiohttp (~110 ms); devices of local images never need it
     from obd.image.remote import open_remote_blob
@@ -48,10 +50,19 @@ def load_image_trace(config: ImageConfig, remote: Any = None) -> list[Record] | 
             pos += n
     finally:
         src.close()
-    alg, _, want = digest.partition(":")
-    if hashlib.new(alg, buf).hexdigest() != want:
-        raise ChecksumError("acceleration layer does not match its digest", path=digest, field="digest")
+    _check_digest(buf, digest, f"{config.repoBlobUrl}/{digest}")
     return trace_from_layer(bytes(buf), path=digest)
+
+
+def _check_digest(blob: bytes | bytearray, digest: str, where: str) -> None:
+    """The whole layer must have the digest the manifest pins: the acceleration layer has no digest
+    table, it is small and always read whole, so its blob digest is its check (docs/verify.md)."""
+    alg, _, want = digest.partition(":")
+    got = hashlib.new(alg, blob).hexdigest()
+    if got != want:
+        raise ChecksumError(
+            f"acceleration layer has {alg}:{got}, the manifest pins {digest}", path=where, field="digest"
+        )
 
 
 __all__ = ["load_image_trace"]

@@ -32,6 +32,8 @@ MANIFEST_ACCEPT = ", ".join([OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LI
 
 log = logging.getLogger("obd.registry")
 
+#: Answers to a referrers request meaning "no referrers API here": fall back to the tag schema.
+NO_REFERRERS_API = frozenset({400, 404, 405, 406, 501})
 #: Manifests and configs larger than this are refused before they are read.
 MAX_MANIFEST_BYTES = 4 << 20
 
@@ -130,6 +132,49 @@ class ManifestRequests(HttpTransport):
             return child.digest, doc
         return raw.digest, doc
 
+    async def fetch_referrers(
+        self, ref: Reference | str, digest: str, artifact_type: str | None = None
+    ) -> list[dict[str, Any]] | None:
+        """The descriptors the OCI 1.1 referrers API (``GET /v2/<name>/referrers/<digest>``) lists
+        for manifest ``digest``, those of ``artifact_type`` only when given (the registry may ignore
+        the filter: it is applied here too). None when the registry has no such API: it answers
+        404, 400, 405, 406 or 501, or something that is not an image index (distribution 2.8 and
+        most mirrors), so the caller falls back to the referrers tag schema. The list is only a
+        hint: it is not content-addressed, so whatever it names must be fetched by digest and
+        checked against ``digest`` (its ``subject``) by the caller."""
+        ref = self._repo(ref)
+        validate_digest(digest)
+
+        async def one(host: Reference) -> list[dict[str, Any]] | None:
+            url = self.base_url(host) / host.repository / "referrers" / digest
+            if artifact_type:
+                url = url.with_query(artifactType=artifact_type)
+            scopes = (f"repository:{host.repository}:pull",)
+
+            async def attempt(_: int) -> list[dict[str, Any]] | None:
+                async with self._open("GET", url, host, scopes, headers={"Accept": OCI_INDEX}) as resp:
+                    if resp.status in NO_REFERRERS_API:
+                        return None
+                    if resp.status != 200:
+                        await self._fail(resp, url, f"referrers of {digest}")
+                    data = await read_capped(resp, MAX_MANIFEST_BYTES, url, "referrers")
+                try:
+                    listed = json.loads(data).get("manifests")
+                except (ValueError, AttributeError):
+                    return None
+                if not isinstance(listed, list):
+                    return None
+                return [
+                    d
+                    for d in listed
+                    if isinstance(d, dict)
+                    and (artifact_type is None or d.get("artifactType") == artifact_type)
+                ]
+
+            return await self._retrying(f"GET referrers of {digest}", url, attempt)
+
+        return await self._via_hosts(ref, self._read_capability(digest), one)
+
     async def put_manifest(
         self, ref: Reference | str, data: bytes, media_type: str, *, target: str | None = None
     ) -> str:
@@ -179,6 +224,7 @@ __all__ = [
     "DOCKER_SCHEMA1",
     "MANIFEST_ACCEPT",
     "MAX_MANIFEST_BYTES",
+    "NO_REFERRERS_API",
     "OCI_INDEX",
     "OCI_MANIFEST",
     "ManifestRequests",

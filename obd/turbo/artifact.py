@@ -43,6 +43,7 @@ from obd.turbo.remote import MetaLayer, ensure_local_copies, ensure_meta, plan_m
 from obd.verify.index import fetch_listed_tables
 from obd.verify.local import LocalTables
 from obd.verify.pins import TablePin
+from obd.verify.referrers import referrer_descriptors
 
 if TYPE_CHECKING:
     from obd.image.remote import RemoteOptions
@@ -165,13 +166,10 @@ def _bad(ref: Reference, field: str, message: str, value: object = None) -> Form
 async def fetch_index_artifact(
     client: Any, ref: Reference, image: Image, opts: RemoteOptions
 ) -> list[MetaLayer] | None:
-    """The meta layers of ``image`` from its index artifact (tag fallback), verified and cached; None
-    if the registry has none. A malformed or mismatching artifact raises :class:`FormatError`."""
-    try:
-        index = (await client.fetch_manifest(ref, fallback_tag(image.manifest_digest))).json()
-    except NotFoundError:
-        return None
-    found = [d for d in index.get("manifests", []) if d.get("artifactType") == ARTIFACT_TYPE]
+    """The meta layers of ``image`` from its index artifact (referrers API, else tag fallback),
+    verified and cached; None if the registry has none. A malformed or mismatching artifact raises
+    :class:`FormatError`."""
+    found = await referrer_descriptors(client, ref, image.manifest_digest, ARTIFACT_TYPE)
     if not found:
         return None
     return await read_index_artifact(client, ref, image, opts, found[-1]["digest"])

@@ -5,7 +5,8 @@ each layer blob once (its sha256 checked on the way, so a table is exactly as go
 manifest pins) and kept in the :class:`~obd.verify.local.LocalTables` store. ``--push`` publishes
 them for other machines in an OCI artifact whose ``subject`` is the image manifest: for a plain
 image inside its index artifact (:mod:`obd.turbo.artifact`), for an overlaybd image as a table
-artifact, both linked by the referrers tag fallback ``sha256-<manifest hex>``. That link is weak, so
+artifact, both found by the OCI 1.1 referrers API or, on registries without it, the referrers tag
+fallback ``sha256-<manifest hex>`` (:mod:`obd.verify.referrers`). That link is weak, so
 a reader takes tables from it only with ``--allow-referrers`` — the rule the turbo index follows.
 
 The chain of trust is then: manifest digest → artifact (its ``subject`` checked) → table digest
@@ -28,6 +29,7 @@ from obd.registry.reference import Reference
 from obd.verify.format import DEFAULT_BLOCK_SIZE, MEDIA_TYPE, build_table
 from obd.verify.local import LocalTables
 from obd.verify.pins import TablePin, layer_pins
+from obd.verify.referrers import fallback_tag, referrer_descriptors
 from obd.verify.table import OCI_MANIFEST, TABLE_TIMEOUT, fetch_tables, push_table_artifact
 
 if TYPE_CHECKING:
@@ -43,12 +45,6 @@ LAYER_ANNOTATION = "io.github.obd.verify.layer"
 PARALLEL = 4
 #: Bytes per ranged GET while a layer is streamed.
 PIECE = 4 << 20
-
-
-def fallback_tag(manifest_digest: str) -> str:
-    """The referrers tag schema's tag of a manifest: ``sha256-<hex>``."""
-    alg, _, hexpart = manifest_digest.partition(":")
-    return f"{alg}-{hexpart}"
 
 
 def _client(opts: RemoteOptions, ref: Reference) -> RegistryClient:
@@ -157,13 +153,10 @@ def _bad(ref: Reference, field: str, message: str, value: object = None) -> Form
 async def fetch_linked_tables(
     client: RegistryClient, ref: Reference, image: Image, local: LocalTables
 ) -> dict[str, TablePin]:
-    """The tables the table artifact linked to ``image`` by the tag fallback lists, checked (subject,
-    digests, the blob each covers) and kept in ``local``; ``{}`` when there is none."""
-    try:
-        index = (await client.fetch_manifest(ref, fallback_tag(image.manifest_digest))).json()
-    except NotFoundError:
-        return {}
-    found = [d for d in index.get("manifests", []) if d.get("artifactType") == MEDIA_TYPE]
+    """The tables the table artifact referring to ``image`` lists (found by the referrers API, else
+    the tag fallback), checked (subject, digests, the blob each covers) and kept in ``local``; ``{}``
+    when there is none."""
+    found = await referrer_descriptors(client, ref, image.manifest_digest, MEDIA_TYPE)
     if not found:
         return {}
     manifest = (await client.fetch_manifest(ref, found[-1]["digest"])).json()

@@ -159,7 +159,8 @@ def describe(pins: Mapping[str, TablePin], layers: int) -> str:
     sizes = sorted({p.block_size for p in pins.values()})
     blocks = ", ".join(f"{s >> 10} KiB" for s in sizes)
     return (
-        f"digest tables on {len(pins)} of {layers} layers, {blocks} blocks (sha256, pinned by the manifest)"
+        f"digest tables on {len(pins)} of {layers} layers, {blocks} blocks "
+        "(sha256; pinned by the manifest, or kept by obd from digest-checked blobs)"
     )
 
 

@@ -361,6 +361,7 @@ class Fault:
     seconds: float = 0.0
     headers: dict[str, str] = field(default_factory=dict)
     match: Callable[[web.Request], bool] | None = None
+    body: bytes | None = None  # for ``status``: this body instead of a text saying it is a fault
 
 
 def is_blob_get(request: web.Request) -> bool:
@@ -479,6 +480,8 @@ class FaultProxy:
             return web.Response(status=status, headers=headers, body=body)
         kind = fault.kind
         if kind == "status":
+            if fault.body is not None:  # a made-up answer, e.g. an API the upstream lacks
+                return web.Response(status=fault.status, headers=fault.headers, body=fault.body)
             return web.Response(status=fault.status, headers=fault.headers, text="injected fault")
         if kind == "stall":
             await asyncio.sleep(fault.seconds)
