@@ -6,9 +6,15 @@ disk file, and every other name is ENOENT. The bytes of the file are the device 
 implementation of reads, granule-aligned writes to sparse uppers, flush and locking, and one
 mapping of errors to errnos, :func:`obd.image.device.errno_of`).
 
-* **read** fills a pooled 1 MiB buffer with :meth:`Device.read` (``Stack.readinto``) on a worker
-  thread and hands a view of it to pyfuse3, which copies it to the kernel before this task yields
-  again, so the buffer goes straight back to the pool. The kernel's largest request is 1 MiB.
+* **read** fills a pooled 1 MiB buffer and hands a view of it to pyfuse3, which copies it to the
+  kernel before this task yields again, so the buffer goes straight back to the pool. The kernel's
+  largest request is 1 MiB. Where the bytes are at hand (page cache, memory: no wait) the trio
+  thread fills it itself, decoding included: a hop to a worker thread and back costs more than
+  decoding a cached 4 KiB block, and one request at a time (QD1) gains nothing from a thread. A
+  large read while more requests wait in ``/dev/fuse`` (a queue depth above 1, kernel read-ahead)
+  goes to a worker thread, so that it decodes (GIL released in the C codecs) while the trio thread
+  takes the next request: the cores are then used at once. Anything that may block goes to a
+  worker thread (:meth:`Device.read`, ``Stack.readinto``).
 * **write** goes to the device's RW upper; writes past the end are cut short (ENOSPC at the end), as
   on a block device. **fsync** is :meth:`Device.flush`: every write acknowledged before it is durable.
 * Blocking engine calls run on worker threads (``trio.to_thread``, at most ``threads`` at once) so the
@@ -27,6 +33,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import select
 import signal
 import stat
 import time
@@ -37,7 +44,7 @@ from typing import Any
 import pyfuse3
 import trio
 
-from frontends.fuse import FSNAME, PID_XATTR, mount_entry
+from frontends.fuse import FSNAME, FUSE_DEVICE, PID_XATTR, mount_entry
 from obd.errors import ObdError
 from obd.image.device import Device, errno_of
 from obd.io.source import fill_zero
@@ -48,6 +55,9 @@ ROOT_INO = pyfuse3.ROOT_INODE
 DISK_INO = ROOT_INO + 1
 #: The largest read or write the kernel sends (FUSE max_pages 256 × 4 KiB).
 MAX_REQUEST = 1 << 20
+#: Reads from this size on go to a worker thread when more requests are waiting: decoding one
+#: takes longer than the hop there and back (tens of µs), and another core can take it meanwhile.
+OFFLOAD_MIN = 256 << 10
 #: Worker threads doing engine work at once.
 DEFAULT_THREADS = 16
 #: ``read_ahead_kb`` of the mount's bdi: buffered sequential reads then arrive as 1 MiB requests.
@@ -84,6 +94,8 @@ class DiskFS(pyfuse3.Operations):
         self._blocks_at = 0.0
         self._dirty = True
         self._initialized: trio.Event | None = None
+        #: polls the session's ``/dev/fuse`` fd: are requests waiting? (None: unknown, never offload)
+        self._waiting: select.poll | None = None
         # a read-only disk never changes: let the kernel cache names and attributes for long
         self._timeout = 3600.0 if self.readonly else 1.0
 
@@ -227,7 +239,7 @@ class DiskFS(pyfuse3.Operations):
         buf = (self._pool.pop() if self._pool else bytearray(MAX_REQUEST)) if pooled else bytearray(n)
         view = memoryview(buf)[:n]
         try:
-            if not self._read_cached(view, off):
+            if (n >= OFFLOAD_MIN and self._requests_waiting()) or not self._read_cached(view, off):
                 await trio.to_thread.run_sync(self.device.read, view, off, limiter=self.limiter)
         except Exception as e:
             raise self._fail(f"read {n} bytes at {off}", e) from None
@@ -237,6 +249,11 @@ class DiskFS(pyfuse3.Operations):
                 # request can take the buffer from the pool while it is still being sent.
                 self._pool.append(buf)
         return view
+
+    def _requests_waiting(self) -> bool:
+        """Whether the kernel has more requests queued for this mount (``/dev/fuse`` is readable)."""
+        waiting = self._waiting
+        return waiting is not None and bool(waiting.poll(0))
 
     def _read_cached(self, view: memoryview, off: int) -> bool:
         """Fill ``view`` right here if that cannot block: holes, zeros, and layer bytes in memory or
@@ -249,16 +266,24 @@ class DiskFS(pyfuse3.Operations):
         stack = self.device.stack
         files = stack.files
         stop = off + len(view)
-        pos = off
         try:
-            for o, ln, m, z, t in stack.lookup(off // 512, -(-stop // 512)):
-                a = max(o * 512, off)
-                b = min((o + ln) * 512, stop)
+            maps = stack.lookup(off >> 9, (stop + 511) >> 9)
+            if len(maps) == 1:  # the usual case, one extent holds it all: no cutting
+                o, ln, m, z, t = maps[0]
+                if o << 9 <= off and stop <= (o + ln) << 9:
+                    if z:
+                        fill_zero(view)
+                        return True
+                    return files[t].readinto_nowait(view, (m << 9) + off - (o << 9)) == len(view)
+            pos = off
+            for o, ln, m, z, t in maps:
+                a = max(o << 9, off)
+                b = min((o + ln) << 9, stop)
                 if a > pos:
                     fill_zero(view[pos - off : a - off])
                 if z:
                     fill_zero(view[a - off : b - off])
-                elif files[t].readinto_nowait(view[a - off : b - off], m * 512 + (a - o * 512)) != b - a:
+                elif files[t].readinto_nowait(view[a - off : b - off], (m << 9) + a - (o << 9)) != b - a:
                     return False
                 pos = b
         except ObdError:  # a bad block: the worker thread reads it again and reports it
@@ -298,6 +323,10 @@ class DiskFS(pyfuse3.Operations):
     # --- the main loop ----------------------------------------------------------------------------
     def init(self) -> None:
         # called while pyfuse3 answers the kernel's INIT request, before the answer is sent
+        fd = session_fd()
+        if fd is not None:
+            self._waiting = select.poll()
+            self._waiting.register(fd, select.POLLIN)
         if self._initialized is not None:
             self._initialized.set()
 
@@ -337,6 +366,23 @@ class DiskFS(pyfuse3.Operations):
                         pyfuse3.terminate()
                     else:  # asked again: stop waiting for requests still in progress
                         nursery.cancel_scope.cancel()
+
+
+def session_fd() -> int | None:
+    """The fd of this process's FUSE session, which pyfuse3 does not expose: the one open on
+    ``/dev/fuse`` (None unless there is exactly one). Only polled, to see whether requests wait."""
+    found = []
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        return None
+    for name in names:
+        try:
+            if os.readlink(f"/proc/self/fd/{name}") == FUSE_DEVICE:
+                found.append(int(name))
+        except (OSError, ValueError):
+            continue
+    return found[0] if len(found) == 1 else None
 
 
 def set_readahead(mountpoint: str, kb: int) -> bool:
@@ -395,7 +441,9 @@ __all__ = [
     "DEFAULT_THREADS",
     "DISK_INO",
     "MAX_REQUEST",
+    "OFFLOAD_MIN",
     "ROOT_INO",
     "DiskFS",
     "serve",
+    "session_fd",
 ]
