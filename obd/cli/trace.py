@@ -13,7 +13,7 @@ from obd.image.acceltrace import load_image_trace
 from obd.image.local import open_config
 from obd.image.resolve import image_config
 from obd.observability.progress import human_bytes
-from obd.prefetch.trace import MAX_TRACE_BYTES, load, replay
+from obd.prefetch.trace import MAX_TRACE_BYTES, TARGET_FILE, load, replay, split_key
 
 DESCRIPTION = """\
 A prefetch trace lists the ranges a workload read from each layer of an image (overlaybd's binary
@@ -95,9 +95,11 @@ def run_show(args: argparse.Namespace) -> int:
         per[layer][1] += n
     total = sum(n for _la, _o, n in records)
     print(f"{args.trace}: {len(records)} read records, {human_bytes(total)} ({total} bytes)")
-    for layer in sorted(per):
-        count, nbytes = per[layer]
-        print(f"  layer {layer:3d} (0 = bottom): {count:7d} records, {human_bytes(nbytes)}")
+    for key in sorted(per):
+        count, nbytes = per[key]
+        layer, file = split_key(key)
+        what = " target" if file == TARGET_FILE else f" file {file}" if file else ""
+        print(f"  layer {layer:3d}{what:<8} (0 = bottom): {count:7d} records, {human_bytes(nbytes)}")
     return 0
 
 

@@ -7,6 +7,14 @@ layer_index`` counted from the **bottom** layer, ``u64 count``, ``i64 offset``).
 the layer's LSMT-blob coordinates — the tar-stripped, ZFile-decompressed view — and the checksum
 is overlaybd's raw CRC32C chained over the records.
 
+obd extends ``layer_index`` without changing the format: its low 24 bits are the layer, its high 8
+bits the **file** of that layer the range was read from — 0 its own blob (all overlaybd records),
+1 a warp (turboOCI) layer's *target*, the original OCI layer blob a plain image's file data lives
+in (:func:`layer_key`, :func:`split_key`). Without file-1 records a trace of a plain image, whose
+meta layers are small and local, would replay nothing that needs the network. Old traces are read
+unchanged, and overlaybd, which looks ``layer_index`` up among its layers and skips the ones it
+does not have, replays the file-0 records of an obd trace and skips the others.
+
 Recording wraps the lower layers' sources of a :class:`~obd.lsmt.stack.Stack`; replaying reads
 the recorded ranges through the same sources from a thread pool, so a remote image's compressed
 blocks land in the block cache with many ranged GETs in flight (and neighbours coalesced) before
@@ -15,6 +23,7 @@ or while the workload starts.
 
 from __future__ import annotations
 
+import bisect
 import os
 import struct
 import threading
@@ -39,7 +48,24 @@ MAX_RECORD_BYTES = 1 << 20
 #: A trace file larger than this is refused (3.4 million records).
 MAX_TRACE_BYTES = 80 << 20
 
-Record = tuple[int, int, int]  # (layer_index from the bottom, offset, count)
+#: ``layer_index`` = layer (from the bottom) | file of the layer << FILE_SHIFT.
+FILE_SHIFT = 24
+LAYER_MASK = (1 << FILE_SHIFT) - 1
+#: The file of a warp layer that holds its target (``obd.lsmt.warp.REMOTE_DATA``).
+TARGET_FILE = 1
+MAX_FILE = 0xFF
+
+Record = tuple[int, int, int]  # (layer_index: layer from the bottom + file, offset, count)
+
+
+def layer_key(layer: int, file: int = 0) -> int:
+    """The ``layer_index`` of a record read from file ``file`` (0 own blob, 1 warp target) of ``layer``."""
+    return layer | file << FILE_SHIFT
+
+
+def split_key(key: int) -> tuple[int, int]:
+    """``(layer from the bottom, file of the layer)`` of a record's ``layer_index``."""
+    return key & LAYER_MASK, key >> FILE_SHIFT
 
 
 def encode(records: Iterable[Record]) -> bytes:
@@ -93,6 +119,17 @@ def save(path: str | os.PathLike[str], records: Iterable[Record]) -> None:
     publish_bytes(path, encode(records))
 
 
+def _lower_slots(stack: Stack) -> dict[int, int]:
+    """Each file slot of the stack's lowers and the ``layer_index`` its reads are recorded under."""
+    out: dict[int, int] = {}
+    first_slot: dict[int, int] = {}
+    for slot, pos in enumerate(stack.slot_layer):
+        file = slot - first_slot.setdefault(pos, slot)
+        if pos < len(stack.lowers) and file <= MAX_FILE:
+            out[slot] = layer_key(pos, file)
+    return out
+
+
 class _RecordingSource(Source):
     """Passes reads through to ``inner`` and logs each complete one."""
 
@@ -114,21 +151,19 @@ class _RecordingSource(Source):
 
 
 class TraceRecorder:
-    """Records the reads a stack's lower layers see (first occurrence of each range, in order)."""
+    """Records the reads a stack's lower layers see (first occurrence of each range, in order).
+
+    Every file of every lower is recorded: its own blob and, for a warp layer, its target, so a
+    plain image's trace names the ranges of the original layer blobs its files were read from.
+    """
 
     def __init__(self, stack: Stack):
         self.stack = stack
         self._lock = threading.Lock()
         self._seen: set[Record] = set()
         self.records: list[Record] = []
-        nlowers = len(stack.lowers)
-        first_slot: dict[int, int] = {}
-        for slot, pos in enumerate(stack.slot_layer):
-            first_slot.setdefault(pos, slot)
-        # only each lower's own blob (its first file slot): a warp layer's target is not recorded
-        for pos, slot in first_slot.items():
-            if pos < nlowers:
-                stack.files[slot] = _RecordingSource(stack.files[slot], pos, self)
+        for slot, key in _lower_slots(stack).items():
+            stack.files[slot] = _RecordingSource(stack.files[slot], key, self)
 
     def add(self, layer: int, offset: int, count: int) -> None:
         rec = (layer, offset, count)
@@ -172,37 +207,93 @@ def coalesce(records: Iterable[Record], *, max_bytes: int = MAX_RECORD_BYTES) ->
     return out
 
 
+#: Compressed bytes read past the estimated end of a gzip target range (the inflater's input chunk).
+GZIP_MARGIN = 64 << 10
+
+
+def _compressed(src: Source, offset: int, count: int) -> tuple[Source, int, int] | None:
+    """The bytes of the compressed blob behind ``src`` that reading ``[offset, offset+count)`` of
+    ``src`` needs, if ``src`` is a seekable view of one (a warp target through a gzip index or a
+    zstd frame index), else None.
+
+    Replaying a target record fetches these bytes into the block cache instead of decompressing:
+    no CPU taken from the workload, and one ranged read instead of a chain of the inflater's 64 KiB
+    input reads. For gzip the end is where the compressed stream reaches ``offset+count``, estimated
+    from the seek points on either side (the bytes between them compress alike) plus a margin; a
+    short estimate costs the workload one more small fetch, never a wrong byte.
+    """
+    # lazy: only plain images have such targets; importing the readers costs start-up time
+    from obd.formats.gzindex.source import GzipIndexedSource
+    from obd.turbo.zstd import ZstdFramedSource
+
+    end = min(offset + count, src.size)
+    if isinstance(src, GzipIndexedSource):
+        index, blob = src.index, src.gzip
+        i, j = index.find(offset), index.find(end - 1)
+        first = index.entry(i)[1] - 1  # the byte holding the entry's leftover bits
+        de_j, en_j = index.entry(j)[:2]
+        if j + 1 < len(index):
+            de_k, en_k = index.entry(j + 1)[:2]
+        else:
+            de_k, en_k = index.uncompressed_size, blob.size
+        ratio = (en_k - en_j) / max(1, de_k - de_j)
+        last = min(en_k, en_j + int((end - de_j) * ratio) + GZIP_MARGIN, blob.size)
+        return blob, first, last - first
+    if isinstance(src, ZstdFramedSource):
+        frames = src.index.frames
+        i = bisect.bisect_right(src.index.starts, offset) - 1
+        j = bisect.bisect_right(src.index.starts, end - 1) - 1
+        return src.blob, frames[i].offset, frames[j].offset + frames[j].length - frames[i].offset
+    return None
+
+
 def replay(stack: Stack, records: Iterable[Record], *, workers: int = 16) -> ReplayResult:
     """Read every recorded range through the stack's lower layers, ``workers`` at a time.
 
     Records naming a layer the stack does not have, or ranges past a layer's end, are skipped
-    (a trace made for another image is harmless, just useless).
+    (a trace made for another image is harmless, just useless). A range of a compressed warp
+    target (a plain image's gzip or zstd layer) is read as the compressed bytes behind it
+    (:func:`_compressed`), merged with its neighbours; ``bytes`` counts what was read.
     """
     recs = list(records)
-    slots: dict[int, Source] = {}
-    for slot, pos in enumerate(stack.slot_layer):
-        if pos < len(stack.lowers):
-            slots.setdefault(pos, stack.files[slot])
+    slots = {key: stack.files[slot] for slot, key in _lower_slots(stack).items()}
     ranges = [r for r in coalesce(recs) if r[0] in slots and r[1] < slots[r[0]].size]
+    # the sources to read and their ranges, compressed targets mapped onto their blobs
+    sources: list[Source] = []
+    spans: dict[int, list[tuple[int, int]]] = {}
+    for key, off, n in ranges:
+        src = slots[key]
+        back = _compressed(src, off, n) if split_key(key)[1] else None
+        if back is not None:
+            src, off, n = back
+        if id(src) not in spans:
+            sources.append(src)
+            spans[id(src)] = []
+        spans[id(src)].append((off, n))
+    jobs = [
+        (src, off, n)
+        for i, src in enumerate(sources)
+        for _k, off, n in coalesce((i, off, n) for off, n in spans[id(src)])
+    ]
     start = time.monotonic()
     done = 0
     lock = threading.Lock()
     local = threading.local()
 
     @background_reads()  # nobody waits on these reads yet: Dragonfly's prefetch priority
-    def one(rec: Record) -> None:
+    def one(job: tuple[Source, int, int]) -> None:
         nonlocal done
-        layer, off, n = rec
+        src, off, n = job
         buf = getattr(local, "buf", None)
         if buf is None:
             buf = local.buf = memoryview(bytearray(MAX_RECORD_BYTES))
-        got = slots[layer].readinto(buf[:n], off)
+        got = src.readinto(buf[:n], off)
         with lock:
             done += got
 
     # big ranges first: they take longest
-    ranges.sort(key=lambda r: -r[2])
+    jobs.sort(key=lambda r: -r[2])
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for f in [pool.submit(one, r) for r in ranges]:
+        for f in [pool.submit(one, r) for r in jobs]:
             f.result()
-    return ReplayResult(len(recs), len(ranges), done, time.monotonic() - start)
+    return ReplayResult(len(recs), len(jobs), done, time.monotonic() - start)
