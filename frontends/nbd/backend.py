@@ -49,10 +49,12 @@ connection; each connection's handle is a small :class:`Handle` over it.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import functools
 import json
 import logging
+import os
 import sys
 import threading
 import time
@@ -238,6 +240,8 @@ class _State:
     device: Device | None = None
     #: set when nbdkit shuts down: ends the statistics writer
     stop: threading.Event = field(default_factory=threading.Event)
+    #: the process that ran get_ready (nbdkit forks into the background after it, unless -f)
+    ready_pid: int | None = None
 
 
 _STATE = _State()
@@ -322,6 +326,7 @@ def thread_model() -> int:
 
 def get_ready() -> None:
     """Open the image now, so that a bad one stops nbdkit before it forks or listens."""
+    _STATE.ready_pid = os.getpid()
     if _STATE.device is None:
         started = time.monotonic()
         _STATE.device = _startup("open", lambda: open_device(_STATE.options))
@@ -331,9 +336,19 @@ def get_ready() -> None:
             print(default_stats().format_profile(ready), file=sys.stderr, flush=True)
 
 
+def _python_after_fork() -> None:
+    """Tell Python it was forked. nbdkit forks in C, so none of Python's own fork handling ran: the
+    threads the parent had (the registry loop, its resolver pool) still look alive to ``threading``,
+    and interpreter exit would wait forever to join them (a stopped nbdkit that never exits). This
+    is what ``os.fork()`` calls in the child, with the GIL held as here."""
+    ctypes.pythonapi.PyOS_AfterFork_Child()
+
+
 def after_fork() -> None:
     """Background threads must start here, in the forked child: the registry client's event loop,
     the trace replay, the statistics writer and the metadata prefetch."""
+    if _STATE.ready_pid is not None and os.getpid() != _STATE.ready_pid:
+        _python_after_fork()
     dev, opts = _STATE.device, _STATE.options
     if dev is not None and dev.needs_io_loop:
         from obd.registry.loop import default_runner  # the registry client: for registry images only

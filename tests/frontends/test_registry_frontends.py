@@ -14,6 +14,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -69,6 +70,23 @@ def obd_nbd_server(tmp_path: Path, *args: str, env: dict[str, str] | None = None
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
+        # nbdkit forked into the background after opening the image: it must still exit on SIGTERM
+        # (Python in the child once waited forever at exit to join the parent's threads)
+        deadline = time.monotonic() + 20
+        while _running(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if _running(pid):
+            os.kill(pid, signal.SIGKILL)
+            pytest.fail(f"nbdkit {pid} did not exit within 20 s of SIGTERM")
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is alive and not a zombie waiting for a parent that may never reap it."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def read_nbd(sock: Path) -> str:
