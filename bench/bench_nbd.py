@@ -15,6 +15,10 @@ work and halves it), written through an RW layer and committed twice with obd's 
 The readers are served at once and measured round-robin (``--rounds``, medians kept), so that a
 busy moment of a shared machine hits the ceilings and obd alike.
 
+Beside throughput it prints each server's CPU time per MiB (sequential) and per request (random),
+read from ``/proc/PID/stat`` around every measurement: on a loaded machine that cost ratio is
+steadier than the throughput ratio.
+
 Targets: obd ≥ 60 % of the Python ceiling uncompressed, ≥ 40 % for lz4 ZFile layers (issue 4);
 lz4 ≥ 50 % sequential and ≥ 60 % at QD16 (issue 17).
 
@@ -128,11 +132,24 @@ class Server:
 
 
 # --- measurements -------------------------------------------------------------------------------------
-def seq_read(uri: str, size: int) -> float:
-    """MiB/s of one ``nbdcopy --no-extents -C 4 URI null:``."""
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time used so far by process ``pid`` and its threads (``/proc/PID/stat``)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def seq_read(uri: str, size: int, passes: int = 1) -> float:
+    """MiB/s of ``passes`` runs of ``nbdcopy --no-extents -C 4 URI null:``."""
     t0 = time.perf_counter()
-    subprocess.run([tool("nbdcopy"), "--no-extents", "-C", "4", uri, "null:"], check=True, env=ENV)
-    return size / MiB / (time.perf_counter() - t0)
+    for _ in range(passes):
+        subprocess.run([tool("nbdcopy"), "--no-extents", "-C", "4", uri, "null:"], check=True, env=ENV)
+    return passes * size / MiB / (time.perf_counter() - t0)
+
+
+#: Sequential samples read at least this much (in passes over the device): enough CPU time for
+#: the kernel's 10 ms accounting ticks to be a small error.
+SEQ_MIN_BYTES = 512 * MiB
 
 
 def fio(uri: str, rw: str, qd: int, size: int, runtime: float, extra: tuple[str, ...] = ()) -> float:
@@ -158,7 +175,13 @@ def fio(uri: str, rw: str, qd: int, size: int, runtime: float, extra: tuple[str,
         env=ENV,
     ).stdout
     job = json.loads(out[out.index("{") :])["jobs"][0]
-    return float(job["read" if "read" in rw else "write"]["iops"])
+    side = job["read" if "read" in rw else "write"]
+    FIO_IOS[uri] = int(side["total_ios"])
+    return float(side["iops"])
+
+
+#: Requests the last fio run of each URI completed (for the CPU cost per request).
+FIO_IOS: dict[str, int] = {}
 
 
 def main() -> int:
@@ -196,25 +219,34 @@ def main() -> int:
         # Every server at once, measured round-robin (medians of --rounds), so that a busy moment
         # of a shared machine hits the ceilings and obd alike.
         samples: dict[str, dict[str, list[float]]] = {name: {} for name in readers}
+        #: the server's CPU time per unit of work (µs per MiB sequential, per request random)
+        cpu: dict[str, dict[str, list[float]]] = {name: {} for name in readers}
         with contextlib.ExitStack() as servers:
-            uris = {
+            procs = {
                 name: servers.enter_context(
                     Server(work, name.split()[0] + name.split()[-1].strip("()"), srv_args)
-                ).uri
+                )
                 for name, srv_args in readers.items()
             }
+            uris = {name: srv.uri for name, srv in procs.items()}
+            seq_passes = 1 if args.quick else -(-SEQ_MIN_BYTES // size)
             for uri in uris.values():
                 seq_read(uri, size)  # warm-up: page cache, decoders, threads
             kinds = (
-                ("seq", lambda uri: seq_read(uri, size)),
+                ("seq", lambda uri: seq_read(uri, size, seq_passes)),
                 ("qd1", lambda uri: fio(uri, "randread", 1, size, args.runtime)),
                 ("qd16", lambda uri: fio(uri, "randread", 16, size, args.runtime)),
             )
             for _ in range(args.rounds):
                 for key, measure in kinds:
                     for name, uri in uris.items():
+                        pid = procs[name].proc.pid  # type: ignore[union-attr]
+                        c0 = cpu_seconds(pid)
                         samples[name].setdefault(key, []).append(measure(uri))
+                        work_done = seq_passes * size / MiB if key == "seq" else FIO_IOS[uri]
+                        cpu[name].setdefault(key, []).append((cpu_seconds(pid) - c0) * 1e6 / work_done)
         res = {name: {k: statistics.median(v) for k, v in s.items()} for name, s in samples.items()}
+        cres = {name: {k: statistics.median(v) for k, v in s.items()} for name, s in cpu.items()}
         for name, r in res.items():
             print(
                 f"{name:12s} seq {r['seq']:7.0f} MiB/s   "
@@ -258,6 +290,20 @@ def main() -> int:
         print(
             f"{name:12s} {r['seq'] / c['seq']:8.0%} {r['qd1'] / c['qd1']:8.0%} {r['qd16'] / c['qd16']:8.0%}"
         )
+    print(
+        f"\nserver CPU time (µs per MiB sequential, per 4K request random; medians), and the Python RAM "
+        f"plugin's as a share of it:\n{'':12s} {'seq':>14s} {'QD1':>14s} {'QD16':>14s}"
+    )
+    for name in ("python RAM", "obd plain", "obd lz4", "file (C)"):
+        r = cres[name]
+        print(
+            f"{name:12s} "
+            + " ".join(
+                f"{r[k]:7.1f} ({cres['python RAM'][k] / r[k]:4.0%})" if r[k] else f"{'(under a tick)':>14s}"
+                for k in ("seq", "qd1", "qd16")
+            )
+        )
+    print("(CPU cost ratios hold on a loaded machine, where the throughput ratios above swing.)")
     print("random writes, flush every 64, vs the file plugin:")
     for name in ("obd append", "obd sparse", "python RAM"):
         print(f"{name:12s} {wres[name] / wres['file (C)']:8.0%}")

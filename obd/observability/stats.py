@@ -72,8 +72,10 @@ TIME_RESOLVE = "resolve"
 TIME_OPEN = "open"
 #: Range GETs in flight, summed over GETs (concurrent ones overlap: this can exceed the wall time).
 TIME_FETCH = "fetch"
+#: Decompressing ZFile blocks (CRC checks and reads excluded), summed over threads.
+TIME_DECODE = "decode"
 #: Timers :meth:`Stats.format_profile` shows first, in this order.
-TIMERS = (TIME_RESOLVE, TIME_OPEN, TIME_FETCH)
+TIMERS = (TIME_RESOLVE, TIME_OPEN, TIME_FETCH, TIME_DECODE)
 
 #: How many of the most recent latency samples percentiles are computed over.
 DEFAULT_WINDOW = 10_000
@@ -199,6 +201,7 @@ def format_profile(snap: dict[str, Any], extra: dict[str, float] | None = None) 
         TIME_RESOLVE: "resolve (token, manifest, config, digest tables)",
         TIME_OPEN: "layer opens (headers, jump tables, indexes; concurrent)",
         TIME_FETCH: "range GETs in flight (summed over GETs)",
+        TIME_DECODE: "ZFile blocks decompressed (summed over threads)",
     }
     lines = []
     for n in names:

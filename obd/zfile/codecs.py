@@ -94,6 +94,11 @@ class Codec:
         blocks = map(span.__getitem__, map(slice, starts.tolist(), ends.tolist()))
         return map(self._decompress_one, blocks, repeat(size))
 
+    def block_decoder(self) -> _native.NativeLz4Block | None:
+        """A decoder of one block from a raw address into a buffer, holding the GIL (for one-block
+        reads, see :class:`obd.zfile.native.NativeLz4Block`), or None where this codec has none."""
+        return None
+
     #: Scratch bytes :meth:`decompress_run` needs in front of the first record.
     run_headroom = 0
 
@@ -149,6 +154,9 @@ class Lz4Codec(Codec):
 
     def compress(self, data: Buffer) -> bytes:
         return lz4.block.compress(data, store_size=False)
+
+    def block_decoder(self) -> _native.NativeLz4Block | None:
+        return _native.LZ4_BLOCK
 
     def compress_region(self, region: memoryview, block_size: int, threads: int = 1) -> Sequence[Buffer]:
         # python-lz4 has no multi-block call; it releases the GIL per call, but at 4 KiB per call
