@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 from obd.errors import ChecksumError, FormatError, TruncatedError
 from obd.formats.crc import crc32c_raw
-from obd.io.priority import background_reads
+from obd.io.priority import PRIORITY_PREFETCH, background_reads, read_priority
 from obd.io.publish import publish_bytes
 from obd.io.source import Source
 from obd.lsmt.stack import Stack
@@ -142,7 +142,7 @@ class _RecordingSource(Source):
 
     def readinto(self, buf: memoryview, offset: int) -> int:
         n = self.inner.readinto(buf, offset)
-        if n:
+        if n and read_priority() != PRIORITY_PREFETCH:
             self.recorder.add(self.layer, offset, n)
         return n
 
@@ -152,6 +152,10 @@ class _RecordingSource(Source):
 
 class TraceRecorder:
     """Records the reads a stack's lower layers see (first occurrence of each range, in order).
+
+    Reads made as prefetch (:func:`~obd.io.priority.background_reads`: a trace replay, the ext4
+    metadata and start-up prefetches, whole files read on a guess) are not recorded: a trace is
+    what the workload read, not what was fetched for it.
 
     Every file of every lower is recorded: its own blob and, for a warp layer, its target, so a
     plain image's trace names the ranges of the original layer blobs its files were read from.
