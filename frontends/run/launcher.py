@@ -573,7 +573,10 @@ def run_image(image: str | Sequence[str] | None, args: Sequence[str], options: R
             params.append(f"trace={os.path.abspath(options.trace)}")
         if options.record_trace:
             params.append(f"record-trace={os.path.abspath(options.record_trace)}")
-        if options.prefetch_meta and not options.trace:  # a trace covers the metadata too
+        from obd.image.accel import META_KEY as ACCEL_META_KEY
+
+        shipped = resolved is not None and bool((resolved.config.extra.get("obd") or {}).get(ACCEL_META_KEY))
+        if options.prefetch_meta and not options.trace and not shipped:  # a trace covers all of it
             value = options.prefetch_meta if isinstance(options.prefetch_meta, str) else "inodes"
             params.append(f"prefetch-meta={value}")
             # and the command's own start: its path, ELF loader and libraries (obd.prefetch.startup)

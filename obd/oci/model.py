@@ -131,6 +131,8 @@ class Image:
     manifest: dict[str, Any]
     config: dict[str, Any]
     layers: list[Descriptor]
+    #: the image index the reference named, when it named one (the manifest was chosen from it)
+    index: dict[str, Any] | None = None
 
     def overlaybd_layers(self) -> list[OverlaybdLayer]:
         """The overlaybd layers, lowest first; a clear error if this is not an overlaybd image."""

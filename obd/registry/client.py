@@ -46,7 +46,7 @@ class RegistryClient(ManifestRequests, BlobReads, BlobUploads):
     async def get_image(self, ref: Reference | str, platform: str | None = None) -> Image:
         """Manifest, verified config and layer descriptors of an image (see :class:`obd.oci.model.Image`)."""
         ref = self._repo(ref)
-        digest, manifest = await self.get_manifest(ref, platform)
+        digest, manifest, index = await self.get_manifest_and_index(ref, platform)
         if "layers" not in manifest or "config" not in manifest:
             raise FormatError("not an image manifest (no layers/config)", path=str(ref))
         cfg = Descriptor.parse(manifest["config"], "config", str(ref))
@@ -62,7 +62,7 @@ class RegistryClient(ManifestRequests, BlobReads, BlobUploads):
         if not isinstance(config, dict):
             raise FormatError("config must be a JSON object", path=str(ref), field="config")
         layers = parse_descriptors(manifest, "layers", str(ref))
-        return Image(str(ref.with_target(digest=digest)), digest, manifest, config, layers)
+        return Image(str(ref.with_target(digest=digest)), digest, manifest, config, layers, index=index)
 
 
 __all__ = [

@@ -109,6 +109,15 @@ class ManifestRequests(HttpTransport):
         The digest is verified against the reference's digest, or the registry's
         ``Docker-Content-Digest``, and a platform manifest against the index entry naming it.
         """
+        digest, doc, _ = await self.get_manifest_and_index(ref, platform)
+        return digest, doc
+
+    async def get_manifest_and_index(
+        self, ref: Reference | str, platform: str | None = None
+    ) -> tuple[str, dict[str, Any], dict[str, Any] | None]:
+        """:meth:`get_manifest`, plus the image index ``ref`` named (None when it named a manifest):
+        what it says of the manifest (e.g. an annotation linking an index artifact) needs no second
+        request, and is what the digest printed for the tag pins."""
         ref = self._repo(ref)
         raw = await self.fetch_manifest(ref)
         if ref.digest is None:
@@ -126,11 +135,12 @@ class ManifestRequests(HttpTransport):
                     path=str(ref),
                     field="manifests.size",
                 )
+            index = doc
             doc = child.json()
             if "manifests" in doc and "layers" not in doc:
                 raise UnsupportedError("nested image indexes are not supported", path=str(ref))
-            return child.digest, doc
-        return raw.digest, doc
+            return child.digest, doc, index
+        return raw.digest, doc, None
 
     async def fetch_referrers(
         self, ref: Reference | str, digest: str, artifact_type: str | None = None

@@ -269,16 +269,13 @@ async def push_link(client: Any, ref: Reference, image: Image, artifact: str, ta
     return str(await push_manifest(client, ref, data, OCI_INDEX, target=tag))
 
 
-async def linked_artifact(client: Any, ref: Reference, image: Image) -> str | None:
+def linked_artifact(ref: Reference, image: Image) -> str | None:
     """The index artifact digest that the image index ``ref`` names (tag or digest, as the user
-    gave it) carries on its descriptor of ``image``'s manifest; None if ``ref`` is no such index."""
+    gave it) carries on its descriptor of ``image``'s manifest; None if ``ref`` is no such index.
+    The index is the one ``image`` was resolved from (:attr:`~obd.oci.model.Image.index`)."""
     if ref.target == image.manifest_digest:
         return None
-    try:
-        raw = await client.fetch_manifest(ref, ref.target)
-        top = raw.json()
-    except (NotFoundError, ValueError):
-        return None
+    top = image.index  # kept from resolving ``ref``: no second request for the same index
     if not isinstance(top, dict) or not isinstance(top.get("manifests"), list):
         return None
     for i, d in enumerate(top["manifests"]):
@@ -301,7 +298,7 @@ def image_metas(ref: Reference, image: Image, opts: RemoteOptions) -> list[MetaL
     metas = plan_meta(image, opts.cache_dir)
     if not all(m.valid() for m in metas):
         client = opts.client(ref.api_host if opts.is_http(ref.api_host) else None)
-        link = opts.runner.run(linked_artifact(client, ref, image), TIMEOUT)
+        link = linked_artifact(ref, image)
         fetched = None
         if link is not None:
             fetched = opts.runner.run(read_index_artifact(client, ref, image, opts, link), TIMEOUT)
