@@ -20,14 +20,21 @@ from obd.lsmt.rw import RWLayer, open_rw
 from obd.lsmt.sealed import SealedLayer
 from obd.lsmt.stack import Stack
 from obd.lsmt.warp import WarpRWLayer, open_warp_rw
+from obd.verify.local import sidecar_table
+from obd.verify.verifier import VerifiedSource
 
 if TYPE_CHECKING:
     from obd.image.remote import RemoteOptions
 
 
 def open_target(path: str, gzip_index: str | None = None) -> Source:
-    """The uncompressed tar stream a warp layer's tag-1 mappings point into."""
-    src = FileSource(path)
+    """The uncompressed tar stream a warp layer's tag-1 mappings point into. A local file with a
+    digest table beside it (a zstd layer's decompressed copy, :func:`obd.verify.local.sidecar_table`)
+    is read with every block checked against that table."""
+    src: Source = FileSource(path)
+    table = sidecar_table(path)
+    if table is not None:
+        src = VerifiedSource(src, table, digest=table.blob_digest, name=path)
     if gzip_index:
         # lazy: the index readers cost ~6 ms at start-up and only compressed targets need them
         from obd.turbo.zstd import open_seekable

@@ -46,7 +46,7 @@ from obd.turbo.build import (
     chain_key,
 )
 from obd.turbo.zstd import decompress_file
-from obd.verify.local import keep_table_of_file
+from obd.verify.local import SIDECAR_SUFFIX, keep_table_of_file
 
 if TYPE_CHECKING:
     from obd.image.remote import RemoteOptions
@@ -66,8 +66,9 @@ PLAIN_LAYER_TYPES = {
 }
 ZSTD_LAYER_TYPES = {"application/vnd.oci.image.layer.v1.tar+zstd"}
 GZIP_LAYER_TYPES = {t for t in PLAIN_LAYER_TYPES if t.endswith("gzip")}
-#: Files of a meta directory whose sha256 the record keeps (the local copy: its size only, it is big).
-HASHED_FILES = (META_NAME, GZIP_INDEX_NAME, ZSTD_INDEX_NAME)
+#: Files of a meta directory whose sha256 the record keeps (the local copy: its size only, it is
+#: big; its blocks are checked on every read against its digest table, which is hashed here).
+HASHED_FILES = (META_NAME, GZIP_INDEX_NAME, ZSTD_INDEX_NAME, LOCAL_COPY_NAME + SIDECAR_SUFFIX)
 #: Bytes per ranged GET while a layer is streamed for building.
 PIECE = 8 << 20
 

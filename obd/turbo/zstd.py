@@ -33,6 +33,7 @@ import zstandard
 from obd.errors import FormatError, ObdError, TruncatedError
 from obd.io.publish import publish_bytes, publishing
 from obd.io.source import FileSource, Source
+from obd.verify.local import write_sidecar_table
 
 MAGIC = b"OBDZSTF1"
 VERSION = 1
@@ -175,13 +176,15 @@ def write_frame_index(index: ZstdFrameIndex, path: str | os.PathLike[str]) -> No
 
 
 def decompress_file(blob: str | os.PathLike[str], out: str | os.PathLike[str]) -> int:
-    """Decode the zstd blob ``blob`` (every frame) into ``out``, published atomically; its size."""
+    """Decode the zstd blob ``blob`` (every frame) into ``out``, published atomically with its digest
+    table beside it (every later read of ``out`` is checked against it); its size."""
     data = 0
     with open(blob, "rb") as fi, publishing(out) as fo:
         reader = zstandard.ZstdDecompressor().stream_reader(fi, read_across_frames=True)
         while chunk := reader.read(_CHUNK):
             fo.write(chunk)
             data += len(chunk)
+    write_sidecar_table(out)
     return data
 
 

@@ -14,7 +14,9 @@ An image's bytes reach a reader through several parts, each checked its own way 
   re-checked each time they are used. That record is written into the cache by the same process, so
   it catches damage, not someone who can write the cache directory: such a writer could also
   rewrite the record, or the locally kept tables. The cache is trusted as its directory is;
-* a zstd layer's decompressed local copy: its size only.
+* a zstd layer's decompressed local copy: every block against the digest table made when it was
+  decompressed from its digest-checked blob, kept beside it (hashed in the record like the meta
+  files); a copy made before obd kept tables: its size only.
 
 This module reads only the config and the meta records (no network); each entry is a small dict
 ``{"part", "what", "check", "verified"}`` with ``verified`` one of ``yes``, ``local`` (checked
@@ -37,6 +39,8 @@ ACCEL_KEY = "trace_layer"
 #: A meta directory's record (obd.turbo.remote.RECORD_NAME).
 RECORD_NAME = "turbo.json"
 BASE_NAME = "ext4_64"
+#: Beside a local copy: its digest table (obd.verify.local.SIDECAR_SUFFIX).
+SIDECAR_SUFFIX = ".sha256-table"
 
 
 def _table(pin: TablePin | None) -> tuple[str, str]:
@@ -84,12 +88,15 @@ def coverage(cfg: ImageConfig) -> list[dict[str, str]]:
         if lower.targetDigest or lower.targetFile:  # a plain image's meta layer over its blob
             out.append(_meta_entry(i, lower))
             if lower.targetFile:
+                tabled = os.path.isfile(lower.targetFile + SIDECAR_SUFFIX)
                 out.append(
                     {
                         "part": f"{part} data",
                         "what": f"local decompressed copy {os.path.basename(lower.targetFile)}",
-                        "check": "its size only",
-                        "verified": "no",
+                        "check": "every 64 KiB block against the table made when it was decompressed"
+                        if tabled
+                        else "its size only",
+                        "verified": "local" if tabled else "no",
                     }
                 )
             else:

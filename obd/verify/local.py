@@ -124,4 +124,33 @@ def keep_table_of_file(cache_dir: str | os.PathLike[str] | None, blob_digest: st
     log.info("%s: digest table %s kept (%d bytes)", blob_digest, pin.digest, pin.size)
 
 
-__all__ = ["TABLES_DIR", "LocalTables", "keep_table_of_file"]
+#: Beside a local file obd derived from a checked blob (a zstd layer's decompressed copy): the
+#: digest table of the file itself, made when the file was written.
+SIDECAR_SUFFIX = ".sha256-table"
+
+
+def write_sidecar_table(path: str | os.PathLike[str]) -> None:
+    """Write the digest table of the file at ``path`` beside it (:data:`SIDECAR_SUFFIX`)."""
+    table, _ = build_table_file(os.fspath(path))
+    publish_bytes(os.fspath(path) + SIDECAR_SUFFIX, table, durable=False)
+
+
+def sidecar_table(path: str | os.PathLike[str]) -> DigestTable | None:
+    """The digest table kept beside the file at ``path``, validated; None when there is none."""
+    side = os.fspath(path) + SIDECAR_SUFFIX
+    try:
+        with open(side, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return None
+    return DigestTable(data, path=side)
+
+
+__all__ = [
+    "SIDECAR_SUFFIX",
+    "TABLES_DIR",
+    "LocalTables",
+    "keep_table_of_file",
+    "sidecar_table",
+    "write_sidecar_table",
+]

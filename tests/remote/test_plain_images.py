@@ -11,6 +11,7 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import random
 import tarfile
 
@@ -40,6 +41,9 @@ from obd.turbo.artifact import (
 )
 from obd.turbo.build import LocalExtent, RemoteExtent, file_extents
 from obd.turbo.remote import ensure_meta, meta_root
+from obd.verify import coverage as coverage_module
+from obd.verify.coverage import coverage
+from obd.verify.local import SIDECAR_SUFFIX
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -291,6 +295,25 @@ def test_zstd_layers_are_read_through_frames_or_a_local_copy(registry, tmp_path,
     cfg = registry_config(image, o)
     assert [bool(x.targetDigest) for x in cfg.lowers] == [False, True, True, False]
     assert cfg.lowers[1].gzipIndex.endswith("zstd.meta") and cfg.lowers[3].targetFile.endswith("layer.tar")
+    # the local copy is read against the digest table made with it: a flipped byte is an error
+    copy = cfg.lowers[3].targetFile
+    assert os.path.isfile(copy + SIDECAR_SUFFIX) and SIDECAR_SUFFIX == coverage_module.SIDECAR_SUFFIX
+    assert [c["verified"] for c in coverage(cfg) if "local decompressed copy" in c["what"]] == ["local"]
+    with tarfile.open(copy) as tar:
+        member = max((m for m in tar.getmembers() if m.isfile()), key=lambda m: m.size)
+    pristine = open(copy, "rb").read()  # noqa: SIM115
+    damaged = bytearray(pristine)
+    damaged[member.offset_data] ^= 0xFF
+    with open(copy, "r+b") as f:
+        f.write(damaged)
+    try:
+        bad = ("-o", str(tmp_path / "bad.raw"), "--insecure-registry", host, "--cache-dir", str(cache))
+        assert obd("export", image, *bad) == 1
+        err = capsys.readouterr().err
+        assert "layer.tar" in err and "block" in err, err
+    finally:
+        with open(copy, "r+b") as f:
+            f.write(pristine)
     stack = open_config(cfg, readonly=True, remote=o)
     try:
         bottom = stack.lowers[1]  # layer 1: many 256 KiB frames
