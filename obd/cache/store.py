@@ -352,7 +352,8 @@ class CacheStore:
             except OSError as e:
                 raise ObdError(f"cannot open the cache files: {e.strerror}", path=data_path) from e
             try:
-                meta_fd, header = self._open_meta(digest, size, meta_path, new_data)
+                born = os.fstat(data_fd).st_ctime_ns if new_data else None
+                meta_fd, header = self._open_meta(digest, size, meta_path, born)
                 try:
                     if os.fstat(data_fd).st_size != size:
                         os.ftruncate(data_fd, size)
@@ -370,24 +371,30 @@ class CacheStore:
             os.utime(meta_fd)
         return blob
 
-    def _open_meta(self, digest: str, size: int, meta_path: Path, new_data: bool) -> tuple[int, MetaHeader]:
+    def _open_meta(
+        self, digest: str, size: int, meta_path: Path, data_born: int | None
+    ) -> tuple[int, MetaHeader]:
+        """Open (or make) the page table. ``data_born``: the ctime of the data file if this call just
+        created it: a page table older than that describes bytes that are gone and is replaced, but
+        one made since is another process's table for this very data file (they raced to open the
+        blob), and replacing it would leave that process filling a table nobody else sees."""
         for _ in range(8):
             try:
                 fd = os.open(meta_path, os.O_RDWR | os.O_CLOEXEC)
             except FileNotFoundError:
                 self._create_meta(digest, size, meta_path, replace=False)
-                new_data = False  # a table made now has no records to distrust
+                data_born = None  # a table made now has no records to distrust
                 continue
             try:
                 header = self._validate_meta(fd, digest, size, meta_path)
-                if new_data:
+                if data_born is not None and os.fstat(fd).st_ctime_ns < data_born:
                     raise FormatError("its data file was missing", path=meta_path)
             except FormatError as e:
                 os.close(fd)
                 log.warning("%s; starting this blob's cache afresh", e)
                 self.stats.incr(RESETS)
                 self._create_meta(digest, size, meta_path, replace=True)
-                new_data = False
+                data_born = None
                 continue
             except BaseException:
                 os.close(fd)

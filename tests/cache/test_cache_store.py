@@ -176,6 +176,35 @@ def test_a_page_table_that_does_not_fit_is_replaced(tmp_path, change):
     blob.close()
 
 
+def test_a_page_table_whose_data_file_went_is_replaced_but_a_racing_openers_is_kept(tmp_path):
+    stats = Stats()
+    store = CacheStore(tmp_path, stats=stats, sync=False)
+    data = blob_bytes("L1.lz4.commit")
+    digest = digest_of(data)
+    _fill(store, "L1.lz4.commit").close()
+    data_path, meta_path = store.paths(digest)
+    # the data file went (its records describe bytes that are gone): the table is started afresh
+    os.unlink(data_path)
+    time.sleep(0.02)  # past the file system's timestamp granularity
+    blob = store.open_blob(digest, len(data))
+    assert stats["cache_resets"] == 1 and blob.present_bytes() == 0
+    blob.close()
+    # two processes open a new blob at once: one makes the data file, the other the page table
+    # first; the table is the other process's for this very data file and must stay in place
+    os.unlink(data_path)
+    os.unlink(meta_path)
+    fd = os.open(data_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    os.ftruncate(fd, len(data))
+    born = os.fstat(fd).st_ctime_ns
+    other = CacheStore(tmp_path, stats=Stats(), sync=False)
+    other._create_meta(digest, len(data), meta_path, replace=False)
+    before = os.stat(meta_path).st_ino
+    meta_fd, _ = store._open_meta(digest, len(data), meta_path, born)
+    os.close(meta_fd)
+    os.close(fd)
+    assert os.stat(meta_path).st_ino == before and stats["cache_resets"] == 1
+
+
 # -- eviction -----------------------------------------------------------------------------------------
 
 
