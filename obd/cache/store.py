@@ -341,19 +341,33 @@ class CacheStore:
         data_path, meta_path = self.paths(digest)
         if not isinstance(size, int) or size < 0 or size > MAX_BLOB_SIZE:
             raise ObdError("blob size out of range", path=digest, field="size", value=size)
-        with self._locked(exclusive=False):
+        # A blob whose data file is missing is (re)created under the exclusive lock: two openers
+        # racing to create it would otherwise take each other's fresh page table for a stale one,
+        # replace it, and each fill a table the other never sees (both fetching every page).
+        exclusive = not data_path.exists()
+        while (blob := self._open_blob(digest, size, data_path, meta_path, exclusive)) is None:
+            exclusive = True  # evicted since we looked: again, under the exclusive lock
+        return blob
+
+    def _open_blob(
+        self, digest: str, size: int, data_path: Path, meta_path: Path, exclusive: bool
+    ) -> BlobCache | None:
+        """:meth:`open_blob` under the store lock; None if the data file is missing and the lock
+        is only shared."""
+        with self._locked(exclusive=exclusive):
             self._ensure_dir(data_path.parent)
             flags = os.O_RDWR | os.O_CLOEXEC
             try:
                 try:
-                    data_fd, new_data = os.open(data_path, flags | os.O_CREAT | os.O_EXCL, 0o600), True
-                except FileExistsError:
                     data_fd, new_data = os.open(data_path, flags), False
+                except FileNotFoundError:
+                    if not exclusive:
+                        return None
+                    data_fd, new_data = os.open(data_path, flags | os.O_CREAT | os.O_EXCL, 0o600), True
             except OSError as e:
                 raise ObdError(f"cannot open the cache files: {e.strerror}", path=data_path) from e
             try:
-                born = os.fstat(data_fd).st_ctime_ns if new_data else None
-                meta_fd, header = self._open_meta(digest, size, meta_path, born)
+                meta_fd, header = self._open_meta(digest, size, meta_path, new_data)
                 try:
                     if os.fstat(data_fd).st_size != size:
                         os.ftruncate(data_fd, size)
@@ -371,30 +385,24 @@ class CacheStore:
             os.utime(meta_fd)
         return blob
 
-    def _open_meta(
-        self, digest: str, size: int, meta_path: Path, data_born: int | None
-    ) -> tuple[int, MetaHeader]:
-        """Open (or make) the page table. ``data_born``: the ctime of the data file if this call just
-        created it: a page table older than that describes bytes that are gone and is replaced, but
-        one made since is another process's table for this very data file (they raced to open the
-        blob), and replacing it would leave that process filling a table nobody else sees."""
+    def _open_meta(self, digest: str, size: int, meta_path: Path, new_data: bool) -> tuple[int, MetaHeader]:
         for _ in range(8):
             try:
                 fd = os.open(meta_path, os.O_RDWR | os.O_CLOEXEC)
             except FileNotFoundError:
                 self._create_meta(digest, size, meta_path, replace=False)
-                data_born = None  # a table made now has no records to distrust
+                new_data = False  # a table made now has no records to distrust
                 continue
             try:
                 header = self._validate_meta(fd, digest, size, meta_path)
-                if data_born is not None and os.fstat(fd).st_ctime_ns < data_born:
+                if new_data:
                     raise FormatError("its data file was missing", path=meta_path)
             except FormatError as e:
                 os.close(fd)
                 log.warning("%s; starting this blob's cache afresh", e)
                 self.stats.incr(RESETS)
                 self._create_meta(digest, size, meta_path, replace=True)
-                data_born = None
+                new_data = False
                 continue
             except BaseException:
                 os.close(fd)

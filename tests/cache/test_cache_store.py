@@ -3,9 +3,11 @@ hostile values, LRU eviction under a limit, prune and clear, broken and leftover
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import struct
+import threading
 import time
 from pathlib import Path
 
@@ -176,33 +178,43 @@ def test_a_page_table_that_does_not_fit_is_replaced(tmp_path, change):
     blob.close()
 
 
-def test_a_page_table_whose_data_file_went_is_replaced_but_a_racing_openers_is_kept(tmp_path):
+def test_a_page_table_whose_data_file_went_is_replaced(tmp_path):
     stats = Stats()
     store = CacheStore(tmp_path, stats=stats, sync=False)
     data = blob_bytes("L1.lz4.commit")
     digest = digest_of(data)
     _fill(store, "L1.lz4.commit").close()
-    data_path, meta_path = store.paths(digest)
-    # the data file went (its records describe bytes that are gone): the table is started afresh
-    os.unlink(data_path)
-    time.sleep(0.02)  # past the file system's timestamp granularity
+    os.unlink(store.paths(digest)[0])  # its records describe bytes that are gone
     blob = store.open_blob(digest, len(data))
     assert stats["cache_resets"] == 1 and blob.present_bytes() == 0
     blob.close()
-    # two processes open a new blob at once: one makes the data file, the other the page table
-    # first; the table is the other process's for this very data file and must stay in place
-    os.unlink(data_path)
-    os.unlink(meta_path)
-    fd = os.open(data_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-    os.ftruncate(fd, len(data))
-    born = os.fstat(fd).st_ctime_ns
-    other = CacheStore(tmp_path, stats=Stats(), sync=False)
-    other._create_meta(digest, len(data), meta_path, replace=False)
-    before = os.stat(meta_path).st_ino
-    meta_fd, _ = store._open_meta(digest, len(data), meta_path, born)
-    os.close(meta_fd)
-    os.close(fd)
-    assert os.stat(meta_path).st_ino == before and stats["cache_resets"] == 1
+
+
+def test_openers_racing_on_a_new_blob_share_one_page_table(tmp_path):
+    """Each opener a store of its own, as processes are: all end up on the same data file and page
+    table (a table one replaced under another would make both fetch every page)."""
+    digest, size = "sha256:" + "ab" * 32, 1 << 20
+    for _ in range(5):
+        with contextlib.suppress(FileNotFoundError):
+            for path in CacheStore(tmp_path, sync=False).paths(digest):
+                os.unlink(path)
+        start = threading.Barrier(8)
+        blobs = []
+
+        def one(start: threading.Barrier = start, blobs: list = blobs) -> None:
+            store = CacheStore(tmp_path, stats=Stats(), sync=False)
+            start.wait()
+            blobs.append(store.open_blob(digest, size))
+
+        threads = [threading.Thread(target=one) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len({os.fstat(b.meta_fd).st_ino for b in blobs}) == 1
+        assert not any(b.stale() for b in blobs)
+        for b in blobs:
+            b.close()
 
 
 # -- eviction -----------------------------------------------------------------------------------------
