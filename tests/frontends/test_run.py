@@ -322,7 +322,9 @@ def test_recorded_trace_replays_on_a_cold_cache(image, tmp_path):
     assert (second.exit_code, second.output) == (0, first.output)
     # the replay fetched what the guest needed: it found its blocks in the cache
     assert second.stats["cache_hits"] > 0
-    assert second.stats["requests"] <= first.stats["requests"]
+    # no more than the first run fetched (which also read the command's files whole on a guess; in
+    # fewer, larger requests, so requests are no measure here)
+    assert 0 < second.stats["bytes_fetched"] <= first.stats["bytes_fetched"]
 
 
 def test_default_writes_are_thrown_away_and_read_only_writes_nothing(image, env):
