@@ -59,6 +59,9 @@ class LowerConfig:
     targetFile: str = ""
     targetDigest: str = ""
     gzipIndex: str = ""
+    #: obd's: the target's gzip index as a registry blob read by ranges (:mod:`obd.turbo.parts`).
+    gzipIndexDigest: str = ""
+    gzipIndexSize: int = 0
 
     @property
     def is_warp(self) -> bool:

@@ -168,7 +168,11 @@ def _remote_target_layer(
     pin = lower_pin(cfg, lower.targetDigest, remote.verify)
     size = lower.size or None  # known: no HEAD request
     src = open_remote_blob(cfg.repoBlobUrl, lower.targetDigest, size, remote, path=cfg.path, table=pin)
-    target: Source = open_seekable(src, gz) if gz else src  # gzip or zstd frame index; closes src on failure
+    target: Source
+    if lower.gzipIndexDigest and not gz:
+        target = _remote_gzip_index(cfg, lower, src, remote)
+    else:
+        target = open_seekable(src, gz) if gz else src  # gzip or zstd frame index; closes src on failure
     try:
         blob = open_blob(path)
     except BaseException:
@@ -179,6 +183,29 @@ def _remote_target_layer(
     except BaseException:
         target.close()
         blob.close()
+        raise
+
+
+def _remote_gzip_index(cfg: ImageConfig, lower: LowerConfig, src: Source, remote: RemoteOptions) -> Source:
+    """The tar stream of gzip blob ``src`` through a ``gzip.meta`` that is itself a registry blob,
+    read by ranges (header and entries now, windows when first needed) and verified like a layer
+    (:mod:`obd.turbo.parts`). ``src`` is closed on failure."""
+    from obd.formats.gzindex import GzipIndexedSource
+    from obd.image.remote import open_remote_blob
+    from obd.verify.pins import lower_pin
+
+    try:
+        pin = lower_pin(cfg, lower.gzipIndexDigest, remote.verify)
+        digest, size = lower.gzipIndexDigest, lower.gzipIndexSize or None
+        index = open_remote_blob(cfg.repoBlobUrl, digest, size, remote, path=cfg.path, table=pin)
+    except BaseException:
+        src.close()
+        raise
+    try:
+        return GzipIndexedSource(src, index)
+    except BaseException:
+        index.close()
+        src.close()
         raise
 
 

@@ -231,7 +231,9 @@ def image_to_config(ref: Reference, image: Image, opts: RemoteOptions, *, label:
         metas = image_metas(ref, image, opts)
         cfg = ImageConfig(lowers=plain_lowers(metas, opts.cache_dir), repoBlobUrl=repo_blob_url(ref, opts))
         cfg.extra["obd"] = {"image": label, "manifest": image.manifest_digest, "plain": True}
-        kept = image_table_pins(ref, image, opts, (m.digest for m in metas))  # built while indexing
+        # the layers' tables (built while indexing) and those of gzip indexes read by ranges
+        blobs = [m.digest for m in metas] + [lw.gzipIndexDigest for lw in cfg.lowers if lw.gzipIndexDigest]
+        kept = image_table_pins(ref, image, opts, blobs)
         if kept:
             cfg.extra["obd"]["verify"] = pins_json(kept)
         return cfg

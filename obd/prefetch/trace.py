@@ -36,7 +36,7 @@ from obd.errors import ChecksumError, FormatError, TruncatedError
 from obd.formats.crc import crc32c_raw
 from obd.io.priority import PRIORITY_PREFETCH, background_reads, read_priority
 from obd.io.publish import publish_bytes
-from obd.io.source import Source
+from obd.io.source import FileSource, Source
 from obd.lsmt.stack import Stack
 
 MAGIC = 0xC2EF1820
@@ -215,10 +215,11 @@ def coalesce(records: Iterable[Record], *, max_bytes: int = MAX_RECORD_BYTES) ->
 GZIP_MARGIN = 64 << 10
 
 
-def _compressed(src: Source, offset: int, count: int) -> tuple[Source, int, int] | None:
+def _compressed(src: Source, offset: int, count: int) -> list[tuple[Source, int, int]] | None:
     """The bytes of the compressed blob behind ``src`` that reading ``[offset, offset+count)`` of
     ``src`` needs, if ``src`` is a seekable view of one (a warp target through a gzip index or a
-    zstd frame index), else None.
+    zstd frame index), else None. For a gzip index read by ranges (:mod:`obd.turbo.parts`), the
+    windows of the seek points in the range are needed too.
 
     Replaying a target record fetches these bytes into the block cache instead of decompressing:
     no CPU taken from the workload, and one ranged read instead of a chain of the inflater's 64 KiB
@@ -242,12 +243,17 @@ def _compressed(src: Source, offset: int, count: int) -> tuple[Source, int, int]
             de_k, en_k = index.uncompressed_size, blob.size
         ratio = (en_k - en_j) / max(1, de_k - de_j)
         last = min(en_k, en_j + int((end - de_j) * ratio) + GZIP_MARGIN, blob.size)
-        return blob, first, last - first
+        out: list[tuple[Source, int, int]] = [(blob, first, last - first)]
+        if not isinstance(index.source, FileSource):
+            entries = [index.entry(k) for k in range(i, j + 1)]  # (de, en, win_pos, bits, win_len)
+            lo, hi = min(e[2] for e in entries), max(e[2] + e[4] for e in entries)
+            out.append((index.source, lo, hi - lo))
+        return out
     if isinstance(src, ZstdFramedSource):
         frames = src.index.frames
         i = bisect.bisect_right(src.index.starts, offset) - 1
         j = bisect.bisect_right(src.index.starts, end - 1) - 1
-        return src.blob, frames[i].offset, frames[j].offset + frames[j].length - frames[i].offset
+        return [(src.blob, frames[i].offset, frames[j].offset + frames[j].length - frames[i].offset)]
     return None
 
 
@@ -266,14 +272,12 @@ def replay(stack: Stack, records: Iterable[Record], *, workers: int = 16) -> Rep
     sources: list[Source] = []
     spans: dict[int, list[tuple[int, int]]] = {}
     for key, off, n in ranges:
-        src = slots[key]
-        back = _compressed(src, off, n) if split_key(key)[1] else None
-        if back is not None:
-            src, off, n = back
-        if id(src) not in spans:
-            sources.append(src)
-            spans[id(src)] = []
-        spans[id(src)].append((off, n))
+        back = _compressed(slots[key], off, n) if split_key(key)[1] else None
+        for src, a, k in back if back is not None else [(slots[key], off, n)]:
+            if id(src) not in spans:
+                sources.append(src)
+                spans[id(src)] = []
+            spans[id(src)].append((a, k))
     jobs = [
         (src, off, n)
         for i, src in enumerate(sources)

@@ -24,22 +24,36 @@ import gzip
 import hashlib
 import io
 import json
+import logging
 import os
 import shutil
 import tarfile
 import tempfile
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from obd.errors import FormatError
+from obd.errors import FormatError, ObdError
 from obd.io.publish import publish_path
+from obd.io.source import BytesSource
 from obd.oci.model import ANNOTATION_PREFIX, TURBO_TARGET_DIGEST, VERSION, Image
 from obd.registry.http import NotFoundError
 from obd.registry.push import push_blob, push_manifest
 from obd.registry.reference import Reference
 from obd.turbo.build import GZIP_INDEX_NAME, META_NAME, ZSTD_INDEX_NAME
-from obd.turbo.remote import MetaLayer, ensure_local_copies, ensure_meta, plan_meta, write_record
+from obd.turbo.parts import BLOCK_SIZE as PART_BLOCK_SIZE
+from obd.turbo.parts import MAX_PART, IndexParts
+from obd.turbo.remote import (
+    GZIP_LAYER_TYPES,
+    REMOTE_INDEX,
+    MetaLayer,
+    ensure_local_copies,
+    ensure_meta,
+    plan_meta,
+    write_record,
+)
+from obd.verify.format import DigestTable, build_table
 from obd.verify.index import fetch_listed_tables
 from obd.verify.local import LocalTables
 from obd.verify.pins import TablePin
@@ -47,6 +61,8 @@ from obd.verify.referrers import referrer_descriptors
 
 if TYPE_CHECKING:
     from obd.image.remote import RemoteOptions
+
+log = logging.getLogger(__name__)
 
 ARTIFACT_TYPE = "application/vnd.containerd.overlaybd.turbo.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -71,18 +87,49 @@ def fallback_tag(manifest_digest: str) -> str:
     return f"{alg}-{hexpart}"
 
 
-def pack_meta(meta: MetaLayer) -> bytes:
-    """turboOCI's ``turboOCIv1.tar.gz`` for one meta layer (fixed times, so the digest is stable)."""
+def pack_meta(meta: MetaLayer, gzip_index: bytes | None = None) -> bytes:
+    """turboOCI's ``turboOCIv1.tar.gz`` for one meta layer (fixed times, so the digest is stable).
+    ``gzip_index``: the layer's ``gzip.meta`` when the cache does not hold it (read by ranges)."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         members = [(META_NAME, meta.meta.read_bytes()), (TURBO_MARKER, b"")]
-        if meta.gzip_index is not None:  # gzip.meta, or obd's zstd.meta for a zstd layer
+        if gzip_index is not None:
+            members.append((GZIP_INDEX_NAME, gzip_index))
+        elif meta.gzip_index is not None:  # gzip.meta, or obd's zstd.meta for a zstd layer
             members.append((meta.gzip_index.name, meta.gzip_index.read_bytes()))
         for name, data in members:
             info = tarfile.TarInfo(name)
             info.size, info.mode, info.mtime = len(data), 0o644, 0
             tar.addfile(info, io.BytesIO(data))
     return gzip.compress(buf.getvalue(), mtime=0)
+
+
+async def _gzip_index_bytes(client: Any, ref: Reference, meta: MetaLayer) -> bytes | None:
+    """A gzip layer's ``gzip.meta``: the cached file, else (read by ranges until now) the whole blob
+    from ``ref``'s repository, digest checked; None for other layers."""
+    if meta.media_type not in GZIP_LAYER_TYPES:
+        return None
+    if meta.gzip_index is not None:
+        return meta.gzip_index.read_bytes()
+    remote = meta.remote_index
+    if remote is None:
+        raise FormatError("cached meta layer of a gzip layer has no gzip.meta", path=str(meta.directory))
+    return bytes(await client.get_blob(ref, remote[0], max_bytes=MAX_PART))
+
+
+async def _push_parts(client: Any, ref: Reference, meta: MetaLayer, index: bytes) -> IndexParts:
+    """Push a gzip layer's ``ext4.fs.meta`` (gzip) and ``gzip.meta`` (raw, with its digest table)
+    as blobs of their own (:mod:`obd.turbo.parts`)."""
+    packed = gzip.compress(meta.meta.read_bytes(), mtime=0)
+    table, index_digest = build_table(BytesSource(index).readinto, len(index), PART_BLOCK_SIZE)
+    pin = TablePin("sha256:" + hashlib.sha256(table).hexdigest(), len(table), PART_BLOCK_SIZE)
+    meta_digest = "sha256:" + hashlib.sha256(packed).hexdigest()
+    await asyncio.gather(
+        push_blob(client, ref, meta_digest, packed),
+        push_blob(client, ref, index_digest, index),
+        push_blob(client, ref, pin.digest, table),
+    )
+    return IndexParts((meta_digest, len(packed)), (index_digest, len(index)), pin)
 
 
 @dataclass(frozen=True)
@@ -111,10 +158,12 @@ async def push_index_artifact(
         table = (tables or {}).get(m.digest)
         if table is not None:
             await push_blob(client, ref, table[0].digest, table[1])
-        blob = pack_meta(m)
+        gz_index = await _gzip_index_bytes(client, ref, m)
+        blob = pack_meta(m, gz_index)
         digest = "sha256:" + hashlib.sha256(blob).hexdigest()
         await push_blob(client, ref, digest, blob)
         total += len(blob)
+        parts = await _push_parts(client, ref, m, gz_index) if gz_index is not None else None
         descs.append(
             {
                 "mediaType": LAYER_GZ,
@@ -125,6 +174,7 @@ async def push_index_artifact(
                     TURBO_TARGET_DIGEST: m.digest,
                     TARGET_MEDIA_TYPE: m.media_type,
                     **(table[0].annotations() if table is not None else {}),
+                    **(parts.annotations() if parts is not None else {}),
                 },
             }
         )
@@ -191,22 +241,37 @@ async def read_index_artifact(
     layers = manifest.get("layers") or []
     if len(layers) != len(metas):
         raise _bad(ref, "layers", f"{len(layers)} meta layers for {len(metas)} image layers", len(layers))
+    local = LocalTables(opts.cache_dir)
     todo = []
     for i, (d, m) in enumerate(zip(layers, metas, strict=True)):
-        target = (d.get("annotations") or {}).get(TURBO_TARGET_DIGEST)
+        ann = d.get("annotations") or {}
+        target = ann.get(TURBO_TARGET_DIGEST)
         if target != m.digest:
             raise _bad(ref, f"layers[{i}].annotations", "target digest is not the image layer's", target)
         if m.valid():
             continue
         if not isinstance(d.get("size"), int) or d["size"] > MAX_META_BLOB:
             raise _bad(ref, f"layers[{i}].size", "meta layer too large", d.get("size"))
-        todo.append((i, d, m))
+        parts = IndexParts.from_annotations(ann, path=str(ref), field=f"layers[{i}]")
+        todo.append((i, d, m, parts if m.media_type in GZIP_LAYER_TYPES else None))
+
+    async def fetch(i: int, d: dict[str, Any], m: MetaLayer, parts: IndexParts | None) -> None:
+        if parts is not None:
+            try:
+                packed, table = await asyncio.gather(
+                    client.get_blob(ref, parts.meta[0], max_bytes=parts.meta[1]),
+                    client.get_blob(ref, parts.table.digest, max_bytes=parts.table.size),
+                )
+            except NotFoundError as e:  # collected by a registry that keeps only what layers name
+                log.warning("index artifact %s: %s; reading its turboOCI meta layer instead", digest, e)
+            else:
+                _unpack_parts(ref, i, packed, table, m, parts, digest, local)
+                return
+        _unpack(ref, i, await client.get_blob(ref, d["digest"], max_bytes=MAX_META_BLOB), m, digest)
+
     # every meta layer and digest table at once: one round trip for all, not one per layer
-    blobs = asyncio.gather(*(client.get_blob(ref, d["digest"], max_bytes=MAX_META_BLOB) for _, d, _ in todo))
-    tables = fetch_listed_tables(client, ref, layers, image, LocalTables(opts.cache_dir))  # docs/verify.md
-    got, _ = await asyncio.gather(blobs, tables)
-    for (i, d, m), blob in zip(todo, got, strict=True):
-        _unpack(ref, i, blob, m, d["digest"])
+    tables = fetch_listed_tables(client, ref, layers, image, local)  # docs/verify.md
+    await asyncio.gather(tables, *(fetch(*job) for job in todo))
     return metas
 
 
@@ -235,6 +300,52 @@ def _unpack(ref: Reference, i: int, blob: bytes, m: MetaLayer, digest: str) -> N
         record = {
             "layer": {"digest": m.digest, "size": m.size, "mediaType": m.media_type},
             "artifact": digest,
+        }
+        write_record(out, record)
+        if m.directory.exists():
+            shutil.rmtree(out)
+        else:
+            publish_path(out, m.directory)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _unpack_parts(
+    ref: Reference,
+    i: int,
+    packed: bytes,
+    table: bytes,
+    m: MetaLayer,
+    parts: IndexParts,
+    digest: str,
+    local: LocalTables,
+) -> None:
+    """Cache one gzip layer's meta from the artifact's own parts: ``ext4.fs.meta`` unpacked here,
+    ``gzip.meta`` left in the registry (read by ranges) with its digest table kept."""
+    try:
+        kept = local.put(parts.index[0], table, parts.table.block_size)
+    except ObdError as e:
+        raise _bad(ref, f"layers[{i}].annotations", f"the gzip index's digest table: {e}") from e
+    if DigestTable(table).blob_size != parts.index[1] or kept.digest != parts.table.digest:
+        raise _bad(ref, f"layers[{i}].annotations", "the digest table does not cover the gzip index")
+    unpacker = zlib.decompressobj(31)
+    try:
+        meta = unpacker.decompress(packed, MAX_META_BLOB + 1)
+    except zlib.error as e:
+        raise _bad(ref, f"layers[{i}].annotations", f"ext4.fs.meta blob is not gzip: {e}") from e
+    if not unpacker.eof or len(meta) > MAX_META_BLOB or unpacker.unused_data:
+        why = "ext4.fs.meta blob is truncated, too large or followed by data"
+        raise _bad(ref, f"layers[{i}].annotations", why)
+    m.directory.parent.mkdir(parents=True, exist_ok=True)
+    out = tempfile.mkdtemp(prefix="fetch-", dir=m.directory.parent)
+    try:
+        with open(os.path.join(out, META_NAME), "wb") as f:
+            f.write(meta)
+        record = {
+            "layer": {"digest": m.digest, "size": m.size, "mediaType": m.media_type},
+            "artifact": digest,
+            REMOTE_INDEX: {"digest": parts.index[0], "size": parts.index[1]},
         }
         write_record(out, record)
         if m.directory.exists():

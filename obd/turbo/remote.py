@@ -69,6 +69,8 @@ GZIP_LAYER_TYPES = {t for t in PLAIN_LAYER_TYPES if t.endswith("gzip")}
 #: Files of a meta directory whose sha256 the record keeps (the local copy: its size only, it is
 #: big; its blocks are checked on every read against its digest table, which is hashed here).
 HASHED_FILES = (META_NAME, GZIP_INDEX_NAME, ZSTD_INDEX_NAME, LOCAL_COPY_NAME + SIDECAR_SUFFIX)
+#: The record's entry naming a ``gzip.meta`` read from the registry (:attr:`MetaLayer.remote_index`).
+REMOTE_INDEX = "gzipIndexBlob"
 #: Bytes per ranged GET while a layer is streamed for building.
 PIECE = 8 << 20
 
@@ -100,6 +102,21 @@ class MetaLayer:
             if p.is_file():
                 return p
         return None
+
+    @property
+    def remote_index(self) -> tuple[str, int] | None:
+        """``(digest, size)`` of the layer's ``gzip.meta`` when it is read from the registry by
+        ranges instead of kept here (its meta came from an artifact with :mod:`obd.turbo.parts`)."""
+        try:
+            found = json.loads((self.directory / RECORD_NAME).read_text(encoding="utf-8")).get(REMOTE_INDEX)
+        except (OSError, ValueError, AttributeError):
+            return None
+        if not isinstance(found, dict):
+            return None
+        digest, size = found.get("digest"), found.get("size")
+        if not isinstance(digest, str) or not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+            return None
+        return digest, size
 
     @property
     def local_copy(self) -> Path | None:
@@ -400,6 +417,18 @@ def plain_lowers(metas: list[MetaLayer], cache_dir: str | os.PathLike[str] | Non
             lowers.append(LowerConfig(file=str(m.meta), targetFile=str(copy)))
             continue
         gz = m.gzip_index
+        remote = m.remote_index if gz is None else None
+        if remote is not None:  # gzip.meta by ranges from the registry, like the layer blob
+            lowers.append(
+                LowerConfig(
+                    file=str(m.meta),
+                    targetDigest=m.digest,
+                    size=m.size,
+                    gzipIndexDigest=remote[0],
+                    gzipIndexSize=remote[1],
+                )
+            )
+            continue
         if gz is None and m.media_type not in PLAIN_LAYER_TYPES - GZIP_LAYER_TYPES:
             raise ConfigError(
                 "meta layer has neither a seek-point index nor a local copy of its compressed layer",

@@ -87,6 +87,10 @@ def coverage(cfg: ImageConfig) -> list[dict[str, str]]:
         part = f"lowers[{i}]"
         if lower.targetDigest or lower.targetFile:  # a plain image's meta layer over its blob
             out.append(_meta_entry(i, lower))
+            if lower.gzipIndexDigest:  # gzip.meta read by ranges from the registry
+                check, verified = _table(pins.get(lower.gzipIndexDigest))
+                what = f"gzip index blob {lower.gzipIndexDigest[:19]}…"
+                out.append({"part": f"{part} gzip index", "what": what, "check": check, "verified": verified})
             if lower.targetFile:
                 tabled = os.path.isfile(lower.targetFile + SIDECAR_SUFFIX)
                 out.append(

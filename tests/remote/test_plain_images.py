@@ -25,6 +25,7 @@ from fixtures import FIXTURES, require_tool
 from obd.cli import main
 from obd.convert.layertar import FILE, TarEntry
 from obd.errors import FormatError
+from obd.formats.gzindex.format import HEADER_SIZE
 from obd.image.local import open_config
 from obd.image.remote import RemoteOptions, registry_config, resolve_image
 from obd.observability.stats import Stats
@@ -40,10 +41,21 @@ from obd.turbo.artifact import (
     push_link,
 )
 from obd.turbo.build import LocalExtent, RemoteExtent, file_extents
+from obd.turbo.parts import (
+    INDEX_DIGEST as PART_INDEX_DIGEST,
+)
+from obd.turbo.parts import (
+    INDEX_SIZE,
+    INDEX_TABLE_BLOCK_SIZE,
+    META_DIGEST,
+    META_SIZE,
+    IndexParts,
+)
 from obd.turbo.remote import ensure_meta, meta_root
 from obd.verify import coverage as coverage_module
 from obd.verify.coverage import coverage
 from obd.verify.local import SIDECAR_SUFFIX
+from obd.verify.pins import TablePin
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -494,6 +506,113 @@ def test_an_artifact_for_another_image_is_refused(registry, tmp_path):
     o2 = RemoteOptions(insecure=(host,), cache_dir=str(tmp_path / "b"), allow_referrers=True)
     with pytest.raises(FormatError, match="refers to another image"):
         image_metas(ref, fake, o2)
+
+
+# -- the artifact's own parts: gzip.meta read by ranges ------------------------------------------------
+
+
+def _stored(registry, digest: str):
+    return registry.storage / "data/docker/registry/v2/blobs/sha256" / digest[7:9] / digest[7:] / "data"
+
+
+def _linked_parts(registry, tmp_path, capsys, tag: str):
+    """Index plain/multi:v1 with a strong link at ``tag``; the artifact manifest's layer descriptors."""
+    host = registry.host
+    cache = ("--cache-dir", str(tmp_path / "a"))
+    assert obd("index", f"{host}/plain/multi:v1", "--link", tag, "--insecure-registry", host, *cache) == 0
+    artifact, _linked = capsys.readouterr().out.split()
+    o = RemoteOptions(insecure=(host,), cache_dir=str(tmp_path / "a"))
+    ref, _image = resolve_image(f"{host}/plain/multi:v1", o)
+    return artifact, o.runner.run(o.client().fetch_manifest(ref, artifact), 60).json()["layers"]
+
+
+def test_gzip_indexes_are_read_by_ranges_from_the_artifacts_own_parts(registry, tmp_path, capsys):
+    """Each gzip layer's descriptor names its ext4.fs.meta and gzip.meta as blobs of their own: a new
+    machine fetches the meta whole and reads gzip.meta by ranges (none is cached), the bytes are the
+    image's, inspect shows the index checked by its table, and ``obd index --push`` from that cache
+    (no gzip.meta in it) pushes the very same artifact."""
+    host = registry.host
+    artifact, layers = _linked_parts(registry, tmp_path, capsys, "v1-parts")
+    parts = [IndexParts.from_annotations(d["annotations"], path="t", field="l") for d in layers]
+    assert [p is not None for p in parts] == [True, False, True]  # gzip, tar, gzip
+    fresh = ("--insecure-registry", host, "--cache-dir", str(tmp_path / "b"))
+    out = tmp_path / "b.raw"
+    assert obd("export", f"{host}/plain/multi:v1-parts", "-o", str(out), *fresh, "--quiet") == 0
+    assert "building" not in capsys.readouterr().err
+    _assert_tree(out, registry.tree)
+    dirs = sorted(meta_root(tmp_path / "b").iterdir())
+    names = sorted(sorted(p.name for p in d.iterdir()) for d in dirs)
+    assert names.count(["ext4.fs.meta", "turbo.json"]) == 3  # no gzip.meta anywhere
+    remote = sorted(
+        json.loads((d / "turbo.json").read_text()).get("gzipIndexBlob", {}).get("digest", "") for d in dirs
+    )
+    assert remote == sorted(["", *(p.index[0] for p in parts if p is not None)])
+    assert obd("inspect", f"{host}/plain/multi:v1-parts", "--json", *fresh) == 0
+    report = json.loads(capsys.readouterr().out)
+    gz = [e for e in report["verification"]["coverage"] if e["part"].endswith(" gzip index")]
+    assert len(gz) == 2 and {e["verified"] for e in gz} == {"yes"}
+    assert obd("index", f"{host}/plain/multi:v1", "--push", *fresh, "--quiet") == 0
+    assert capsys.readouterr().out.split()[0] == artifact  # gzip.meta fetched whole, packed alike
+
+
+def test_a_bad_gzip_index_part_is_refused_and_a_missing_one_falls_back(registry, tmp_path, capsys, caplog):
+    host = registry.host
+    _artifact, layers = _linked_parts(registry, tmp_path, capsys, "v1-parts")
+    parts = IndexParts.from_annotations(layers[0]["annotations"], path="t", field="l")
+    assert parts is not None
+    image = f"{host}/plain/multi:v1-parts"
+    reg = ("--insecure-registry", host, "--quiet")
+    # a byte flipped in the registry's gzip.meta (in the first seek point's window, which every
+    # read from the layer's start needs): refused, naming the blob, not inflated with a wrong window
+    stored = _stored(registry, parts.index[0])
+    original = stored.read_bytes()
+    data = bytearray(original)
+    data[HEADER_SIZE + 100] ^= 0x20
+    stored.write_bytes(bytes(data))
+    try:
+        cache = ("--cache-dir", str(tmp_path / "bad"))
+        assert obd("export", image, "-o", str(tmp_path / "bad.raw"), *reg, *cache) != 0
+        err = capsys.readouterr().err
+        assert parts.index[0] in err and "sha256" in err
+    finally:
+        stored.write_bytes(original)
+    # the meta part gone (a garbage collector that follows only `layers`): the turboOCI tar is used
+    stored = _stored(registry, parts.meta[0])
+    original = stored.read_bytes()
+    stored.unlink()
+    try:
+        cache = ("--cache-dir", str(tmp_path / "gone"))
+        with caplog.at_level("WARNING"):
+            assert obd("export", image, "-o", str(tmp_path / "gone.raw"), *reg, *cache) == 0
+        assert "reading its turboOCI meta layer instead" in caplog.text
+        _assert_tree(tmp_path / "gone.raw", registry.tree)
+    finally:
+        stored.write_bytes(original)
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({META_DIGEST: "sha256:xyz"}, META_DIGEST),
+        ({INDEX_SIZE: "0"}, INDEX_SIZE),
+        ({INDEX_SIZE: "-5"}, INDEX_SIZE),
+        ({META_SIZE: str(1 << 40)}, META_SIZE),
+        ({INDEX_TABLE_BLOCK_SIZE: "1000"}, INDEX_TABLE_BLOCK_SIZE),
+        ({PART_INDEX_DIGEST: None}, PART_INDEX_DIGEST),
+    ],
+)
+def test_malformed_part_annotations_are_refused_naming_the_field(change, field):
+    good = IndexParts(
+        ("sha256:" + "a" * 64, 10), ("sha256:" + "b" * 64, 20), TablePin("sha256:" + "c" * 64, 72, 16384)
+    )
+    ann = good.annotations()
+    assert IndexParts.from_annotations(ann, path="art", field="layers[0]") == good
+    assert IndexParts.from_annotations({}, path="art", field="layers[0]") is None
+    ann.update(change)
+    ann = {k: v for k, v in ann.items() if v is not None}
+    with pytest.raises(FormatError) as e:
+        IndexParts.from_annotations(ann, path="art", field="layers[0]")
+    assert e.value.field == f"layers[0].annotations.{field}"
 
 
 # -- sparse members ----------------------------------------------------------------------------------

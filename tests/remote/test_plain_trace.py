@@ -17,6 +17,7 @@ from registry_server import RegistryServer
 from test_plain_images import _layers, _push_plain, _zstd_layers
 
 from fixtures import require_tool
+from obd.cli import main
 from obd.image.device import DeviceOptions, open_device, start_prefetch
 from obd.image.local import open_config
 from obd.image.remote import RemoteOptions, registry_config
@@ -169,6 +170,39 @@ def test_zstd_target_records_replay_as_whole_frames(registry, tmp_path):
         assert 0 < o.stats["bytes_fetched"] - before < blob_size / 2
         requests = o.stats["requests"]
         assert stack.pread(pos, 4096) == want
+        assert o.stats["requests"] == requests
+    finally:
+        stack.close()
+
+
+def test_a_gzip_index_read_by_ranges_has_its_windows_replayed(registry, tmp_path):
+    """With the index artifact's own parts (gzip.meta read by ranges, tests/remote/test_plain_images.py),
+    a target record is replayed as the gzip bytes *and* the seek point's window: the read that
+    follows needs neither from the registry."""
+    host = registry.host
+    args = ["--insecure-registry", host, "--cache-dir", str(tmp_path / "a"), "--quiet"]
+    assert main(["index", f"{host}/{IMAGE}", "--link", "v1-parts", *args]) == 0
+    ref = f"{host}/plain/multi:v1-parts"
+    warm, cold = tmp_path / "warm", tmp_path / "cold"
+    o = _options(registry, warm)
+    stack = open_config(registry_config(ref, o), readonly=True, remote=o)
+    try:
+        top, blocks = _big_file_blocks(stack)
+        m = max((m for m in stack.lowers[-1].index if m[4] == 1), key=lambda m: m[1])
+        target_off = m[2] * 512 + (blocks[1] - m[0] * 512)
+        want = stack.pread(blocks[1], 4096)
+    finally:
+        stack.close()
+    _cold_cache(warm, cold)
+    shutil.copytree(warm / "verify", cold / "verify")  # the gzip index's digest table
+    o = _options(registry, cold)
+    stack = open_config(registry_config(ref, o), readonly=True, remote=o)
+    try:
+        assert not list(meta_root(cold).glob("*/gzip.meta"))
+        res = replay(stack, [(layer_key(top, TARGET_FILE), target_off, 4096)])
+        assert res.ranges == 2  # the gzip blob's range and the window's
+        requests = o.stats["requests"]
+        assert stack.pread(blocks[1], 4096) == want
         assert o.stats["requests"] == requests
     finally:
         stack.close()
