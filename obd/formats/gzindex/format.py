@@ -22,7 +22,7 @@ import numpy as np
 
 from obd.errors import ChecksumError, FormatError, TruncatedError, UnsupportedError
 from obd.formats.crc import crc32c_raw
-from obd.io.source import BytesSource, Source
+from obd.io.source import BytesSource, FileSource, Source
 
 MAGIC = b"ddgzidx\x00"
 MAJOR_VERSION = 1
@@ -295,6 +295,13 @@ class GzipIndex:
     def find(self, offset: int) -> int:
         """Index of the entry with the largest ``de_pos <= offset`` (the last entry past the end)."""
         return max(bisect.bisect_right(self.de_pos, offset) - 1, 0)
+
+    def has_window(self, i: int) -> bool:
+        """Whether entry ``i``'s window is at hand (cached, or the index is in memory or a file)."""
+        if isinstance(self.source, (BytesSource, FileSource)):
+            return True
+        with self._lock:
+            return i in self._windows
 
     def window(self, i: int) -> bytes:
         """The 32 KiB of uncompressed data before entry ``i`` (cached, a few at a time)."""

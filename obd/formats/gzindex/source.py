@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 from obd.errors import FormatError, ObdError, TruncatedError
 from obd.formats.gzindex.format import WINSIZE, GzipIndex
@@ -17,6 +18,19 @@ from obd.formats.gzindex.libz import Z_BUF_ERROR, Z_NEED_DICT, Z_NO_FLUSH, Z_STR
 from obd.io.source import FileSource, Source
 
 _CHUNK = 65536
+
+
+_pool: tuple[int, ThreadPoolExecutor] | None = None
+_pool_lock = threading.Lock()
+
+
+def _fetcher() -> ThreadPoolExecutor:
+    """Threads that fetch windows of indexes read by ranges (made anew in a forked child)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool[0] != os.getpid():
+            _pool = (os.getpid(), ThreadPoolExecutor(max_workers=8, thread_name_prefix="obd-gzwin"))
+        return _pool[1]
 
 
 class _Cursor:
@@ -28,10 +42,12 @@ class _Cursor:
         self.inf = Inflate(-15, path=gzip.name)
         strm = self.inf.strm
         try:
+            # a window read by ranges is fetched while the gzip bytes are: one round trip, not two
+            pending = None if index.has_window(i) else _fetcher().submit(index.window, i)
+            byte = gzip.read_exact(en_pos - 1, 1, f"gzip data (entry[{i}].en_pos)")[0]
             if bits:
-                byte = gzip.read_exact(en_pos - 1, 1, f"gzip data (entry[{i}].en_pos)")[0]
                 self.inf.check(self.inf.z.inflatePrime(self.inf.ref, bits, byte >> (8 - bits)), "prime")
-            window = index.window(i)
+            window = pending.result() if pending is not None else index.window(i)
             self.inf.check(self.inf.z.inflateSetDictionary(self.inf.ref, window, WINSIZE), "set dictionary")
         except BaseException:
             self.inf.close()
