@@ -22,7 +22,12 @@ output byte is measured for:
 (e) ``obd run`` of the *plain* image, lazily, no conversion: its index artifact (``obd index
     --link``) is in the registry and found through the strong link; cold block and index caches
     (it also records a trace);
-(f) the same with the trace recorded by (e) replayed from the start.
+(f) the same with the trace recorded by (e) replayed from the start;
+(w) (b) again with the block cache a first run left (the manifest is still resolved over the link).
+
+Each row also shows its distance to the floor and its physical limit: the floor, plus the bytes
+it fetched at the link's bandwidth, plus one round trip (issue 17: lazy ≤ floor + 2 s, trace or
+acceleration layer ≤ floor + 0.3 s, warm ≤ floor + 0.2 s).
 
 Bytes and requests are the proxy's own counts (everything that crossed the "link"). Targets
 (issue 7): at 50 ms + 20 Mbit/s (c) ≥ 5× faster than (a) and (b) ≥ 3×; at 25 ms + 100 Mbit/s (c)
@@ -31,7 +36,7 @@ within 1 s of (d). Issue 14, plain image at 50 ms + 20 Mbit/s: (e) ≥ 3×, (f) 
 baseline; (d) too), e.g. ``--cases e,f`` for the plain image alone.
 
 Usage: .venv/bin/python bench/coldstart.py [--links 25ms:100Mbit,50ms:20Mbit] [--runs N]
-       [--cases b,c,c-accel,e,f] [--layout converted|single] [--compress lz4|zstd]
+       [--cases b,c,c-accel,w,e,f] [--layout converted|single] [--compress lz4|zstd]
        [--block-size KIB] [--cache-dir DIR] [--ablation] [--json OUT]
 Needs root the first time (debootstrap) and the apt mirror; afterwards everything is cached.
 """
@@ -82,7 +87,7 @@ COMMAND = ["python3", "-c", 'print("hello world!")']
 #: What ``obd convert`` writes by default (issue 17: the benches measure what users get).
 CONVERT_DEFAULTS = ConvertOptions()
 #: The cases ``--cases`` can pick; (a) and (d) always run.
-CASES = ("b", "c", "c-accel", "e", "f")
+CASES = ("b", "c", "c-accel", "w", "e", "f")
 EXPECTED = b"hello world!\n"
 MB = 1e6
 
@@ -151,16 +156,21 @@ def full_pull(assets, host: str, repo: str, work: Path, accel: str) -> dict:
     return steps
 
 
-def lazy(host: str, repo: str, cache: Path, accel: str, **kw) -> dict:
-    """(b)/(c): ``obd run`` of the overlaybd image with a cold block cache."""
-    shutil.rmtree(cache, ignore_errors=True)
+def lazy(
+    host: str, repo: str, cache: Path, accel: str, *, fresh: bool = True, keep: bool = False, **kw
+) -> dict:
+    """(b)/(c): ``obd run`` of the overlaybd image with a cold block cache (``fresh``: emptied first;
+    ``keep``: left for a warm run after)."""
+    if fresh:
+        shutil.rmtree(cache, ignore_errors=True)
     remote = RemoteOptions(insecure=True, cache_dir=str(cache), stats=Stats())
     out = bytearray()
     res = run_image(
         f"{host}/{repo}", COMMAND, RunOptions(remote=remote, accel=accel, on_output=out.extend, **kw)
     )
     assert res.exit_code == 0 and bytes(out) == EXPECTED, bytes(out)
-    shutil.rmtree(cache, ignore_errors=True)
+    if not keep:
+        shutil.rmtree(cache, ignore_errors=True)
     t = res.timings
     return {
         "total": t["first_output"],
@@ -334,6 +344,7 @@ def main() -> int:
                     "c-accel": [],
                     "b-nometa": [],
                     "b-noexec": [],
+                    "w": [],
                     "e": [],
                     "f": [],
                 }
@@ -361,6 +372,11 @@ def main() -> int:
                             push_trace_image(client, obd_ref, trace_bytes, f"{reg.host}/{accel_tag}"), 120
                         )
                         runs["c-accel"].append(go(lambda h, tag=accel_tag: lazy(h, tag, lazy_cache, accel)))
+                    if "w" in cases:
+                        # warm: the block cache a first run (straight to the registry) left
+                        warm_cache = work / "warm-cache"
+                        lazy(reg.host, obd_tag, warm_cache, accel, keep=True)
+                        runs["w"].append(go(lambda h, c=warm_cache: lazy(h, obd_tag, c, accel, fresh=False)))
                     plain_trace = str(work / f"plain-{i}.trace")
                     if "e" in cases:
                         runs["e"].append(
@@ -378,7 +394,7 @@ def main() -> int:
                             go(lambda h: lazy(h, obd_tag, lazy_cache, accel, prefetch_exec=False))
                         )
                 results["links"][link] = runs
-                report(link, runs, d, plain_bytes)
+                report(link, runs, d, plain_bytes, rtt=_seconds(delay), bandwidth=_bits(rate))
             runner.run(client.aclose(), 10)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -387,10 +403,27 @@ def main() -> int:
     return 0
 
 
-def report(link: str, runs: dict[str, list[dict]], d: float, plain_bytes: int) -> None:
+def _seconds(delay: str) -> float:
+    """``50ms`` -> 0.05."""
+    return float(delay.removesuffix("ms")) / 1000
+
+
+def _bits(rate: str) -> float:
+    """``20Mbit`` -> 20e6 (bits per second)."""
+    return float(rate.removesuffix("Mbit")) * 1e6
+
+
+def report(
+    link: str, runs: dict[str, list[dict]], d: float, plain_bytes: int, *, rtt: float, bandwidth: float
+) -> None:
+    """The table of one link. ``limit`` is the physical limit of each case (issue 17): the floor,
+    plus the bytes it fetched at the link's bandwidth, plus one round trip."""
     a = median(runs["a"], "total")
     print(f"\nlink {link.replace(':', ' + ')}/s  (medians of {len(runs['a'])} run(s))")
-    print(f"  {'case':<46} {'first output':>12} {'vs (a)':>7} {'fetched':>10} {'requests':>9}")
+    print(
+        f"  {'case':<46} {'first output':>12} {'vs (a)':>7} {'fetched':>10} {'requests':>9} "
+        f"{'vs floor':>9} {'limit':>8}"
+    )
     rows = [
         ("a", "(a) pull + extract + mke2fs + boot + run"),
         ("b", "(b) obd run, lazy, cold cache"),
@@ -398,6 +431,7 @@ def report(link: str, runs: dict[str, list[dict]], d: float, plain_bytes: int) -
         ("b-noexec", "(b'') (b) without the start-up prefetch"),
         ("c", "(c) obd run + recorded trace, cold cache"),
         ("c-accel", "(c') the trace as an acceleration layer"),
+        ("w", "(w) (b) again, warm block cache"),
         ("e", "(e) obd run of the plain image, index in reg."),
         ("f", "(f) (e) + recorded trace"),
     ]
@@ -405,9 +439,11 @@ def report(link: str, runs: dict[str, list[dict]], d: float, plain_bytes: int) -
         if not runs[key]:
             continue
         t = median(runs[key], "total")
+        fetched = median(runs[key], "bytes")
+        limit = d + fetched * 8 / bandwidth + rtt
         print(
-            f"  {label:<46} {t:>10.2f} s {a / t:>6.1f}× {median(runs[key], 'bytes') / MB:>7.1f} MB "
-            f"{median(runs[key], 'requests'):>9.0f}"
+            f"  {label:<46} {t:>10.2f} s {a / t:>6.1f}× {fetched / MB:>7.1f} MB "
+            f"{median(runs[key], 'requests'):>9.0f} {t - d:>+7.2f} s {limit:>6.2f} s"
         )
     print(f"  {'(d) floor: boot + run from a local disk':<46} {d:>10.2f} s {a / d:>6.1f}×")
     steps = runs["a"][0]
