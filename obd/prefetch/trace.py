@@ -211,6 +211,22 @@ def coalesce(records: Iterable[Record], *, max_bytes: int = MAX_RECORD_BYTES) ->
     return out
 
 
+def _merge(
+    spans: list[tuple[int, int, int]], max_bytes: int = MAX_RECORD_BYTES
+) -> list[tuple[int, int, int]]:
+    """``(start, end, first)`` spans merged where they touch or overlap, cut to ``max_bytes``
+    pieces: ``(offset, length, first)``, ``first`` the earliest of the spans a piece covers."""
+    spans.sort()
+    merged: list[list[int]] = []
+    for a, b, first in spans:
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+            merged[-1][2] = min(merged[-1][2], first)
+        else:
+            merged.append([a, b, first])
+    return [(p, min(max_bytes, b - p), first) for a, b, first in merged for p in range(a, b, max_bytes)]
+
+
 #: Compressed bytes read past the estimated end of a gzip target range (the inflater's input chunk).
 GZIP_MARGIN = 64 << 10
 
@@ -263,26 +279,30 @@ def replay(stack: Stack, records: Iterable[Record], *, workers: int = 16) -> Rep
     Records naming a layer the stack does not have, or ranges past a layer's end, are skipped
     (a trace made for another image is harmless, just useless). A range of a compressed warp
     target (a plain image's gzip or zstd layer) is read as the compressed bytes behind it
-    (:func:`_compressed`), merged with its neighbours; ``bytes`` counts what was read.
+    (:func:`_compressed`), merged with its neighbours; ``bytes`` counts what was read. Ranges are
+    read in the order the recording first needed them.
     """
     recs = list(records)
     slots = {key: stack.files[slot] for slot, key in _lower_slots(stack).items()}
-    ranges = [r for r in coalesce(recs) if r[0] in slots and r[1] < slots[r[0]].size]
-    # the sources to read and their ranges, compressed targets mapped onto their blobs
+    # the sources to read and their ranges, compressed targets mapped onto their blobs, each range
+    # marked with the first record that needs it
     sources: list[Source] = []
-    spans: dict[int, list[tuple[int, int]]] = {}
-    for key, off, n in ranges:
+    spans: dict[int, list[tuple[int, int, int]]] = {}
+    for first, (key, off, n) in enumerate(recs):
+        if key not in slots or off >= slots[key].size or n <= 0:
+            continue
         back = _compressed(slots[key], off, n) if split_key(key)[1] else None
         for src, a, k in back if back is not None else [(slots[key], off, n)]:
             if id(src) not in spans:
                 sources.append(src)
                 spans[id(src)] = []
-            spans[id(src)].append((a, k))
-    jobs = [
-        (src, off, n)
-        for i, src in enumerate(sources)
-        for _k, off, n in coalesce((i, off, n) for off, n in spans[id(src)])
-    ]
+            spans[id(src)].append((a, a + k, first))
+    # in the order the workload first needed them: on a slow link the replay then delivers what
+    # the guest waits for next, instead of competing with it for the bandwidth
+    ordered = sorted(
+        (first, i, off, n) for i, src in enumerate(sources) for off, n, first in _merge(spans[id(src)])
+    )
+    jobs = [(sources[i], off, n) for _first, i, off, n in ordered]
     start = time.monotonic()
     done = 0
     lock = threading.Lock()
@@ -299,8 +319,6 @@ def replay(stack: Stack, records: Iterable[Record], *, workers: int = 16) -> Rep
         with lock:
             done += got
 
-    # big ranges first: they take longest
-    jobs.sort(key=lambda r: -r[2])
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         for f in [pool.submit(one, r) for r in jobs]:
             f.result()

@@ -135,3 +135,32 @@ def test_stack_vsize_is_the_top_most_non_zero_and_zero_upper_inherits(tmp_path):
     st = Stack([a], upper)
     assert st.size == SIZE and upper.virtual_size == SIZE  # written into the upper's headers
     assert (tmp_path / "i").read_bytes()[48:56] == SIZE.to_bytes(8, "little")
+
+
+class _Logged(BytesSource):
+    """A layer file that logs the offsets it is read at."""
+
+    def __init__(self, inner, log):
+        super().__init__(inner.pread(0, inner.size), "logged")
+        self.log = log
+
+    def readinto(self, buf, offset):
+        self.log.append(offset)
+        return super().readinto(buf, offset)
+
+
+def test_trace_replay_reads_in_the_order_the_recording_first_needed(tmp_path):
+    """A trace is replayed in first-need order, neighbours merged (a merged range goes where its
+    earliest record was), not sorted by size or offset: on a slow link the replay then delivers
+    what the guest waits for next."""
+    from obd.prefetch.trace import replay
+
+    layer = sealed_from_ops(tmp_path, "l", [("w", 0, bytes([7]) * (SIZE // 2))])
+    stack = Stack([layer])
+    log: list[int] = []
+    stack.files[0] = _Logged(stack.files[0], log)
+    page = 4096
+    records = [(0, 40 * page, page), (0, 2 * page, page), (0, 90 * page, 8 * page), (0, 41 * page, page)]
+    res = replay(stack, records, workers=1)
+    assert log == [40 * page, 2 * page, 90 * page]  # 40 and 41 merged, at 40's place
+    assert res.ranges == 3 and res.bytes == 11 * page
