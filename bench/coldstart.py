@@ -450,7 +450,7 @@ def report(
     print(
         "  (a) steps: " + ", ".join(f"{k} {steps[k]:.2f} s" for k in ("pull", "extract", "mkfs", "boot+run"))
     )
-    for key in ("b", "c", "e", "f"):
+    for key in ("b", "c", "w", "e", "f"):
         if not runs[key]:
             continue
         r = runs[key][0]

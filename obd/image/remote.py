@@ -20,10 +20,11 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from obd.cache import CachedSource, CacheStore
-from obd.cache.store import parse_size
+from obd.cache.store import default_cache_dir, parse_size
 from obd.errors import ChecksumError, ConfigError, UnsupportedError
 from obd.image.accel import META_KEY, trace_layer_ref
 from obd.image.config import ImageConfig, LowerConfig
@@ -38,6 +39,7 @@ from obd.oci.model import Image
 from obd.registry.auth import CredentialResolver, Credentials
 from obd.registry.blob import READAHEAD_AUTO, RemoteBlob
 from obd.registry.client import RegistryClient
+from obd.registry.content import ContentCache
 from obd.registry.dragonfly import P2PConfig, background_reads
 from obd.registry.loop import AsyncRunner, default_runner
 from obd.registry.reference import DOCKER_HUB_API, Reference, parse_reference
@@ -111,10 +113,14 @@ class RemoteOptions:
                     hosts=self.hosts_dirs,
                     proxy=self.proxy,
                     p2p=self.p2p,
+                    content_cache=None if self.no_cache else ContentCache(self._content_dir()),
                 )
                 self._clients[key] = client
                 _live.append(self)
             return client
+
+    def _content_dir(self) -> Path:
+        return Path(self.cache_dir or default_cache_dir()) / "content"
 
     def store(self) -> CacheStore | None:
         """The persistent block cache (None with ``no_cache``)."""

@@ -54,7 +54,11 @@ class RegistryClient(ManifestRequests, BlobReads, BlobUploads):
             raise FormatError(
                 "config is larger than 4 MiB", path=str(ref), field="config.size", value=cfg.size
             )
-        raw = await self.get_blob(ref, cfg.digest)
+        raw = self.content_cache.get_blob(cfg.digest) if self.content_cache else None
+        if raw is None:
+            raw = await self.get_blob(ref, cfg.digest)
+            if self.content_cache is not None:
+                self.content_cache.put_blob(cfg.digest, raw)
         try:
             config = json.loads(raw)
         except ValueError as e:

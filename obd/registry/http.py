@@ -62,6 +62,7 @@ from obd.registry.auth import (
     parse_challenge,
     safe_url,
 )
+from obd.registry.content import ContentCache
 from obd.registry.dragonfly import (
     HEADER_PRIORITY,
     HEADER_USE_P2P,
@@ -183,6 +184,7 @@ class HttpTransport:
         mirror_cooldown: float = 30.0,
         proxy: str | None = None,
         p2p: P2PConfig | None = None,
+        content_cache: ContentCache | None = None,
     ):
         if attempts < 1:
             raise ConfigError("attempts must be at least 1", field="attempts", value=attempts)
@@ -215,6 +217,8 @@ class HttpTransport:
         self.max_retry_after = max_retry_after
         self.redirect_ttl = redirect_ttl
         self.max_blob_bytes = max_blob_bytes
+        #: Manifests and configs kept by digest (:mod:`obd.registry.content`), or None.
+        self.content_cache = content_cache
         self.chunk_size = chunk_size
         self.stats = stats if stats is not None else st.default_stats()
         self.user_agent = user_agent

@@ -66,6 +66,9 @@ class ManifestRequests(HttpTransport):
         want_digest = target if ":" in target else None
         if want_digest:
             validate_digest(want_digest)
+            kept = self.content_cache.get_manifest(want_digest) if self.content_cache else None
+            if kept is not None:
+                return RawManifest(want_digest, kept[0], kept[1])
 
         async def one(host: Reference) -> RawManifest:
             url = self.manifest_url(host, target)
@@ -95,6 +98,8 @@ class ManifestRequests(HttpTransport):
                     media = json.loads(data).get("mediaType") or content_type
                 if media in DOCKER_SCHEMA1:
                     raise UnsupportedError("Docker schema 1 manifests are not supported", path=str(ref))
+                if want_digest and self.content_cache is not None:
+                    self.content_cache.put_manifest(digest, media, data)
                 return RawManifest(digest, media, data)
 
             return await self._retrying(f"GET manifest {target}", url, attempt)

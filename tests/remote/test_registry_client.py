@@ -19,6 +19,7 @@ from obd.layer.blob import open_blob, open_source
 from obd.observability.stats import Stats
 from obd.registry import AsyncRunner, CredentialResolver, RegistryClient, RemoteBlob
 from obd.registry.blob import DEFAULT_MERGE_GAP
+from obd.registry.content import ContentCache
 from obd.registry.push import push_layout
 
 pytestmark = pytest.mark.timeout(120)
@@ -124,6 +125,36 @@ def test_manifest_by_tag_digest_and_platform(pushed, registry, runner, client):
     with pytest.raises(RegistryError, match="404"):
         runner.run(client.get_manifest(f"{repo}:no-such-tag"), 30)
     assert client.stats["retries"] == 0  # a 404 is final, not retried
+
+
+def test_a_warm_resolve_asks_the_registry_only_for_the_tag(pushed, registry, runner, tmp_path, caplog):
+    """What a tag names is kept by digest (obd.registry.content): resolving the docker list tag
+    again costs one request (the tag), not three (tag, platform manifest, config); the same
+    image comes back; a damaged kept manifest is noticed and fetched again."""
+    repo = f"{registry.host}/aci/hello:docker-list"
+    cache = ContentCache(tmp_path / "content")
+
+    def resolve() -> tuple[object, int]:
+        c = new_client(content_cache=cache)
+        try:
+            return runner.run(c.get_image(repo, "linux/amd64"), 30), c.stats["requests"]
+        finally:
+            runner.run(c.aclose(), 10)
+
+    cold, cold_requests = resolve()
+    warm, warm_requests = resolve()
+    assert cold_requests >= 3 and warm_requests == 1
+    assert (warm.manifest_digest, warm.manifest, warm.config) == (
+        cold.manifest_digest,
+        cold.manifest,
+        cold.config,
+    )
+    kept = tmp_path / "content" / "manifests" / "sha256" / PLAIN_AMD64[7:]
+    kept.write_bytes(kept.read_bytes()[:-1] + b" ")
+    with caplog.at_level("WARNING"):
+        again, requests = resolve()
+    assert "does not match its digest" in caplog.text and requests == 2
+    assert again.manifest == cold.manifest
 
 
 def test_read_range_matches_local_file(pushed, runner, client):
