@@ -34,6 +34,11 @@ connection; each connection's handle is a small :class:`Handle` over it.
   ``profile=BOOL``
       print on stderr where the start's time went once the disk is ready, and the whole profile
       when nbdkit shuts down (:func:`obd.observability.stats.format_profile`; ``obd nbd --profile``).
+  ``params-from=FILE``
+      more parameters, as a JSON list of ``[key, value]`` pairs in FILE, which may appear later:
+      ``get_ready`` waits for it (up to :data:`PARAMS_TIMEOUT`) with the engine and the registry
+      client already imported, so that nbdkit's start overlaps whatever makes the parameters
+      (``obd run`` spawns nbdkit before it resolves the image, then writes the image's config).
 * **FUA** is emulated by nbdkit with a flush after the write; **block sizes** follow the device's
   write granule.
 * **Multi-conn** is always safe: all connections of the process share one stack (one in-memory
@@ -49,6 +54,7 @@ connection; each connection's handle is a small :class:`Handle` over it.
 
 from __future__ import annotations
 
+import builtins
 import ctypes
 import errno
 import functools
@@ -122,6 +128,11 @@ EXTENTS_WINDOW_ONE = 64 << 20
 EXTENTS_MAX = 16384
 #: Shortest ``stats-interval``.
 MIN_STATS_INTERVAL = 0.05
+#: How long ``get_ready`` waits for a ``params-from`` file, and how often it looks.
+PARAMS_TIMEOUT = 600.0
+PARAMS_POLL = 0.002
+#: Largest ``params-from`` file read.
+MAX_PARAMS_BYTES = 1 << 20
 
 
 # --- configuration --------------------------------------------------------------------------------
@@ -140,6 +151,7 @@ class PluginOptions(DeviceOptions):
         "prefetch-exec-path",
         "profile",
         "venv",
+        "params-from",
     )
 
     extents: bool = True
@@ -151,6 +163,7 @@ class PluginOptions(DeviceOptions):
     profile: bool = False  # print where the start's time went (docs/performance.md) on stderr
     prefetch_exec: list[str] = field(default_factory=list)  # programs whose start to prefetch
     prefetch_exec_path: str | None = None  # the PATH they are looked up in
+    params_from: str | None = None  # a file of more parameters, waited for in get_ready
 
     def set(self, key: str, value: str) -> None:
         name = canonical_key(key)
@@ -164,6 +177,8 @@ class PluginOptions(DeviceOptions):
             self.prefetch_exec.append(value)
         elif name == "prefetch-exec-path":
             self.prefetch_exec_path = value
+        elif name == "params-from":
+            self.params_from = absolute_path(value)
         elif name == "venv":
             self.venv = value  # used by plugin.py before this module is imported
         elif name == "stats-file":
@@ -317,7 +332,39 @@ def config(key: str, value: str) -> None:
 
 
 def config_complete() -> None:
-    _startup("parameters", _STATE.options.check)
+    if _STATE.options.params_from is None:  # else checked once the rest has arrived (get_ready)
+        _startup("parameters", _STATE.options.check)
+
+
+def _await_params(opts: PluginOptions) -> None:
+    """Wait for ``opts.params_from``, then take its ``[key, value]`` pairs as parameters."""
+    from obd.image import remote as _remote  # noqa: F401 - imported while the caller is still busy
+
+    path = opts.params_from
+    assert path is not None
+    deadline = time.monotonic() + PARAMS_TIMEOUT
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise ObdError(
+                f"no parameters arrived within {PARAMS_TIMEOUT:.0f} s", path=path, field="params-from"
+            )
+        time.sleep(PARAMS_POLL)
+    try:
+        with builtins.open(path, "rb") as f:  # this module's open() is nbdkit's callback
+            pairs = json.loads(f.read(MAX_PARAMS_BYTES + 1))
+    except (OSError, ValueError) as e:
+        raise ObdError(f"cannot read the parameters: {e}", path=path, field="params-from") from None
+    if not isinstance(pairs, list) or not all(
+        isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in pairs
+    ):
+        raise ObdError(
+            "parameters must be a JSON list of [key, value] strings", path=path, field="params-from"
+        )
+    for key, value in pairs:
+        if canonical_key(key) == "params-from":
+            raise ObdError("params-from cannot name another file", path=path, field=key)
+        opts.set(key, value)
+    opts.check()
 
 
 def thread_model() -> int:
@@ -328,6 +375,8 @@ def get_ready() -> None:
     """Open the image now, so that a bad one stops nbdkit before it forks or listens."""
     _STATE.ready_pid = os.getpid()
     if _STATE.device is None:
+        if _STATE.options.params_from is not None:
+            _startup("params-from", lambda: _await_params(_STATE.options))
         started = time.monotonic()
         _STATE.device = _startup("open", lambda: open_device(_STATE.options))
         nbdkit.debug(_STATE.device.description)

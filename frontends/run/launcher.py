@@ -46,6 +46,7 @@ from obd.errors import ConfigError, ObdError
 from obd.host.nbdkit import find_nbdkit, nbdkit_env, plugin_path
 from obd.image.config import ImageConfig
 from obd.image.remote import RemoteOptions
+from obd.io.publish import publish_bytes
 from obd.registry.blob import READAHEAD_AUTO
 
 #: How long nbdkit may take to open the image and listen (a slow registry makes this long).
@@ -509,17 +510,9 @@ def run_image(image: str | Sequence[str] | None, args: Sequence[str], options: R
     t0 = time.monotonic()
     timings: dict[str, float] = {}
     resolve_before = remote.stats.snapshot()
-
-    resolved = None
-    if image:
-        resolved = resolve_image(image, remote, platform=options.platform)
-        say(f"resolved {' '.join(resolved.label)}: {len(resolved.config.lowers)} layer(s)")
-    elif not options.upper:
-        raise ConfigError("no image given (IMAGE, or an existing --rw DIR / --snapshot NAME)", field="image")
-    timings["resolve"] = time.monotonic() - t0
-
     runtime = _runtime_dir()
     server: NbdServer | None = None
+    late = runtime / "params.json"  # the image's own server parameters, once resolved
     first: list[float] = []
     on_output = options.on_output
 
@@ -531,6 +524,20 @@ def run_image(image: str | Sequence[str] | None, args: Sequence[str], options: R
 
     warming: threading.Thread | None = None
     try:
+        if image:
+            # nbdkit embeds Python and imports the engine and the registry client (≈ 0.4 s) while
+            # the image is resolved; the parameters that need the image follow in params-from
+            server = _server(options, runtime, [*remote_params(remote), f"params-from={late}"])
+            server.spawn(env=_server_env(remote))
+        resolved = None
+        if image:
+            resolved = resolve_image(image, remote, platform=options.platform)
+            say(f"resolved {' '.join(resolved.label)}: {len(resolved.config.lowers)} layer(s)")
+        elif not options.upper:
+            raise ConfigError(
+                "no image given (IMAGE, or an existing --rw DIR / --snapshot NAME)", field="image"
+            )
+        timings["resolve"] = time.monotonic() - t0
         if options.trace and not os.path.isfile(options.trace):
             raise ConfigError("trace file not found", path=options.trace, field="trace")
         if resolved is not None and resolved.config.repoBlobUrl and not remote.no_cache:
@@ -559,7 +566,7 @@ def run_image(image: str | Sequence[str] | None, args: Sequence[str], options: R
 
         assets = ensure_assets(options.vm_cache_dir, progress=say)
         timings["prepared"] = time.monotonic() - t0
-        params = remote_params(remote)
+        params = [] if server is not None else remote_params(remote)
         if disk.upper is not None:
             params.append(f"upper={disk.upper}")
             if options.sparse:
@@ -585,14 +592,11 @@ def run_image(image: str | Sequence[str] | None, args: Sequence[str], options: R
                 params.append(f"prefetch-exec={argv[0]}")
             if argv and options.prefetch_exec and search:
                 params.append(f"prefetch-exec-path={search}")
-        server = NbdServer(
-            runtime,
-            params,
-            threads=options.threads,
-            verbose=options.nbdkit_verbose,
-            log_path=options.server_log,
-        )
-        server.spawn(env=_server_env(remote))
+        if server is None:
+            server = _server(options, runtime, params)
+            server.spawn(env=_server_env(remote))
+        else:
+            publish_bytes(late, json.dumps([p.split("=", 1) for p in params]).encode(), durable=False)
         if warming is not None:
             warming.join()
         resolve_stats = _diff(remote.stats.snapshot(), resolve_before)  # resolve + the warming opens
@@ -622,7 +626,8 @@ def run_image(image: str | Sequence[str] | None, args: Sequence[str], options: R
         if warming is not None:
             warming.join()  # it uses the caller's registry client, which may be closed after this
         if server is not None:
-            server.stop()
+            # a server still waiting for its parameters has nothing to save: no need to wait on it
+            server.stop(SERVER_STOP_TIMEOUT if late.exists() or not image else 0.5)
         stats = server.stats() if server is not None else {}
         shutil.rmtree(runtime, ignore_errors=True)
     ended = time.monotonic()
@@ -639,6 +644,12 @@ def run_image(image: str | Sequence[str] | None, args: Sequence[str], options: R
         accel=result.accel,
         upper=os.path.abspath(options.upper) if options.upper else None,
         argv=argv,
+    )
+
+
+def _server(options: RunOptions, runtime: Path, params: Sequence[str]) -> NbdServer:
+    return NbdServer(
+        runtime, params, threads=options.threads, verbose=options.nbdkit_verbose, log_path=options.server_log
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -240,6 +241,46 @@ def test_bad_image_stops_nbdkit_before_it_listens(tmp_path):
     )
     assert res.returncode != 0 and "bad.commit" in res.stderr
     assert not (tmp_path / "x.sock").exists()
+
+
+def test_params_from_a_file_that_appears_later(tmp_path):
+    """``params-from=FILE``: nbdkit starts and imports the engine, and waits (not listening) until
+    FILE appears with the image's parameters, as ``obd run`` writes them once it has resolved the
+    image; a malformed file stops nbdkit with an error naming the parameter."""
+    entry = stack("L0L1/lz4")
+    late = tmp_path / "params.json"
+    srv = NbdServer(tmp_path, [f"params-from={late}"])
+    srv.proc = subprocess.Popen(srv.command(), stdin=subprocess.DEVNULL, env=CLEAN_ENV)
+    try:
+        time.sleep(1.0)
+        assert srv.proc.poll() is None and not srv.sock.exists()
+        pairs = [p.split("=", 1) for p in layer_params(entry)]
+        tmp = tmp_path / "params.tmp"
+        tmp.write_text(json.dumps(pairs))
+        tmp.rename(late)
+        wait_for_socket(srv.sock, 30, srv.proc, srv.log)
+        assert sha256(read_device(srv.connect())) == entry["sha256"]
+    finally:
+        srv.stop()
+    for text, why in (("{", "cannot read the parameters"), ('[["a"]]', "JSON list of [key, value]")):
+        bad = tmp_path / "bad.json"
+        bad.write_text(text)
+        res = subprocess.run(
+            [
+                require_tool("nbdkit"),
+                "-f",
+                "-U",
+                str(tmp_path / "x.sock"),
+                "python",
+                str(PLUGIN),
+                f"params-from={bad}",
+            ],
+            env=CLEAN_ENV,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert res.returncode != 0 and "params-from" in res.stderr and why in res.stderr
 
 
 # --- tests: obd nbd -------------------------------------------------------------------------------
