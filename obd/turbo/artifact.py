@@ -297,18 +297,25 @@ def _unpack(ref: Reference, i: int, blob: bytes, m: MetaLayer, digest: str) -> N
             os.unlink(os.path.join(out, TURBO_MARKER))
         if ZSTD_INDEX_NAME in names and not m.media_type.endswith("zstd"):
             raise _bad(ref, f"layers[{i}]", "zstd.meta for a layer that is not zstd")
-        record = {
-            "layer": {"digest": m.digest, "size": m.size, "mediaType": m.media_type},
-            "artifact": digest,
-        }
-        write_record(out, record)
-        if m.directory.exists():
-            shutil.rmtree(out)
-        else:
-            publish_path(out, m.directory)
+        _publish_meta(out, m, digest)
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
         raise
+
+
+def _publish_meta(out: str, m: MetaLayer, artifact: str, extra: Mapping[str, object] | None = None) -> None:
+    """Record the meta directory ``out`` unpacked from ``artifact`` and move it into place (a
+    concurrent fetch that got there first wins; ``out`` is then dropped)."""
+    record = {
+        "layer": {"digest": m.digest, "size": m.size, "mediaType": m.media_type},
+        "artifact": artifact,
+        **(extra or {}),
+    }
+    write_record(out, record)
+    if m.directory.exists():
+        shutil.rmtree(out)
+    else:
+        publish_path(out, m.directory)
 
 
 def _unpack_parts(
@@ -342,16 +349,7 @@ def _unpack_parts(
     try:
         with open(os.path.join(out, META_NAME), "wb") as f:
             f.write(meta)
-        record = {
-            "layer": {"digest": m.digest, "size": m.size, "mediaType": m.media_type},
-            "artifact": digest,
-            REMOTE_INDEX: {"digest": parts.index[0], "size": parts.index[1]},
-        }
-        write_record(out, record)
-        if m.directory.exists():
-            shutil.rmtree(out)
-        else:
-            publish_path(out, m.directory)
+        _publish_meta(out, m, digest, {REMOTE_INDEX: {"digest": parts.index[0], "size": parts.index[1]}})
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
         raise
