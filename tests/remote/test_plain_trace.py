@@ -60,6 +60,19 @@ def _big_file_blocks(stack) -> tuple[int, list[int]]:
     return len(stack.lowers) - 1, list(range(-(-start // 4096) * 4096, end - 4096, 300_000))
 
 
+def _one_target_read(registry, ref: str, cache) -> tuple[int, list[int], int, bytes]:
+    """Read one block of the top layer's largest file into ``cache``: the layer's position, the
+    file's block offsets, the target offset of ``blocks[1]`` and its bytes."""
+    o = _options(registry, cache)
+    stack = open_config(registry_config(ref, o), readonly=True, remote=o)
+    try:
+        top, blocks = _big_file_blocks(stack)
+        m = max((m for m in stack.lowers[-1].index if m[4] == 1), key=lambda m: m[1])
+        return top, blocks, m[2] * 512 + (blocks[1] - m[0] * 512), stack.pread(blocks[1], 4096)
+    finally:
+        stack.close()
+
+
 def test_layer_key_keeps_old_records_and_marks_targets():
     """File 0 is the layer index overlaybd writes; a target record round-trips through the format."""
     assert layer_key(3) == 3 and split_key(3) == (3, 0)
@@ -115,15 +128,7 @@ def test_target_records_replay_through_the_target_source(registry, tmp_path):
     from that seek point, finds them all in the block cache."""
     ref = f"{registry.host}/{IMAGE}"
     warm, cold = tmp_path / "warm", tmp_path / "cold"
-    o = _options(registry, warm)
-    stack = open_config(registry_config(ref, o), readonly=True, remote=o)
-    try:
-        top, blocks = _big_file_blocks(stack)
-        m = max((m for m in stack.lowers[-1].index if m[4] == 1), key=lambda m: m[1])
-        target_off = m[2] * 512 + (blocks[1] - m[0] * 512)
-        want = stack.pread(blocks[1], 4096)
-    finally:
-        stack.close()
+    top, blocks, target_off, want = _one_target_read(registry, ref, warm)
     _cold_cache(warm, cold)
     o = _options(registry, cold)
     stack = open_config(registry_config(ref, o), readonly=True, remote=o)
@@ -184,15 +189,7 @@ def test_a_gzip_index_read_by_ranges_has_its_windows_replayed(registry, tmp_path
     assert main(["index", f"{host}/{IMAGE}", "--link", "v1-parts", *args]) == 0
     ref = f"{host}/plain/multi:v1-parts"
     warm, cold = tmp_path / "warm", tmp_path / "cold"
-    o = _options(registry, warm)
-    stack = open_config(registry_config(ref, o), readonly=True, remote=o)
-    try:
-        top, blocks = _big_file_blocks(stack)
-        m = max((m for m in stack.lowers[-1].index if m[4] == 1), key=lambda m: m[1])
-        target_off = m[2] * 512 + (blocks[1] - m[0] * 512)
-        want = stack.pread(blocks[1], 4096)
-    finally:
-        stack.close()
+    top, blocks, target_off, want = _one_target_read(registry, ref, warm)
     _cold_cache(warm, cold)
     shutil.copytree(warm / "verify", cold / "verify")  # the gzip index's digest table
     o = _options(registry, cold)

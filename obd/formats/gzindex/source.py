@@ -44,7 +44,8 @@ class _Cursor:
         try:
             # a window read by ranges is fetched while the gzip bytes are: one round trip, not two
             pending = None if index.has_window(i) else _fetcher().submit(index.window, i)
-            byte = gzip.read_exact(en_pos - 1, 1, f"gzip data (entry[{i}].en_pos)")[0]
+            if bits or pending is not None:  # the byte read also starts fetching the gzip bytes
+                byte = gzip.read_exact(en_pos - 1, 1, f"gzip data (entry[{i}].en_pos)")[0]
             if bits:
                 self.inf.check(self.inf.z.inflatePrime(self.inf.ref, bits, byte >> (8 - bits)), "prime")
             window = pending.result() if pending is not None else index.window(i)
