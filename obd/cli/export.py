@@ -61,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(
             f"wrote {res.path}: {human_bytes(res.virtual_size)} device ({res.virtual_size} bytes), "
-            f"{human_bytes(res.data_bytes)} of data in {res.data_extents} extents, "
+            f"{human_bytes(res.data_bytes)} of data in {res.data_extents} extents "
+            f"({human_bytes(res.written_bytes)} written, its blocks of zeros left holes), "
             f"{human_bytes(res.zero_bytes)} trimmed, the rest unmapped (holes)",
             file=sys.stderr,
         )

@@ -16,6 +16,7 @@ from ext4tree import compare_trees, e2fsck_clean, read_file, read_tree
 from fixtures import expected, fixture_path, materialize, require_tool, resolved_config, sha256_file
 from obd.cli import main
 from obd.image.local import open_layers
+from obd.layer.export import ZERO_BLOCK, _nonzero_runs
 
 SMALL = [s for s in expected()["stacks"] if s["vsize"] <= 1 << 30]
 EXT4 = [s for s in expected()["stacks"] if s["name"].startswith("ext4/")]
@@ -137,6 +138,34 @@ def test_plain_oci_image_in_a_layout_exports_lazily(tmp_path):
     cache = str(tmp_path / "c")
     assert main(["export", f"oci:{layout}:amd64", "-o", str(out), "-q", "--cache-dir", cache]) == 0
     assert read_file(out, "/hello") == plain_hello(layout)
+    # its meta layer maps 512 MiB of zeroed inode tables: those stay holes too
+    assert out.stat().st_blocks * 512 < 16 << 20
+
+
+@pytest.mark.parametrize(
+    ("blocks", "tail", "want"),
+    [
+        ("", 0, []),
+        ("0000", 0, []),
+        ("1111", 0, [(0, 4)]),
+        ("0110100", 0, [(1, 3), (4, 5)]),
+        ("10", 100, [(0, 1), (2, 2)]),  # the partial block at the end is written as it is
+        ("01", 100, [(1, 2)]),  # ... merged with a run that touches it
+    ],
+)
+def test_nonzero_runs_leave_zero_blocks_out(blocks, tail, want):
+    bs = ZERO_BLOCK
+    buf = bytearray(len(blocks) * bs + tail + bs)  # room past n is ignored
+    for i, c in enumerate(blocks):
+        if c == "1":
+            buf[i * bs + 17] = 1
+    buf[len(blocks) * bs + tail] = 9
+    n = len(blocks) * bs + tail
+    got = _nonzero_runs(buf, n)
+    ends = [(a * bs, b * bs) for a, b in want]
+    if tail:
+        ends[-1] = (ends[-1][0], n)
+    assert got == ends
 
 
 def test_errors_are_one_line_and_exit_1(tmp_path, capsys):
