@@ -230,7 +230,9 @@ def push_plain_index(client: RegistryClient, host: str, cache: Path) -> int:
     image = default_runner().run(client.get_image(ref), 120)
     metas = ensure_meta(ref, image, opts)
     pushed = default_runner().run(push_index_artifact(client, ref, image, metas), 600)
-    default_runner().run(push_link(client, ref, image, pushed.digest, "oci-lazy"), 120)
+    default_runner().run(
+        push_link(client, ref, image, {image.manifest_digest: pushed.digest}, "oci-lazy"), 120
+    )
     shutil.rmtree(cache, ignore_errors=True)
     return pushed.bytes
 

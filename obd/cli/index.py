@@ -39,12 +39,15 @@ and --push publishes them in a table artifact linked the same way.
 With --link TAG, an image index is pushed at TAG holding the image's manifest descriptor annotated
 with the artifact's digest (io.github.obd.turbo.index-digest): whoever runs REPO:TAG, or pins that
 index by digest, gets the image and its index together, with no trust in a mutable tag fallback.
---quiet leaves only the digests on stdout.
+For a multi-platform REF the link keeps every platform of REF's index; --platform picks the one
+indexed (default: this machine's), --all-platforms indexes each of them (like soci create
+--all-platforms). stdout gets each artifact's digest, then the link's; --quiet leaves only those.
 
 examples:
   obd index registry.example.com/app:1.0
   obd index --push localhost:5000/app:1.0 --insecure-registry localhost:5000
   obd index --link 1.0-lazy localhost:5000/app:1.0 --insecure-registry localhost:5000
+  obd index --all-platforms --link 1.0-lazy localhost:5000/app:1.0 --insecure-registry localhost:5000
 """
 
 
@@ -64,6 +67,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "carries the artifact's digest (a strong link, as SOCI index manifest v2: pulling TAG, or that "
         "index by digest, finds the index without --allow-referrers); implies --push",
     )
+    p.add_argument(
+        "--all-platforms",
+        action="store_true",
+        help="index every platform of a multi-platform REF (default: the one --platform picks)",
+    )
     add_progress_arg(p)
     add_remote_args(p)
     p.set_defaults(func=run)
@@ -73,41 +81,99 @@ def run(args: argparse.Namespace) -> int:
     # lazy: obd.image.remote pulls aiohttp (~110 ms) into every obd command that lists its options
     from obd.image.remote import resolve_image
     from obd.turbo import is_plain_image
-    from obd.turbo.artifact import TIMEOUT, push_index_artifact, push_link
-    from obd.turbo.remote import ensure_meta
-    from obd.verify.index import build_layer_tables, table_bytes
+    from obd.turbo.artifact import TIMEOUT, push_link
 
     opts = remote_options(args)
     ref, image = resolve_image(args.reference, opts)
     quiet = bool(getattr(args, "quiet", False))
-    if not is_plain_image(image):
-        return _index_overlaybd(args, opts, ref, image, quiet=quiet)
+    say = (lambda _m: None) if quiet else (lambda m: print(m, file=sys.stderr))
+    targets = _platform_images(args, opts, ref, image) if args.all_platforms else [image]
+    if len(targets) == 1 and not is_plain_image(targets[0]):
+        return _index_overlaybd(args, opts, ref, targets[0], quiet=quiet)
+    artifacts: dict[str, str] = {}
+    for one in targets:
+        if not is_plain_image(one):
+            say(f"{one.reference}: an overlaybd image, read lazily as it is; not indexed here")
+            continue
+        digest = _index_plain(args, opts, ref, one, quiet=quiet)
+        if digest is not None:
+            artifacts[one.manifest_digest] = digest
+    if args.link:
+        client = opts.client(ref.api_host if opts.is_http(ref.api_host) else None)
+        linked = opts.runner.run(push_link(client, ref, image, artifacts, args.link), TIMEOUT)
+        say(
+            f"pushed image index {ref.name}:{args.link}@{linked} linking {len(artifacts)} "
+            f"image{'s' if len(artifacts) != 1 else ''} to {'their' if len(artifacts) != 1 else 'its'} "
+            "index artifact"
+        )
+        print(linked)
+    print_stats(args)
+    return 0
+
+
+def _platform_images(
+    args: argparse.Namespace, opts: RemoteOptions, ref: Reference, image: Image
+) -> list[Image]:
+    """Each platform's image of the multi-platform index ``ref`` names, in its order (attestation
+    manifests, whose platform is unknown/unknown, left out); ConfigError if ``ref`` names one image."""
+    from obd.errors import ConfigError
+    from obd.image.remote import resolve_image
+    from obd.oci.model import MANIFEST_TYPES
+
+    if not isinstance(image.index, dict):
+        raise ConfigError(
+            "--all-platforms needs a multi-platform image (an image index)", path=args.reference
+        )
+    out = []
+    for d in image.index.get("manifests") or []:
+        if not isinstance(d, dict) or d.get("mediaType", "") not in (*MANIFEST_TYPES, ""):
+            continue
+        if d.get("digest") == image.manifest_digest:
+            out.append(image)
+            continue
+        platform = d.get("platform")
+        if isinstance(platform, dict) and platform.get("os", "unknown") != "unknown":
+            out.append(resolve_image(str(ref.with_target(digest=str(d.get("digest")))), opts)[1])
+    return out
+
+
+def _index_plain(
+    args: argparse.Namespace, opts: RemoteOptions, ref: Reference, image: Image, *, quiet: bool
+) -> str | None:
+    """Build (and with --push or --link, push) the index of the plain image ``image``; the pushed
+    artifact's digest, else None."""
+    from obd.turbo.artifact import TIMEOUT, push_index_artifact
+    from obd.turbo.remote import ensure_meta
+    from obd.verify.index import build_layer_tables, table_bytes
+
+    say = (lambda _m: None) if quiet else (lambda m: print(m, file=sys.stderr))
     metas = ensure_meta(ref, image, opts, quiet=quiet)
     size = sum(m.meta.stat().st_size + (m.gzip_index.stat().st_size if m.gzip_index else 0) for m in metas)
     layer_bytes = sum(m.size for m in metas)
-    say = (lambda _m: None) if quiet else (lambda m: print(m, file=sys.stderr))
     say(
-        f"indexed {args.reference} ({image.manifest_digest}): {len(metas)} layers, "
+        f"indexed {image.reference} ({_platform_name(image)}, {image.manifest_digest}): {len(metas)} layers, "
         f"{human_bytes(size)} of index for {human_bytes(layer_bytes)} of layers"
     )
     pins = build_layer_tables(ref, [(m.digest, m.size) for m in metas], opts, quiet=quiet)
     if not quiet:
         _say_tables(pins, layer_bytes)
-    if args.push or args.link:
-        client = opts.client(ref.api_host if opts.is_http(ref.api_host) else None)
-        tables = table_bytes(opts, pins)
-        pushed = opts.runner.run(push_index_artifact(client, ref, image, metas, tables), TIMEOUT)
-        say(
-            f"pushed index artifact {pushed.digest} ({pushed.layers} layers, {human_bytes(pushed.bytes)}, "
-            f"{len(tables)} digest tables), linked by tag {pushed.tag}"
-        )
-        print(pushed.digest)
-        if args.link:
-            linked = opts.runner.run(push_link(client, ref, image, pushed.digest, args.link), TIMEOUT)
-            say(f"pushed image index {ref.name}:{args.link}@{linked} linking the image to its index artifact")
-            print(linked)
-    print_stats(args)
-    return 0
+    if not (args.push or args.link):
+        return None
+    client = opts.client(ref.api_host if opts.is_http(ref.api_host) else None)
+    tables = table_bytes(opts, pins)
+    pushed = opts.runner.run(push_index_artifact(client, ref, image, metas, tables), TIMEOUT)
+    say(
+        f"pushed index artifact {pushed.digest} ({pushed.layers} layers, {human_bytes(pushed.bytes)}, "
+        f"{len(tables)} digest tables), linked by tag {pushed.tag}"
+    )
+    print(pushed.digest)
+    return pushed.digest
+
+
+def _platform_name(image: Image) -> str:
+    cfg = image.config
+    name = f"{cfg.get('os', 'linux')}/{cfg.get('architecture', 'amd64')}"
+    return f"{name}/{cfg['variant']}" if cfg.get("variant") else name
 
 
 def _say_tables(pins: dict[str, TablePin], layer_bytes: int) -> None:

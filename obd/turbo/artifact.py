@@ -34,7 +34,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from obd.errors import FormatError, ObdError
+from obd.errors import ConfigError, FormatError, ObdError
 from obd.io.publish import publish_path
 from obd.io.source import BytesSource
 from obd.oci.model import ANNOTATION_PREFIX, TURBO_TARGET_DIGEST, VERSION, Image
@@ -355,27 +355,40 @@ def _unpack_parts(
         raise
 
 
-async def push_link(client: Any, ref: Reference, image: Image, artifact: str, tag: str) -> str:
-    """Push, at ``tag`` of ``ref``'s repository, an image index holding the image's manifest
-    descriptor annotated with the index artifact's digest (:data:`INDEX_DIGEST`, as SOCI index
-    manifest v2 links its index): pulling that index by digest pins the image and its index both.
-    Returns the index's digest."""
-    raw = await client.fetch_manifest(ref, image.manifest_digest)
-    cfg = image.config
+async def push_link(client: Any, ref: Reference, image: Image, artifacts: Mapping[str, str], tag: str) -> str:
+    """Push, at ``tag`` of ``ref``'s repository, an image index whose manifest descriptors carry
+    their index artifact's digest (:data:`INDEX_DIGEST`, as SOCI index manifest v2 links its index):
+    pulling that index by digest pins each image and its index both. ``artifacts`` maps a manifest
+    digest to its artifact's. When ``image`` was picked from a multi-platform index, the link keeps
+    every descriptor of that index, annotating those in ``artifacts``: a platform left unindexed
+    still runs from the link (its index built on first use). Returns the index's digest."""
+    top = image.index if isinstance(image.index, dict) else None
+    if top is not None and isinstance(top.get("manifests"), list):
+        descs = [dict(d) for d in top["manifests"] if isinstance(d, dict)]
+    else:
+        raw = await client.fetch_manifest(ref, image.manifest_digest)
+        descs = [{"mediaType": raw.media_type, "digest": image.manifest_digest, "size": len(raw.data)}]
+        descs[0]["platform"] = _platform(image.config)
+    listed = {d.get("digest") for d in descs}
+    for digest in artifacts:
+        if digest not in listed:
+            raise ConfigError(f"{digest} is not a manifest of the image index", path=str(ref))
+    for d in descs:
+        if d.get("digest") in artifacts:
+            d["annotations"] = {**(d.get("annotations") or {}), INDEX_DIGEST: artifacts[d["digest"]]}
+    doc: dict[str, Any] = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": descs}
+    if top is not None and isinstance(top.get("annotations"), dict):
+        doc["annotations"] = top["annotations"]
+    data = json.dumps(doc, separators=(",", ":")).encode()
+    return str(await push_manifest(client, ref, data, OCI_INDEX, target=tag))
+
+
+def _platform(cfg: Mapping[str, Any]) -> dict[str, str]:
+    """An image descriptor's ``platform``, from the image's config."""
     platform = {"architecture": cfg.get("architecture", "amd64"), "os": cfg.get("os", "linux")}
     if cfg.get("variant"):
         platform["variant"] = cfg["variant"]
-    desc = {
-        "mediaType": raw.media_type,
-        "digest": image.manifest_digest,
-        "size": len(raw.data),
-        "platform": platform,
-        "annotations": {INDEX_DIGEST: artifact},
-    }
-    data = json.dumps(
-        {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [desc]}, separators=(",", ":")
-    ).encode()
-    return str(await push_manifest(client, ref, data, OCI_INDEX, target=tag))
+    return platform
 
 
 def linked_artifact(ref: Reference, image: Image) -> str | None:

@@ -16,6 +16,7 @@ Placeholders a doc may use (set in the environment of every block)
                pass ``--insecure-registry "$REG"``). It holds
                ``$REG/hello:obd``     overlaybd-converted hello-world (fixtures/aci-hello-world, amd64),
                ``$REG/hello:latest``  the plain OCI hello-world it was converted from,
+               ``$REG/hello:multi``   plain hello-world for 9 platforms (a Docker manifest list),
                ``$REG/busybox:obd``   busybox as one overlaybd layer (``sh``, ``ls``, ...: boots with
                                       ``obd run``; its default command prints ``hello from busybox``),
                ``$REG/busybox:latest`` the same root as a plain OCI image (one gzip layer).

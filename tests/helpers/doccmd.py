@@ -189,7 +189,8 @@ class DocWorld:
     """A registry with the documented images, a work directory with the documented files, and an env.
 
     Registry (``$REG``): ``hello:obd`` (the overlaybd-converted hello-world of fixtures/aci-hello-world),
-    ``hello:latest`` (its plain amd64 image), ``busybox:obd`` (a busybox root as one overlaybd layer,
+    ``hello:latest`` (its plain amd64 image), ``hello:multi`` (plain hello-world for 9 platforms, a
+    Docker manifest list), ``busybox:obd`` (a busybox root as one overlaybd layer,
     bootable with ``obd run``; default command prints ``hello from busybox``) and ``busybox:latest``
     (the same root as a plain OCI image, one gzip layer). Work directory (the cwd, ``$WORK``):
     ``base.commit`` and ``app.commit`` (two sealed overlaybd layers of fixtures/overlaybd, lowest
@@ -212,6 +213,7 @@ class DocWorld:
         hello = FIXTURES / "aci-hello-world"
         self._obd("push", f"oci:{hello}:amd64-converted", f"{reg}/hello:obd", "--insecure-registry", reg)
         self._obd("push", f"oci:{hello}:amd64", f"{reg}/hello:latest", "--insecure-registry", reg)
+        self._obd("push", f"oci:{hello}:docker-list", f"{reg}/hello:multi", "--insecure-registry", reg)
         self._busybox(reg)
         return self
 

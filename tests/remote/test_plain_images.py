@@ -223,10 +223,11 @@ def registry(tmp_path_factory):
     reg.stop()
 
 
-def _hello_bytes() -> bytes:
+def _hello_bytes(tag: str = "amd64") -> bytes:
+    """The /hello of the hello-world fixture's image tagged ``tag``, from its layer tar."""
     layout = FIXTURES / "aci-hello-world"
     index = json.loads((layout / "index.json").read_text())
-    plain = next(m for m in index["manifests"] if m.get("annotations", {}).get(REF) == "amd64")
+    plain = next(m for m in index["manifests"] if m.get("annotations", {}).get(REF) == tag)
     blob = layout / "blobs" / "sha256"
     manifest = json.loads((blob / plain["digest"].split(":")[1]).read_text())
     layer = (blob / manifest["layers"][0]["digest"].split(":")[1]).read_bytes()
@@ -469,6 +470,60 @@ def test_strong_link_finds_the_artifact_without_referrers(registry, tmp_path, ca
     assert "building the file-system index" in capsys.readouterr().err
 
 
+def test_all_platforms_link_every_platform(registry, tmp_path, capsys):
+    """``obd index --all-platforms --link TAG`` on a multi-platform image: one artifact per platform,
+    and a link keeping the original index's descriptors (order, platforms) each annotated with its
+    own artifact. Pulling TAG for any platform starts from that platform's artifact."""
+    host = registry.host
+    reg_args = ("--insecure-registry", host)
+    hello = FIXTURES / "aci-hello-world"
+    assert obd("push", f"oci:{hello}:docker-list", f"{host}/plain/hello:multi", *reg_args) == 0
+    capsys.readouterr()  # the pushed index's digest
+    cache = ("--cache-dir", str(tmp_path / "a"))
+    image = f"{host}/plain/hello:multi"
+    assert obd("index", image, "--all-platforms", "--link", "multi-lazy", *reg_args, *cache, "--quiet") == 0
+    *artifacts, linked = capsys.readouterr().out.split()
+    o = RemoteOptions(insecure=(host,), cache_dir=str(tmp_path / "a"))
+    ref, _ = resolve_image(image, o)
+    original = o.runner.run(o.client().fetch_manifest(ref), 60).json()["manifests"]
+    link = o.runner.run(o.client().fetch_manifest(ref, linked), 60).json()["manifests"]
+    assert [(d["digest"], d["platform"]) for d in link] == [(d["digest"], d["platform"]) for d in original]
+    assert len(original) == 9 and [d["annotations"][INDEX_DIGEST] for d in link] == artifacts
+    assert len(set(artifacts)) == 9
+    for n, (platform, tag) in enumerate((("linux/arm64/v8", "arm64"), ("linux/amd64", "amd64"))):
+        out = tmp_path / f"{n}.raw"
+        fresh = ("--cache-dir", str(tmp_path / f"fresh{n}"), "--platform", platform)
+        assert obd("export", f"{host}/plain/hello:multi-lazy", "-o", str(out), *reg_args, *fresh) == 0
+        assert "building" not in capsys.readouterr().err
+        assert read_file(out, "/hello") == _hello_bytes(tag)
+
+
+def test_a_link_of_one_platform_keeps_the_others(registry, tmp_path, capsys):
+    """Without --all-platforms only the picked platform is indexed, but the link still lists every
+    platform: another one runs from it, its index built on first use."""
+    host = registry.host
+    reg_args = ("--insecure-registry", host)
+    hello = FIXTURES / "aci-hello-world"
+    assert obd("push", f"oci:{hello}:docker-list", f"{host}/plain/hello:multi", *reg_args) == 0
+    capsys.readouterr()  # the pushed index's digest
+    args = ("--platform", "linux/amd64", "--link", "amd64-lazy", *reg_args, "--quiet")
+    assert obd("index", f"{host}/plain/hello:multi", *args, "--cache-dir", str(tmp_path / "a")) == 0
+    artifact, linked = capsys.readouterr().out.split()
+    o = RemoteOptions(insecure=(host,), cache_dir=str(tmp_path / "a"))
+    ref, _ = resolve_image(f"{host}/plain/hello:multi", o)
+    link = o.runner.run(o.client().fetch_manifest(ref, linked), 60).json()["manifests"]
+    assert len(link) == 9
+    assert [d.get("annotations", {}).get(INDEX_DIGEST) for d in link] == [artifact] + [None] * 8
+    out = tmp_path / "arm.raw"
+    fresh = ("--cache-dir", str(tmp_path / "b"), "--platform", "linux/arm64")
+    assert obd("export", f"{host}/plain/hello:amd64-lazy", "-o", str(out), *reg_args, *fresh) == 0
+    assert "building the file-system index of 1 of 1 layers" in capsys.readouterr().err
+    assert read_file(out, "/hello") == _hello_bytes("arm64")
+    # a single image has no platforms to walk
+    assert obd("index", f"{host}/hello:latest", "--all-platforms", *reg_args) == 1
+    assert "--all-platforms needs a multi-platform image" in capsys.readouterr().err
+
+
 def test_a_strong_link_to_another_images_artifact_is_refused(registry, tmp_path):
     """An index whose annotation names the artifact of another image (hello-world, pushed to the same
     repository) fails loudly instead of being used."""
@@ -481,7 +536,7 @@ def test_a_strong_link_to_another_images_artifact_is_refused(registry, tmp_path)
     metas = ensure_meta(href, himage, o, quiet=True)
     pushed = o.runner.run(push_index_artifact(client, href, himage, metas), 60)
     ref, multi = resolve_image(f"{host}/plain/multi:v1", o)
-    o.runner.run(push_link(client, ref, multi, pushed.digest, "v1-bad"), 60)
+    o.runner.run(push_link(client, ref, multi, {multi.manifest_digest: pushed.digest}, "v1-bad"), 60)
     bad, image = resolve_image(f"{host}/plain/multi:v1-bad", o)
     with pytest.raises(FormatError, match="refers to another image"):
         image_metas(bad, image, RemoteOptions(insecure=(host,), cache_dir=str(tmp_path / "b")))
