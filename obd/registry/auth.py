@@ -38,13 +38,15 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import aiohttp
 from yarl import URL
 
 from obd.errors import AuthError, ConfigError, RegistryError
 from obd.registry.reference import DOCKER_HUB_ALIASES
+
+if TYPE_CHECKING:
+    import aiohttp
 
 log = logging.getLogger("obd.registry.auth")
 
@@ -482,6 +484,8 @@ async def fetch_token(
 
     ``proxy_for`` says which HTTP proxy (if any) the request to the realm goes through.
     """
+    import aiohttp  # deferred: 0.2 s to import (obd.registry docstring)
+
     realm = challenge.realm
     if not realm:
         raise AuthError("Bearer challenge without a realm", field="WWW-Authenticate")

@@ -35,6 +35,7 @@ import asyncio
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -46,9 +47,8 @@ import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import aiohttp
 from yarl import URL
 
 from obd.errors import AuthError, ConfigError, ObdError, RegistryError
@@ -73,6 +73,9 @@ from obd.registry.dragonfly import (
 )
 from obd.registry.hosts import PULL, RESOLVE, HostsConfig, HostsResolver, RegistryHost
 from obd.registry.reference import Reference, parse_reference
+
+if TYPE_CHECKING:
+    import aiohttp
 
 log = logging.getLogger("obd.registry")
 
@@ -205,12 +208,7 @@ class HttpTransport:
         self._skip_verify = frozenset(h.lower() for h in skip_verify)
         self.ca_file = os.fspath(ca_file) if ca_file else None
         self.max_connections = max_connections
-        self.timeout = aiohttp.ClientTimeout(
-            total=request_timeout, sock_connect=connect_timeout, sock_read=read_timeout
-        )
-        self.stream_timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=connect_timeout, sock_read=read_timeout
-        )
+        self._timeouts = (request_timeout, connect_timeout, read_timeout)
         self.attempts = attempts
         self.backoff = backoff
         self.max_backoff = max_backoff
@@ -269,8 +267,26 @@ class HttpTransport:
                     self._host_ssl[h.hostport.lower()] = h.ssl_context(self.ca_file)
         return config
 
+    @functools.cached_property
+    def timeout(self) -> aiohttp.ClientTimeout:
+        """A request's timeouts: whole request, connect, each read (made on first use: aiohttp)."""
+        import aiohttp  # deferred: 0.2 s to import (obd.registry docstring)
+
+        total, connect, read = self._timeouts
+        return aiohttp.ClientTimeout(total=total, sock_connect=connect, sock_read=read)
+
+    @functools.cached_property
+    def stream_timeout(self) -> aiohttp.ClientTimeout:
+        """A streamed body's timeouts: no limit on the whole, the connect and read ones of :attr:`timeout`."""
+        import aiohttp  # deferred: 0.2 s to import (obd.registry docstring)
+
+        _total, connect, read = self._timeouts
+        return aiohttp.ClientTimeout(total=None, sock_connect=connect, sock_read=read)
+
     def _dial_timeout(self, where: str, timeout: aiohttp.ClientTimeout) -> aiohttp.ClientTimeout:
         """``timeout`` with the connect timeout ``hosts.toml`` sets for host ``where`` (``dial_timeout``)."""
+        import aiohttp  # deferred: 0.2 s to import (obd.registry docstring)
+
         configured = self._host_settings.get(where)
         if configured is None or configured.dial_timeout is None:
             return timeout
@@ -315,6 +331,8 @@ class HttpTransport:
         return self.base_url(ref) / ref.repository / "manifests" / target
 
     async def _session(self) -> aiohttp.ClientSession:
+        import aiohttp  # deferred: 0.2 s to import (obd.registry docstring)
+
         loop = asyncio.get_running_loop()
         if self._session_obj is None or self._session_loop is not loop or self._session_pid != os.getpid():
             # a new loop (first use, or a runner restarted after fork): the old session is unusable
@@ -460,6 +478,8 @@ class HttpTransport:
         or its plain-http twin) and whether it went through Dragonfly. A Dragonfly endpoint that cannot
         be reached, or (with ``tls_verify`` off) an https host that never spoke TLS to us, costs one
         failed request: the request is sent again directly, or over plain http."""
+        import aiohttp  # deferred: 0.2 s to import (obd.registry docstring)
+
         while True:
             target, hdrs, extra = url, headers, dict[str, Any]()
             where = hostport(url).lower()
@@ -530,6 +550,8 @@ class HttpTransport:
         return AuthError(f"HTTP {resp.status}: {hint}{detail}", path=safe_url(url))
 
     async def _retrying(self, what: str, url: URL, attempt: Callable[[int], Awaitable[T]]) -> T:
+        import aiohttp  # deferred: 0.2 s to import (obd.registry docstring)
+
         last: Retry | None = None
         attempts = _ATTEMPTS.get() or self.attempts
         for i in range(attempts):
@@ -741,6 +763,8 @@ async def read_capped(resp: aiohttp.ClientResponse, limit: int, url: URL, what: 
 
 async def _error_detail(resp: aiohttp.ClientResponse) -> str:
     """``: CODE: message`` from a registry error body, if there is one (at most 200 characters)."""
+    import aiohttp  # deferred: 0.2 s to import (obd.registry docstring)
+
     if resp.method == "HEAD":
         return ""
     try:
@@ -756,6 +780,8 @@ async def _error_detail(resp: aiohttp.ClientResponse) -> str:
 def _not_tls(e: aiohttp.ClientConnectionError) -> bool:
     """Whether a failed https connection says the server does not speak TLS on that port (a TLS
     handshake error, the server hanging up on the handshake, or nothing listening)."""
+    import aiohttp  # deferred: 0.2 s to import (obd.registry docstring)
+
     return isinstance(
         e, aiohttp.ClientSSLError | aiohttp.ServerDisconnectedError | aiohttp.ClientConnectorError
     )

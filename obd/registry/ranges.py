@@ -15,8 +15,8 @@ import hashlib
 import os
 import re
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
-import aiohttp
 from yarl import URL
 
 from obd.errors import RegistryError
@@ -26,6 +26,9 @@ from obd.registry.auth import safe_url
 from obd.registry.hosts import PULL
 from obd.registry.http import HttpTransport, Retry, digest_of, media_type, read_capped
 from obd.registry.reference import Reference, validate_digest
+
+if TYPE_CHECKING:
+    import aiohttp
 
 _CONTENT_RANGE = re.compile(r"\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*", re.I)
 

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import aiohttp
 from yarl import URL
 
 from obd.errors import RegistryError
 from obd.registry.auth import safe_url
 from obd.registry.http import REDIRECT_STATUSES, HttpTransport
 from obd.registry.reference import Reference, validate_digest
+
+if TYPE_CHECKING:
+    import aiohttp
 
 
 class BlobUploads(HttpTransport):

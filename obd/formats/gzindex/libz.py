@@ -9,7 +9,6 @@ with the same libz they are the bytes overlaybd writes.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import threading
 
 from obd.errors import FormatError, ObdError, UnsupportedError
@@ -59,7 +58,7 @@ def load() -> ctypes.CDLL:
     with _libz_lock:
         if _libz is not None:
             return _libz
-        name = ctypes.util.find_library("z") or "libz.so.1"
+        name = "libz.so.1"  # the soname since zlib 1.0; find_library would fork ldconfig
         try:
             lib = ctypes.CDLL(name)
         except OSError as e:
