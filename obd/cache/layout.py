@@ -18,11 +18,10 @@ import re
 import struct
 from dataclasses import dataclass
 
-import crc32c
 import numpy as np
 
 from obd.errors import FormatError, ObdError
-from obd.formats.crc import crc32c_raw
+from obd.formats.crc import crc32c_raw, crc32c_std
 
 #: Default page: the unit of presence, checksums and fetches (overlaybd's cache uses 4 KiB too).
 DEFAULT_PAGE_SIZE = 4096
@@ -76,7 +75,7 @@ _M64 = (1 << 64) - 1
 _M32 = (1 << 32) - 1
 
 
-_crc32c_std = crc32c.crc32c
+_crc32c_std = crc32c_std
 _PAGE_SEED_STD = PAGE_SEED ^ 0xFFFFFFFF
 
 

@@ -43,10 +43,8 @@ import os
 import random
 import ssl
 import time
-import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from yarl import URL
@@ -128,6 +126,8 @@ def _parse_retry_after(value: str | None) -> float | None:
     value = value.strip()
     if value.isdigit():
         return float(value)
+    from email.utils import parsedate_to_datetime  # an HTTP date: rare, and email costs 10 ms to import
+
     try:
         when = parsedate_to_datetime(value)
     except (TypeError, ValueError):
@@ -695,6 +695,8 @@ class HttpTransport:
 
 def _proxy_table(proxy: str | None) -> dict[str, str]:
     """Scheme → proxy URL, ``no`` → NO_PROXY: ``proxy`` for every scheme, else the environment's."""
+    import urllib.request  # here: with http.client and email, 10 ms of the plugin's start
+
     env = urllib.request.getproxies_environment()
     table = {k: v for k, v in env.items() if k in ("http", "https", "all", "no")}
     if proxy:

@@ -40,11 +40,10 @@ from dataclasses import dataclass
 from time import perf_counter
 from typing import NamedTuple
 
-import crc32c as _crc32c
 import numpy as np
 
 from obd.errors import ChecksumError, FormatError, TruncatedError
-from obd.formats.crc import ZFILE_BLOCK_SEED, crc32c_raw
+from obd.formats.crc import ZFILE_BLOCK_SEED, crc32c_raw, crc32c_std
 from obd.io.source import Source
 from obd.observability.stats import STATS, TIME_DECODE
 from obd.verify.repair import CRC_MISMATCHES, CRC_REFETCHES, find_repair
@@ -63,7 +62,7 @@ _RUN_MIN_BLOCKS = 2
 #: Decompressed blocks kept for partial reads.
 DEFAULT_CACHE_BLOCKS = 32
 #: :func:`crc32c_raw` ``(data, ZFILE_BLOCK_SEED)`` is ``_crc32c_std(data, value=_SEED_STD) ^ 0xFFFFFFFF``.
-_crc32c_std = _crc32c.crc32c
+_crc32c_std = crc32c_std
 _SEED_STD = ZFILE_BLOCK_SEED ^ 0xFFFFFFFF
 
 #: The 4 bytes whose raw CRC32C from register 0 is :data:`ZFILE_BLOCK_SEED` (see :func:`_span_crc_ok`).
