@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from obd.errors import FormatError
+from obd.formats.tar_envelope import header_checksums, parse_number
 
 #: A tar block (header or data padding unit).
 BLOCK = 512
-_HIGH_BYTES = bytes(range(128, 256))
 
 # Entry kinds.
 FILE = "file"
@@ -31,29 +31,16 @@ def cstr(raw: bytes) -> bytes:
 
 
 def header_number(raw: bytes, *, path: str, where: str) -> int:
-    """An octal header number (spaces/NULs around it), or GNU base-256 (top bit of the first byte)."""
-    if raw and raw[0] & 0x80:
-        if raw[0] == 0xFF:
-            raise FormatError("negative base-256 number", path=path, field=where, value=raw)
-        return int.from_bytes(bytes([raw[0] & 0x7F]) + raw[1:], "big")
-    text = cstr(raw).strip(b" ")
-    if not text:
-        return 0
-    if text.strip(b"01234567"):
-        raise FormatError("not an octal number", path=path, field=where, value=raw)
-    return int(text, 8)
+    """An octal header number, or GNU base-256 (:func:`obd.formats.tar_envelope.parse_number`)."""
+    return parse_number(raw, path=path, field_name=where)
 
 
 def checksum_ok(block: bytes) -> bool:
-    stored = block[148:156]
-    text = cstr(stored).strip(b" ")
+    """Whether header ``block`` stores its own (unsigned or signed) checksum."""
+    text = cstr(block[148:156]).strip(b" ")
     if not text or text.strip(b"01234567"):
         return False
-    want = int(text, 8)
-    blanked = block[:148] + b" " * 8 + block[156:]
-    unsigned = sum(blanked)
-    high = len(blanked) - len(blanked.translate(None, _HIGH_BYTES))
-    return want in (unsigned, unsigned - 256 * high)
+    return int(text, 8) in header_checksums(block)
 
 
 def parse_pax(data: bytes, *, path: str, where: str) -> dict[bytes, bytes]:

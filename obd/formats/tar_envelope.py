@@ -98,26 +98,27 @@ _ZERO_BLOCK = bytes(BLOCK)
 # -- field helpers ----------------------------------------------------------------------------------
 
 
-def _checksums(block: bytes) -> tuple[int, int]:
-    """Unsigned and signed tar checksums of ``block``, its 8 chksum bytes counted as spaces."""
+def header_checksums(block: bytes) -> tuple[int, int]:
+    """Unsigned and signed tar checksums of header ``block``, its 8 chksum bytes counted as spaces
+    (a valid header stores one of the two: old writers summed signed chars)."""
     blanked = block[:CHKSUM_OFFSET] + b" " * 8 + block[CHKSUM_OFFSET + 8 :]
     unsigned = sum(blanked)
     high = len(blanked) - len(blanked.translate(None, _HIGH_BYTES))
     return unsigned, unsigned - 256 * high
 
 
-def _parse_octal(raw: bytes, *, path: str, field_name: str) -> int:
-    """An octal header number: optional spaces, octal digits, then NULs/spaces; empty means 0.
+def parse_number(raw: bytes, *, path: str, field_name: str) -> int:
+    """A tar header number: optional spaces, octal digits, then NULs/spaces; empty means 0.
 
-    A leading byte with the top bit set is the GNU base-256 form, used by some writers for sizes
-    that do not fit in 11 octal digits.
+    A leading byte with the top bit set is GNU's base-256 form (big-endian, the first byte's other
+    seven bits included), which writers use for sizes that do not fit in 11 octal digits; a
+    negative one (0xFF lead) is refused. Shared by the envelope reader and the layer-tar parser
+    (:mod:`obd.convert.tarfields`).
     """
     if raw and raw[0] & 0x80:
-        if raw[0] not in (0x80, 0xFF):
-            raise FormatError("bad base-256 number", path=path, field=field_name, value=raw)
         if raw[0] == 0xFF:
-            raise FormatError("negative number", path=path, field=field_name, value=raw)
-        return int.from_bytes(raw[1:], "big", signed=False)
+            raise FormatError("negative base-256 number", path=path, field=field_name, value=raw)
+        return int.from_bytes(bytes([raw[0] & 0x7F]) + raw[1:], "big")
     text = raw.split(b"\x00", 1)[0].strip(b" ")
     if not text:
         return 0
@@ -197,7 +198,7 @@ def _put(block: bytearray, name: str, value: bytes) -> None:
 
 def _seal(block: bytearray) -> bytes:
     """Write the checksum the way libtar's ``int_to_oct(crc_calc(), chksum, 8)`` does."""
-    unsigned, _ = _checksums(bytes(block))
+    unsigned, _ = header_checksums(bytes(block))
     _put(block, "chksum", _int_to_oct(unsigned, 8))
     return bytes(block)
 
@@ -306,10 +307,10 @@ def _ustar_ok(block: bytes) -> bool:
 
 def _checksum_ok(block: bytes) -> bool:
     try:
-        stored = _parse_octal(block[CHKSUM_OFFSET : CHKSUM_OFFSET + 8], path="", field_name="chksum")
+        stored = parse_number(block[CHKSUM_OFFSET : CHKSUM_OFFSET + 8], path="", field_name="chksum")
     except FormatError:
         return False
-    return stored in _checksums(block)
+    return stored in header_checksums(block)
 
 
 @dataclass(frozen=True)
@@ -391,8 +392,8 @@ def _parse_header(block: bytes, offset: int, *, path: str, where: str) -> TarHea
             value=block[MAGIC_OFFSET : MAGIC_OFFSET + 8],
         )
     raw = dict(zip(_FIELDS, HEADER_STRUCT.unpack(block), strict=True))
-    stored = _parse_octal(raw["chksum"], path=path, field_name=f"{where}.chksum")
-    unsigned, signed = _checksums(block)
+    stored = parse_number(raw["chksum"], path=path, field_name=f"{where}.chksum")
+    unsigned, signed = header_checksums(block)
     if stored not in (unsigned, signed):
         raise ChecksumError(
             f"header checksum mismatch (computed {unsigned:o} unsigned, {signed:o} signed)",
@@ -402,7 +403,7 @@ def _parse_header(block: bytes, offset: int, *, path: str, where: str) -> TarHea
         )
 
     def num(name: str) -> int:
-        return _parse_octal(raw[name], path=path, field_name=f"{where}.{name}")
+        return parse_number(raw[name], path=path, field_name=f"{where}.{name}")
 
     return TarHeader(
         offset=offset,
@@ -719,8 +720,10 @@ __all__ = [
     "envelope_footer",
     "envelope_prefix",
     "format_pax_record",
+    "header_checksums",
     "is_tar_envelope",
     "open_envelope",
+    "parse_number",
     "parse_pax_records",
     "placeholder_prefix",
     "unwrap",

@@ -59,7 +59,7 @@ def _ustar(
 
 
 def _reseal(block: bytearray, *, signed: bool = False) -> None:
-    unsigned, signed_sum = te._checksums(bytes(block))
+    unsigned, signed_sum = te.header_checksums(bytes(block))
     value = signed_sum if signed else unsigned
     block[148:156] = f"{value & 0o777777:06o}\x00 ".encode()
 
@@ -156,7 +156,7 @@ def test_signed_checksum_accepted() -> None:
     data[265:269] = "rööt".encode()[:4]  # uname with high bytes: signed and unsigned sums differ
     block = bytearray(data[:512])
     _reseal(block, signed=True)
-    unsigned, signed_sum = te._checksums(bytes(block))
+    unsigned, signed_sum = te.header_checksums(bytes(block))
     assert unsigned != signed_sum
     data[:512] = block
     src = _src(bytes(data))
@@ -442,3 +442,18 @@ def test_random_corruption_only_raises_obd_errors(base: bytes, edits, reseal: bo
         assert env.payload_offset + env.payload_size <= len(data)
         assert len(env.payload.pread(0, 1 << 16)) == env.payload_size
         _ = env.name, env.mode
+
+
+def test_header_numbers_octal_and_gnu_base256():
+    """One parser for the envelope and the layer-tar reader: octal, or GNU base-256 whose first
+    byte's low seven bits count too; a negative base-256 number is refused, naming the field."""
+    assert te.parse_number(b"0000644\x00", path="t", field_name="mode") == 0o644
+    assert te.parse_number(b"  17 \x00\x00", path="t", field_name="size") == 0o17
+    assert te.parse_number(b"\x00" * 12, path="t", field_name="size") == 0
+    assert te.parse_number(b"\x80" + bytes(10) + b"\x05", path="t", field_name="size") == 5
+    assert te.parse_number(b"\x81" + bytes(11), path="t", field_name="size") == 1 << 88
+    with pytest.raises(FormatError, match="negative") as e:
+        te.parse_number(b"\xff" * 12, path="t", field_name="size")
+    assert e.value.field == "size"
+    with pytest.raises(FormatError, match="not an octal number"):
+        te.parse_number(b"12389\x00", path="t", field_name="size")
