@@ -15,10 +15,9 @@ import os
 from dataclasses import dataclass
 from typing import BinaryIO
 
-import numpy as np
-
 from obd.errors import ObdError
 from obd.io.publish import publish_path, temp_path
+from obd.layer.tools import nonzero_runs
 from obd.lsmt.stack import Stack
 from obd.observability.progress import Progress
 
@@ -62,7 +61,7 @@ def export_stack(stack: Stack, out_path: str, *, progress: Progress | None = Non
             while pos < end:
                 n = min(PIECE, end - pos)
                 got = stack.readinto(view[:n], pos)
-                for a, b in _nonzero_runs(buf, got):
+                for a, b in nonzero_runs(view[:got]):
                     written += b - a
                     while a < b:
                         a += os.pwrite(fd, view[a:b], pos + a)
@@ -86,22 +85,6 @@ def export_stack(stack: Stack, out_path: str, *, progress: Progress | None = Non
         hole_bytes=sum(e.length for e in extents if e.kind == "hole"),
         written_bytes=written,
     )
-
-
-def _nonzero_runs(buf: bytearray, n: int) -> list[tuple[int, int]]:
-    """The ``(start, end)`` byte ranges of ``buf[:n]`` to write: runs of :data:`ZERO_BLOCK` blocks
-    not all zeros, neighbours merged, and the partial block at the end, if any, whatever it holds.
-    numpy checks the blocks (about 13 GB/s, against 0.4 for a slice compare in Python)."""
-    whole = n - n % ZERO_BLOCK
-    nonzero = np.frombuffer(buf, np.uint64, whole // 8).reshape(-1, ZERO_BLOCK // 8).any(axis=1)
-    edges = np.flatnonzero(np.diff(nonzero, prepend=False, append=False)) * ZERO_BLOCK
-    runs = list(zip(edges[0::2].tolist(), edges[1::2].tolist(), strict=True))
-    if whole < n:
-        if runs and runs[-1][1] == whole:
-            runs[-1] = (runs[-1][0], n)
-        else:
-            runs.append((whole, n))
-    return runs
 
 
 def stream_stack(stack: Stack, out: BinaryIO, *, progress: Progress | None = None) -> int:

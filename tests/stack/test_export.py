@@ -16,7 +16,8 @@ from ext4tree import compare_trees, e2fsck_clean, read_file, read_tree
 from fixtures import expected, fixture_path, materialize, require_tool, resolved_config, sha256_file
 from obd.cli import main
 from obd.image.local import open_layers
-from obd.layer.export import ZERO_BLOCK, _nonzero_runs
+from obd.layer.export import ZERO_BLOCK
+from obd.layer.tools import nonzero_runs
 
 SMALL = [s for s in expected()["stacks"] if s["vsize"] <= 1 << 30]
 EXT4 = [s for s in expected()["stacks"] if s["name"].startswith("ext4/")]
@@ -161,7 +162,7 @@ def test_nonzero_runs_leave_zero_blocks_out(blocks, tail, want):
             buf[i * bs + 17] = 1
     buf[len(blocks) * bs + tail] = 9
     n = len(blocks) * bs + tail
-    got = _nonzero_runs(buf, n)
+    got = nonzero_runs(memoryview(buf)[:n])
     ends = [(a * bs, b * bs) for a, b in want]
     if tail:
         ends[-1] = (ends[-1][0], n)
