@@ -194,7 +194,7 @@ def _insecure(args: argparse.Namespace) -> bool | tuple[str, ...]:
 
 def remote_options(args: argparse.Namespace):
     """A :class:`~obd.image.remote.RemoteOptions` from the registry options of ``args``."""
-    # the registry client (aiohttp) costs a quarter of a second to import: only once a command runs
+    # the registry client costs ~80 ms to import: only once a command runs
     from obd.cache.store import parse_size
     from obd.image.remote import RemoteOptions, parse_readahead, set_default_remote_options
     from obd.registry.auth import Credentials

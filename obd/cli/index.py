@@ -78,7 +78,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    # lazy: obd.image.remote pulls aiohttp (~110 ms) into every obd command that lists its options
+    # lazy: obd.image.remote costs ~80 ms to import into every obd command that lists its options
     from obd.image.remote import resolve_image
     from obd.turbo import is_plain_image
     from obd.turbo.artifact import TIMEOUT, push_link
@@ -142,6 +142,7 @@ def _index_plain(
 ) -> str | None:
     """Build (and with --push or --link, push) the index of the plain image ``image``; the pushed
     artifact's digest, else None."""
+    from obd.oci.model import config_platform
     from obd.turbo.artifact import TIMEOUT, push_index_artifact
     from obd.turbo.remote import ensure_meta
     from obd.verify.index import build_layer_tables, table_bytes
@@ -150,8 +151,9 @@ def _index_plain(
     metas = ensure_meta(ref, image, opts, quiet=quiet)
     size = sum(m.meta.stat().st_size + (m.gzip_index.stat().st_size if m.gzip_index else 0) for m in metas)
     layer_bytes = sum(m.size for m in metas)
+    platform = "/".join(config_platform(image.config).values())
     say(
-        f"indexed {image.reference} ({_platform_name(image)}, {image.manifest_digest}): {len(metas)} layers, "
+        f"indexed {image.reference} ({platform}, {image.manifest_digest}): {len(metas)} layers, "
         f"{human_bytes(size)} of index for {human_bytes(layer_bytes)} of layers"
     )
     pins = build_layer_tables(ref, [(m.digest, m.size) for m in metas], opts, quiet=quiet)
@@ -168,12 +170,6 @@ def _index_plain(
     )
     print(pushed.digest)
     return pushed.digest
-
-
-def _platform_name(image: Image) -> str:
-    cfg = image.config
-    name = f"{cfg.get('os', 'linux')}/{cfg.get('architecture', 'amd64')}"
-    return f"{name}/{cfg['variant']}" if cfg.get("variant") else name
 
 
 def _say_tables(pins: dict[str, TablePin], layer_bytes: int) -> None:

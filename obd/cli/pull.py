@@ -50,7 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    # lazy: obd.image.remote pulls aiohttp (~110 ms) into every obd command that lists its options
+    # lazy: obd.image.remote costs ~80 ms to import into every obd command that lists its options
     from obd.image.remote import pull_image, pull_to_layout
 
     opts = remote_options(args)

@@ -35,7 +35,7 @@ def load_image_trace(config: ImageConfig, remote: Any = None) -> list[Record] | 
             blob = f.read(MAX_LAYER_BYTES + 1)
         _check_digest(blob, digest, ref["file"])  # a layout's blob is as untrusted as a registry's
         return trace_from_layer(blob, path=ref["file"])
-    # lazy: obd.image.remote pulls aiohttp (~110 ms); devices of local images never need it
+    # lazy: obd.image.remote costs ~80 ms to import; devices of local images never need it
     from obd.image.remote import open_remote_blob
 
     src = open_remote_blob(config.repoBlobUrl, digest, size, remote)

@@ -234,7 +234,7 @@ class DeviceOptions:
     def remote(self) -> RemoteOptions:
         """Registry options for registry images (made the process default; credentials come from
         $OBD_REGISTRY_USER/_PASSWORD or ~/.docker/config.json, never from the parameters)."""
-        # the registry client (aiohttp) costs a quarter of a second to import: only when it is asked for
+        # the registry client costs ~80 ms to import: only when it is asked for
         from obd.cache.store import parse_size
         from obd.image.remote import RemoteOptions, set_default_remote_options
         from obd.registry.dragonfly import P2PConfig

@@ -159,7 +159,7 @@ def _remote_target_layer(
             raise ConfigError(
                 "gzip index not found", path=cfg.path, field=f"lowers[{i}].gzipIndex", value=lower.gzipIndex
             )
-    # lazy: obd.image.remote pulls aiohttp (~110 ms), the index readers ~6 ms
+    # lazy: obd.image.remote costs ~80 ms to import, the index readers ~6 ms
     from obd.image.remote import default_remote_options, open_remote_blob
     from obd.turbo.zstd import open_seekable
     from obd.verify.pins import lower_pin
@@ -235,7 +235,7 @@ def open_config(
                     "turboOCI layers are not read from registries yet", path=cfg.path, field=f"lowers[{i}]"
                 )
         if registry:
-            # lazy: obd.image.remote pulls aiohttp (~110 ms), needed only for registry layers
+            # lazy: obd.image.remote costs ~80 ms to import, needed only for registry layers
             from obd.image.remote import default_remote_options, open_registry_layers
 
             fetched = open_registry_layers(cfg, registry, remote or default_remote_options())  # concurrently

@@ -35,7 +35,7 @@ from obd.layer.blob import open_source
 from obd.lsmt.sealed import SealedLayer
 from obd.observability.stats import TIME_OPEN, TIME_RESOLVE, Stats, default_stats
 from obd.oci.layout import OCILayout, layout_blob_path, write_layout
-from obd.oci.model import Image
+from obd.oci.model import Image, config_platform
 from obd.registry.auth import CredentialResolver, Credentials
 from obd.registry.blob import READAHEAD_AUTO, RemoteBlob
 from obd.registry.client import RegistryClient
@@ -492,10 +492,7 @@ def pull_to_layout(
     for table in table_descriptors(image.manifest.get("layers"), path=reference):  # docs/verify.md
         data = opts.runner.run(client.get_blob(ref, table.digest, max_bytes=table.size), RESOLVE_TIMEOUT)
         blobs.append((table.digest, data))
-    cfg = image.config
-    platform = {"os": cfg.get("os", "linux"), "architecture": cfg.get("architecture", "amd64")}
-    if cfg.get("variant"):
-        platform["variant"] = cfg["variant"]
+    platform = config_platform(image.config)
     write_layout(
         layout,
         manifest=raw.data,

@@ -72,7 +72,7 @@ def image_config(
                     raise ConfigError(
                         "a registry image is a whole stack; give it alone", path=spec, field="image"
                     )
-                # lazy: obd.image.remote pulls aiohttp (~110 ms), needed only for registry images
+                # lazy: obd.image.remote costs ~80 ms to import, needed only for registry images
                 from obd.image.remote import default_remote_options, registry_config
 
                 remote = remote or default_remote_options()
@@ -104,7 +104,7 @@ def open_oci_layout(reference: str, *, platform: str | None = None, upper: RWLay
 
 def looks_like_reference(spec: str) -> bool:
     """A name that parses as an image reference and does not look like a file path."""
-    # lazy: the obd.registry package pulls aiohttp (~110 ms), which local images never need
+    # lazy: the obd.registry package costs ~80 ms (asyncio, yarl), which local images never need
     from obd.registry.reference import parse_reference
 
     if spec.startswith(("/", "./", "../", "~")) or spec.endswith((".commit", ".json", ".sealed", ".zfile")):

@@ -22,8 +22,6 @@ from obd.lsmt.stack import Stack
 from obd.observability.progress import Progress
 
 PIECE = 4 << 20
-#: The unit of zero detection: a block of data that reads as zeros is left a hole.
-ZERO_BLOCK = 4096
 
 
 @dataclass(frozen=True)

@@ -254,17 +254,22 @@ def import_raw(
             layer.close()
 
 
+#: The unit of zero detection: a block that reads as zeros is left a hole.
+ZERO_BLOCK = 4096
+
+
 def nonzero_runs(data: memoryview | bytearray | bytes) -> list[tuple[int, int]]:
     """The ``(start, end)`` offsets of ``data`` to write when blocks of zeros stay holes: runs of
-    4 KiB blocks not all zeros, neighbours merged, and a partial last block whatever it holds.
-    numpy checks the blocks (about 13 GB/s, against 0.4 for a slice compare in Python)."""
+    :data:`ZERO_BLOCK` blocks not all zeros, neighbours merged, and a partial last block whatever
+    it holds. numpy checks the blocks (about 13 GB/s, against 0.4 for a slice compare in Python)."""
     view = memoryview(data)
     n = len(view)
-    whole = n - n % 4096
-    blocks = np.frombuffer(view[:whole], dtype=np.uint64).reshape(-1, 512)
+    whole = n - n % ZERO_BLOCK
+    blocks = np.frombuffer(view[:whole], dtype=np.uint64).reshape(-1, ZERO_BLOCK // 8)
     nonzero = blocks.any(axis=1)
     edges = np.flatnonzero(np.diff(np.concatenate(([False], nonzero, [False])).astype(np.int8)))
-    runs = [(int(a) * 4096, int(b) * 4096) for a, b in zip(edges[::2], edges[1::2], strict=True)]
+    bs = ZERO_BLOCK
+    runs = [(int(a) * bs, int(b) * bs) for a, b in zip(edges[::2], edges[1::2], strict=True)]
     if whole < n:
         if runs and runs[-1][1] == whole:
             runs[-1] = (runs[-1][0], n)

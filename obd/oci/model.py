@@ -9,6 +9,7 @@ and OCI layouts both produce :class:`Image` objects; nothing here does I/O.
 from __future__ import annotations
 
 import platform as _platform
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -162,6 +163,14 @@ class Image:
                 )
             out.append(OverlaybdLayer(d.digest, d.size, d.media_type, ann))
         return out
+
+
+def config_platform(cfg: Mapping[str, Any]) -> dict[str, str]:
+    """An image descriptor's ``platform`` (``os``, ``architecture``, ``variant``) from its config."""
+    platform = {"os": cfg.get("os", "linux"), "architecture": cfg.get("architecture", "amd64")}
+    if cfg.get("variant"):
+        platform["variant"] = cfg["variant"]
+    return platform
 
 
 def platform_matches(have: str, want: str) -> bool:

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 from obd.errors import ConfigError, FormatError, ObdError
 from obd.io.publish import publish_path
 from obd.io.source import BytesSource
-from obd.oci.model import ANNOTATION_PREFIX, TURBO_TARGET_DIGEST, VERSION, Image
+from obd.oci.model import ANNOTATION_PREFIX, TURBO_TARGET_DIGEST, VERSION, Image, config_platform
 from obd.registry.http import NotFoundError
 from obd.registry.push import push_blob, push_manifest
 from obd.registry.reference import Reference
@@ -368,7 +368,7 @@ async def push_link(client: Any, ref: Reference, image: Image, artifacts: Mappin
     else:
         raw = await client.fetch_manifest(ref, image.manifest_digest)
         descs = [{"mediaType": raw.media_type, "digest": image.manifest_digest, "size": len(raw.data)}]
-        descs[0]["platform"] = _platform(image.config)
+        descs[0]["platform"] = config_platform(image.config)
     listed = {d.get("digest") for d in descs}
     for digest in artifacts:
         if digest not in listed:
@@ -381,14 +381,6 @@ async def push_link(client: Any, ref: Reference, image: Image, artifacts: Mappin
         doc["annotations"] = top["annotations"]
     data = json.dumps(doc, separators=(",", ":")).encode()
     return str(await push_manifest(client, ref, data, OCI_INDEX, target=tag))
-
-
-def _platform(cfg: Mapping[str, Any]) -> dict[str, str]:
-    """An image descriptor's ``platform``, from the image's config."""
-    platform = {"architecture": cfg.get("architecture", "amd64"), "os": cfg.get("os", "linux")}
-    if cfg.get("variant"):
-        platform["variant"] = cfg["variant"]
-    return platform
 
 
 def linked_artifact(ref: Reference, image: Image) -> str | None:

@@ -16,8 +16,7 @@ from ext4tree import compare_trees, e2fsck_clean, read_file, read_tree
 from fixtures import expected, fixture_path, materialize, require_tool, resolved_config, sha256_file
 from obd.cli import main
 from obd.image.local import open_layers
-from obd.layer.export import ZERO_BLOCK
-from obd.layer.tools import nonzero_runs
+from obd.layer.tools import ZERO_BLOCK, nonzero_runs
 
 SMALL = [s for s in expected()["stacks"] if s["vsize"] <= 1 << 30]
 EXT4 = [s for s in expected()["stacks"] if s["name"].startswith("ext4/")]
