@@ -22,6 +22,7 @@ import numpy as np
 
 from obd.errors import FormatError, ObdError
 from obd.formats.crc import crc32c_raw, crc32c_std
+from obd.io.pagecache import read_cached
 
 #: Default page: the unit of presence, checksums and fetches (overlaybd's cache uses 4 KiB too).
 DEFAULT_PAGE_SIZE = 4096
@@ -164,7 +165,15 @@ class MetaHeader:
 
 
 def preadv_full(fd: int, bufs: list[memoryview], offset: int) -> int:
-    """``preadv`` until ``bufs`` are full or EOF; returns the bytes read."""
+    """``preadv`` until ``bufs`` are full or EOF; returns the bytes read.
+
+    One small buffer the page cache holds (a 4 KiB request, a page-table slice) is read keeping
+    the GIL (:func:`~obd.io.pagecache.read_cached`).
+    """
+    if len(bufs) == 1:
+        got = read_cached(fd, bufs[0], offset)
+        if got == len(bufs[0]):
+            return got
     want = sum(len(b) for b in bufs)
     got = os.preadv(fd, bufs, offset)
     if got >= want or got <= 0:
