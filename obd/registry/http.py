@@ -19,8 +19,9 @@
   capability (``resolve`` for a tag, ``pull`` for a digest) in order, each with at most
   ``mirror_attempts`` attempts, then to the origin. A mirror that failed other than with a 404 is
   skipped for ``mirror_cooldown`` seconds. Each host's headers and TLS settings go with its requests.
-- **Proxies**: ``proxy`` (``--proxy``) or ``HTTP_PROXY``/``HTTPS_PROXY`` from the environment, except
-  for the hosts ``NO_PROXY`` lists; requests (Range headers included) are forwarded unchanged.
+- **Proxies** (:mod:`obd.registry.proxy`): ``proxy`` (``--proxy``) or ``HTTP_PROXY``/``HTTPS_PROXY``
+  from the environment, except for the hosts ``NO_PROXY`` lists; requests (Range headers included)
+  are forwarded unchanged.
 - **Dragonfly** (``p2p``, see :mod:`obd.registry.dragonfly`): blob data requests through dfdaemon's
   proxy or overlaybd's URL prefix while it is healthy, directly otherwise.
 - **TLS without verification** (``tls_verify=False``, skopeo's ``--tls-verify=false``, for every
@@ -70,6 +71,7 @@ from obd.registry.dragonfly import (
     read_priority,
 )
 from obd.registry.hosts import PULL, RESOLVE, HostsConfig, HostsResolver, RegistryHost
+from obd.registry.proxy import Proxies, hostport
 from obd.registry.reference import Reference, parse_reference
 
 if TYPE_CHECKING:
@@ -234,7 +236,8 @@ class HttpTransport:
         #: settings of the hosts named in hosts.toml files, by ``host:port``
         self._host_settings: dict[str, RegistryHost] = {}
         self._host_ssl: dict[str, ssl.SSLContext | bool] = {}
-        self._proxies = _proxy_table(proxy)
+        #: the proxy of each request (``proxy`` or the environment's, NO_PROXY applied)
+        self._proxy_for = Proxies.from_option(proxy).for_url
         self.p2p = P2PRoute(p2p, self.stats) if p2p is not None else None
         #: hosts found not to speak TLS while tls_verify is off: reached over plain http since
         self._http_fallback: set[str] = set()
@@ -682,58 +685,6 @@ class HttpTransport:
             )
         return target
 
-    def _proxy_for(self, url: URL) -> str | None:
-        """The proxy for a request to ``url`` (None: connect directly)."""
-        proxy = self._proxies.get(url.scheme) or self._proxies.get("all")
-        if not proxy or not url.host:
-            return None
-        no_proxy = self._proxies.get("no", "")
-        if no_proxy and _bypasses(hostport(url), no_proxy):
-            return None
-        return proxy
-
-
-def _proxy_table(proxy: str | None) -> dict[str, str]:
-    """Scheme → proxy URL, ``no`` → NO_PROXY: ``proxy`` for every scheme, else the environment's."""
-    import urllib.request  # here: with http.client and email, 10 ms of the plugin's start
-
-    env = urllib.request.getproxies_environment()
-    table = {k: v for k, v in env.items() if k in ("http", "https", "all", "no")}
-    if proxy:
-        try:
-            u = URL(proxy)
-        except ValueError:
-            raise ConfigError("not a URL", field="proxy", value=proxy) from None
-        if u.scheme not in ("http", "https") or not u.host:
-            raise ConfigError("want http://host:port", field="proxy", value=proxy)
-        table = {"http": proxy, "https": proxy, **({"no": table["no"]} if "no" in table else {})}
-    return table
-
-
-def _bypasses(host: str, no_proxy: str) -> bool:
-    """Whether ``host`` matches the comma-separated NO_PROXY list (``*``, names, ``.suffix``, host:port)."""
-    name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
-    for entry in (e.strip().lower() for e in no_proxy.split(",")):
-        if not entry:
-            continue
-        if entry == "*" or entry in (host.lower(), name.lower()):
-            return True
-        suffix = entry if entry.startswith(".") else "." + entry
-        if name.lower().endswith(suffix):
-            return True
-    return False
-
-
-def hostport(url: URL | str | None) -> str:
-    """``host[:port]`` of ``url`` ("" when it has no host)."""
-    try:
-        u = URL(str(url or ""))
-    except ValueError:
-        return ""
-    if not u.host:
-        return ""
-    return f"{u.host}:{u.explicit_port}" if u.explicit_port else u.host
-
 
 async def read_body(resp: aiohttp.ClientResponse, limit: int) -> bytes:
     """The response body up to ``limit`` bytes (to the end when shorter)."""
@@ -807,7 +758,6 @@ __all__ = [
     "NotFoundError",
     "Retry",
     "digest_of",
-    "hostport",
     "media_type",
     "read_body",
     "read_capped",
