@@ -58,6 +58,10 @@ MAX_REQUEST = 1 << 20
 #: Reads from this size on go to a worker thread when more requests are waiting: decoding one
 #: takes longer than the hop there and back (tens of µs), and another core can take it meanwhile.
 OFFLOAD_MIN = 256 << 10
+#: Large cached reads handed to worker threads at once; more are decoded on the trio thread. Each
+#: hand-off costs ~100 µs of trio machinery and every thread more fights for the GIL, so on 2 CPUs
+#: one read in a worker beside the trio thread's own uses both cores, and a second only costs.
+OFFLOAD_MAX = max(1, (os.cpu_count() or 2) - 1)
 #: Worker threads doing engine work at once.
 DEFAULT_THREADS = 16
 #: ``read_ahead_kb`` of the mount's bdi: buffered sequential reads then arrive as 1 MiB requests.
@@ -86,6 +90,8 @@ class DiskFS(pyfuse3.Operations):
         self.limiter = trio.CapacityLimiter(threads)
         self.threads = threads
         self._pool: list[bytearray] = []
+        #: large cached reads in worker threads right now (at most OFFLOAD_MAX)
+        self._offloaded = 0
         now = time.time_ns()
         self._times = {ROOT_INO: [now, now, now], DISK_INO: [now, now, now]}  # atime, mtime, ctime
         self._mode = {ROOT_INO: 0o555, DISK_INO: 0o444 if self.readonly else 0o644}
@@ -239,7 +245,13 @@ class DiskFS(pyfuse3.Operations):
         buf = (self._pool.pop() if self._pool else bytearray(MAX_REQUEST)) if pooled else bytearray(n)
         view = memoryview(buf)[:n]
         try:
-            if (n >= OFFLOAD_MIN and self._requests_waiting()) or not self._read_cached(view, off):
+            if n >= OFFLOAD_MIN and self._offloaded < OFFLOAD_MAX and self._requests_waiting():
+                self._offloaded += 1
+                try:
+                    await trio.to_thread.run_sync(self.device.read, view, off, limiter=self.limiter)
+                finally:
+                    self._offloaded -= 1
+            elif not self._read_cached(view, off):
                 await trio.to_thread.run_sync(self.device.read, view, off, limiter=self.limiter)
         except Exception as e:
             raise self._fail(f"read {n} bytes at {off}", e) from None

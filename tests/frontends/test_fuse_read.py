@@ -12,12 +12,14 @@ from __future__ import annotations
 import os
 import random
 import select
+import threading
+import time
 
 import pytest
 import trio
 
 from fixtures import materialize, stack
-from frontends.fuse.fs import MAX_REQUEST, OFFLOAD_MIN, DiskFS, session_fd
+from frontends.fuse.fs import MAX_REQUEST, OFFLOAD_MAX, OFFLOAD_MIN, DiskFS, session_fd
 from obd.image.device import DeviceOptions, open_device
 
 L012 = "L0L1L2/lz4"
@@ -57,6 +59,21 @@ def test_reads_of_every_size_match_the_device(disk, waiting):
         reqs = [(rng.randrange(disk.size // 512) * 512, size) for size in sizes for _ in range(6)]
         reqs.append((disk.size - 4096, MAX_REQUEST))  # cut at the end of the disk
         got: dict[tuple[int, int], bytes] = {}
+        # Worker threads read through Device.read; the trio thread through _read_cached.
+        read, lock, busy, peak = disk.device.read, threading.Lock(), [0], [0]
+
+        def counted(view, off):
+            with lock:
+                busy[0] += 1
+                peak[0] = max(peak[0], busy[0])
+            try:
+                time.sleep(0.002)  # long enough for the other requests to arrive meanwhile
+                return read(view, off)
+            finally:
+                with lock:
+                    busy[0] -= 1
+
+        disk.device.read = counted
 
         async def one(off: int, n: int) -> None:
             got[off, n] = bytes(await disk.read(2, off, n))
@@ -67,6 +84,9 @@ def test_reads_of_every_size_match_the_device(disk, waiting):
                     nursery.start_soon(one, off, n)
 
         trio.run(main)
+        del disk.device.read
+        # at most OFFLOAD_MAX large reads in workers at once: the rest are decoded on the trio thread
+        assert peak[0] == (min(OFFLOAD_MAX, 4) if waiting else 0)
         for off, n in reqs:
             assert got[off, n] == expected(disk, off, n), (off, n)
         assert trio.run(disk.read, 2, disk.size, 4096) == b""
