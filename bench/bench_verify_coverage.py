@@ -29,7 +29,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "helpers"), str(ROOT / "tests" /
 from registry_server import RegistryServer  # noqa: E402
 from test_verify_index import _push_plain  # noqa: E402
 
-import obd.convert.baselayer as baselayer  # noqa: E402
+import obd.layer.baselayer as baselayer  # noqa: E402
 from obd.image.local import open_config  # noqa: E402
 from obd.image.remote import RemoteOptions, registry_config  # noqa: E402
 from obd.observability.stats import Stats  # noqa: E402

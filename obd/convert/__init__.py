@@ -4,7 +4,7 @@
 - :mod:`~obd.convert.debugfs` and :mod:`~obd.convert.ext4`: applying a tar to an ext4 image with
   e2fsprogs' debugfs, with overlaybd-apply's semantics (whiteouts, replacements, hard links).
 - :mod:`~obd.convert.layer`: committing only the blocks a tar changed, as one layer per tar.
-- :mod:`~obd.convert.baselayer`: the stock 64 GiB base layer shipped in ``obd/data``.
+- the stock 64 GiB base layer every image is stacked on: :mod:`obd.layer.baselayer`.
 - :mod:`~obd.convert.cache`: converted layers cached by chain id.
 - :mod:`~obd.convert.source`, :mod:`~obd.convert.push`: ``docker://``, ``oci:``, ``docker-archive:``.
 - :mod:`~obd.convert.image`: :func:`convert_image`, the whole conversion.

@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from obd.cache.store import default_cache_dir
-from obd.convert.baselayer import BASE_SHA256, base_layer_blob, base_layer_path
 from obd.convert.cache import ConvertCache, cache_key
 from obd.convert.layer import BuiltLayer, DeviceBuilder, LayerStats
 from obd.convert.layertar import Spool, TarLimits, open_stream, read_layer
@@ -46,6 +45,7 @@ from obd.convert.source import (
 from obd.errors import ConfigError, FormatError, UnsupportedError
 from obd.image.local import open_layer
 from obd.image.remote import RemoteOptions, default_remote_options
+from obd.layer.baselayer import BASE_SHA256, base_layer_blob, base_layer_path
 from obd.layer.tools import OutputOptions
 from obd.observability.progress import Progress, ProgressFactory
 from obd.oci.layout import write_layout

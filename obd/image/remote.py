@@ -30,7 +30,8 @@ from obd.image.accel import META_KEY, trace_layer_ref
 from obd.image.config import ImageConfig, LowerConfig
 from obd.image.local import layer_from_blob, layer_from_source
 from obd.io.publish import publishing
-from obd.io.source import Source
+from obd.io.source import FileSource, Source
+from obd.layer.baselayer import packaged_blob
 from obd.layer.blob import open_source
 from obd.lsmt.sealed import SealedLayer
 from obd.observability.stats import TIME_OPEN, TIME_RESOLVE, Stats, default_stats
@@ -306,6 +307,9 @@ def open_registry_layers(
     second) are read beside its headers, which saves one more round trip. ``open_parallel=1`` opens
     them one by one, with neither (how obd did before; ``bench/bench_open.py`` compares). On failure
     every layer opened is closed and the error of the lowest failing index is raised.
+
+    The stock base layer is not fetched at all: obd ships its bytes (:func:`packaged_blob`, checked
+    against the layer's digest), except with ``no_cache``, which writes nothing to disk.
     """
     if not lowers:
         return {}
@@ -322,6 +326,10 @@ def _open_layers(
     """:func:`open_registry_layers`, untimed."""
 
     def source(lower: LowerConfig) -> Source:
+        # the base layer's bytes ship with obd: read from disk, like a blob a content store holds
+        local = None if opts.no_cache else packaged_blob(lower.digest, lower.size or None, opts.cache_dir)
+        if local is not None:
+            return FileSource(local, name=f"{lower.digest} (obd's packaged base layer)")
         pin = lower_pin(cfg, lower.digest, opts.verify)
         return open_remote_blob(cfg.repoBlobUrl, lower.digest, lower.size, opts, path=cfg.path, table=pin)
 

@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from obd.cache.store import default_cache_dir
-from obd.convert.baselayer import base_layer_path
 from obd.errors import ChecksumError, ConfigError, UnsupportedError
 from obd.image.config import LowerConfig
 from obd.io.publish import publish_bytes, publish_path
+from obd.layer.baselayer import base_layer_path
 from obd.observability.progress import Progress
 from obd.oci.model import Image
 from obd.registry.blob import RemoteBlob

@@ -26,10 +26,12 @@ from obd.errors import FormatError, UnsupportedError
 from obd.image.local import open_config
 from obd.image.remote import RemoteOptions, registry_config
 from obd.image.resolve import image_config
+from obd.layer.baselayer import BASE_BLOB_DIGEST
 from obd.layer.export import export_stack
 from obd.observability.stats import Stats
 from obd.oci.layout import OCILayout
 from obd.oci.model import BLOB_DIGEST, BLOB_SIZE, VERSION
+from obd.registry.client import RegistryClient
 from obd.verify.pins import TablePin
 
 HELLO = FIXTURES / "aci-hello-world"
@@ -313,7 +315,7 @@ def registry(tmp_path_factory, app):
     reg.stop()
 
 
-def test_registry_to_registry_and_lazy_read_back(tmp_path, app, registry):
+def test_registry_to_registry_and_lazy_read_back(tmp_path, app, registry, monkeypatch):
     _, model, _ = app
     host = registry.host
     remote = RemoteOptions(insecure=(host,), cache_dir=str(tmp_path / "blockcache"), stats=Stats())
@@ -331,6 +333,14 @@ def test_registry_to_registry_and_lazy_read_back(tmp_path, app, registry):
     )
 
     # read back lazily: opening the image fetches indexes, not layers
+    read_from: set[str] = set()
+    real_read_range = RegistryClient.read_range
+
+    async def read_range(client, ref, digest, offset, length, **kw):
+        read_from.add(digest)
+        return await real_read_range(client, ref, digest, offset, length, **kw)
+
+    monkeypatch.setattr(RegistryClient, "read_range", read_range)
     reader = RemoteOptions(insecure=(host,), cache_dir=str(tmp_path / "readcache"), stats=Stats())
     cfg = registry_config(f"{host}/src/app:obd", reader)
     stack = open_config(cfg, readonly=True, remote=reader)
@@ -342,6 +352,10 @@ def test_registry_to_registry_and_lazy_read_back(tmp_path, app, registry):
     finally:
         stack.close()
     assert compare_trees(read_tree(out), model.tree(), ignore=("ino", "xattrs")) == []
+    # the base layer, the convertor's first layer, came from obd's packaged copy: not one range of it
+    assert res.manifest["layers"][0]["digest"] == BASE_BLOB_DIGEST
+    assert BASE_BLOB_DIGEST not in read_from
+    assert {x["digest"] for x in res.manifest["layers"][1:]} <= read_from
     assert e2fsck_clean(out)[0]
 
     # the same image into another repository: all from the conversion cache, blobs mounted

@@ -68,6 +68,7 @@ def test_sources_read_the_same_bytes_from_many_threads(tmp_path: Path) -> None:
     src = FileSource(path)
     fd = os.open(path, os.O_RDONLY)
     errors: list[str] = []
+    readers = (src.readinto, src.readinto_nowait, lambda view, off: preadv_full(fd, [view], off))
 
     def work(k: int) -> None:
         buf = bytearray(4096)
@@ -75,9 +76,11 @@ def test_sources_read_the_same_bytes_from_many_threads(tmp_path: Path) -> None:
         for i in range(200):
             off = ((k * 7919 + i * 104729) % 256) * 4096 + k
             want = data[off : off + 4096]
-            for got in (src.readinto(view, off), src.readinto_nowait(view, off), preadv_full(fd, [view], off)):
+            for read in readers:
+                buf[:] = bytes(len(buf))
+                got = read(view, off)
                 if got != len(want) or buf[: len(want)] != want:
-                    errors.append(f"thread {k} read {i}: {got} bytes at {off}")
+                    errors.append(f"thread {k} read {i} by {read}: {got} bytes at {off}")
 
     try:
         threads = [threading.Thread(target=work, args=(k,)) for k in range(8)]

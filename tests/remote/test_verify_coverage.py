@@ -18,12 +18,12 @@ from test_verify_index import DATA, TOOL, _push_plain
 
 from fixtures import materialize, require_tool
 from obd.cli import main
-from obd.convert.baselayer import BASE_NAME
 from obd.errors import ChecksumError
 from obd.image.acceltrace import load_image_trace
 from obd.image.local import open_layers
 from obd.image.remote import RemoteOptions, registry_config
 from obd.image.resolve import image_config
+from obd.layer.baselayer import BASE_NAME
 from obd.observability.stats import Stats
 from obd.prefetch.trace import TraceRecorder, load
 from obd.turbo.remote import meta_root

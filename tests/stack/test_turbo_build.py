@@ -22,10 +22,10 @@ import zstandard
 from ext4tree import compare_trees, e2fsck_clean, read_tree
 
 from fixtures import fixture_path, require_tool
-from obd.convert.baselayer import base_layer_path
 from obd.convert.layer import export_nonzero
 from obd.errors import FormatError
 from obd.image.local import open_layer
+from obd.layer.baselayer import base_layer_path
 from obd.lsmt.stack import Stack
 from obd.lsmt.warp import REMOTE_DATA
 from obd.turbo.build import TurboBuilder, chain_key

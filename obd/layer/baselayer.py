@@ -6,6 +6,13 @@ pushes that file as the image's first layer, wrapped by Go's ``archive/tar`` (do
 user or group names), the file, zero padding to 512 bytes and the two zero blocks ``Close`` adds.
 :func:`go_tar_header` writes that header the way Go formats it (zero-padded octal fields, a
 NUL-terminated checksum followed by a space), so the blob — and its digest — match the convertor's.
+
+That blob is the first layer of every image the convertor makes without ``--mkfs`` (obd's and
+overlaybd's alike), and obd holds its bytes: :func:`packaged_blob` gives the local copy of a layer
+whose digest is :data:`BASE_BLOB_DIGEST`, so that opening a registry image reads its base layer
+(530 kB of jump table, the file system's first metadata) from disk, not from the registry — as a
+content store serves a blob it already has. The digest is the whole blob's sha256, checked on the
+local copy once per process.
 """
 
 from __future__ import annotations
@@ -13,8 +20,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tarfile
-from importlib import resources
 from pathlib import Path
 
 from obd.cache.store import default_cache_dir
@@ -28,6 +33,9 @@ BASE_SHA256 = "c3a417552a6cf9ffa959b541850bab7d7f08f4255425bf8b48c85f7b36b378d9"
 BASE_SIZE = 4737695
 COMMIT_NAME = "overlaybd.commit"
 BLOCK = 512
+#: The blob the convertor pushes for it (:func:`base_layer_blob`): its digest and size.
+BASE_BLOB_DIGEST = "sha256:a8b5fca80efae55088290f3da8110d7742de55c2a378d5ab53226a483f390e21"
+BASE_BLOB_SIZE = BLOCK + BASE_SIZE + (-BASE_SIZE % BLOCK) + 2 * BLOCK
 
 
 def _go_octal(value: int, width: int) -> bytes:
@@ -80,6 +88,10 @@ def base_layer_path(cache_dir: str | os.PathLike[str] | None = None) -> Path:
         if _checked_before(out):
             return out
         log.warning("cached base layer %s does not have its sha256; unpacking it again", out)
+    # here: tarfile and importlib.resources cost a reader of the packaged blob ~10 ms at start-up
+    import tarfile
+    from importlib import resources
+
     # A cache: losing it only costs unpacking it again, so no fsync.
     h = hashlib.sha256()
     with (
@@ -107,9 +119,9 @@ def base_layer_path(cache_dir: str | os.PathLike[str] | None = None) -> Path:
 _CHECKED: set[tuple[str, int, int]] = set()
 
 
-def _checked_before(path: Path) -> bool:
-    """Whether the unpacked base layer at ``path`` has the packaged sha256: hashed once per process
-    and file (4.5 MiB, a few ms), since the cache, not the package, holds what the device reads."""
+def _checked_before(path: Path, sha256: str = BASE_SHA256) -> bool:
+    """Whether the file at ``path`` has the hex digest ``sha256``: hashed once per process and file
+    (4.5 MiB, a few ms), since the cache, not the package, holds what the device reads."""
     st = path.stat()
     key = (str(path), st.st_ino, st.st_mtime_ns)
     if key in _CHECKED:
@@ -118,29 +130,53 @@ def _checked_before(path: Path) -> bool:
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
             h.update(chunk)
-    if h.hexdigest() != BASE_SHA256:
+    if h.hexdigest() != sha256:
         return False
     _CHECKED.add(key)
     return True
 
 
 def base_layer_blob(cache_dir: str | os.PathLike[str] | None = None) -> tuple[Path, str, int]:
-    """``(path, digest, size)`` of the base layer as the convertor pushes it (Go-tar wrapped)."""
+    """``(path, digest, size)`` of the base layer as the convertor pushes it (Go-tar wrapped), made
+    from :func:`base_layer_path` once and checked against :data:`BASE_BLOB_DIGEST`."""
     src = base_layer_path(cache_dir)
-    root = src.parent
-    out = root / "ext4_64.go.tar"
-    size = BLOCK + BASE_SIZE + (-BASE_SIZE % BLOCK) + 2 * BLOCK
-    if not (out.is_file() and out.stat().st_size == size):
-        with publishing(out, durable=False) as dst, open(src, "rb") as f:
-            dst.write(go_tar_header(COMMIT_NAME, BASE_SIZE))
-            while chunk := f.read(1 << 20):
-                dst.write(chunk)
-            dst.write(bytes(-BASE_SIZE % BLOCK + 2 * BLOCK))
-    h = hashlib.sha256()
-    with open(out, "rb") as f:
+    out = src.parent / "ext4_64.go.tar"
+    want = BASE_BLOB_DIGEST.removeprefix("sha256:")
+    if out.is_file() and out.stat().st_size == BASE_BLOB_SIZE and _checked_before(out, want):
+        return out, BASE_BLOB_DIGEST, BASE_BLOB_SIZE
+    with publishing(out, durable=False) as dst, open(src, "rb") as f:
+        dst.write(go_tar_header(COMMIT_NAME, BASE_SIZE))
         while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return out, "sha256:" + h.hexdigest(), size
+            dst.write(chunk)
+        dst.write(bytes(-BASE_SIZE % BLOCK + 2 * BLOCK))
+    if not _checked_before(out, want):
+        raise ChecksumError("wrapped base layer: digest mismatch", path=out, value=BASE_BLOB_DIGEST)
+    return out, BASE_BLOB_DIGEST, BASE_BLOB_SIZE
 
 
-__all__ = ["BASE_SHA256", "base_layer_blob", "base_layer_path", "go_tar_header"]
+def packaged_blob(
+    digest: str, size: int | None, cache_dir: str | os.PathLike[str] | None = None
+) -> Path | None:
+    """The local copy of blob ``digest`` (``size`` bytes, None: any) if it is the base layer's, else None.
+
+    None too, with a warning, if the copy cannot be made in ``cache_dir`` (a read-only cache, a
+    full disk): the caller then reads the blob where it is, e.g. from the registry.
+    """
+    if digest != BASE_BLOB_DIGEST or size not in (None, BASE_BLOB_SIZE):
+        return None
+    try:
+        return base_layer_blob(cache_dir)[0]
+    except (OSError, ObdError) as e:
+        log.warning("the packaged base layer cannot be used (%s); reading %s from the registry", e, digest)
+        return None
+
+
+__all__ = [
+    "BASE_BLOB_DIGEST",
+    "BASE_BLOB_SIZE",
+    "BASE_SHA256",
+    "base_layer_blob",
+    "base_layer_path",
+    "go_tar_header",
+    "packaged_blob",
+]
