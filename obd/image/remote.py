@@ -13,14 +13,16 @@ process-wide event-loop thread.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import hashlib
 import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from obd.cache import CachedSource, CacheStore
@@ -36,7 +38,7 @@ from obd.layer.blob import open_source
 from obd.lsmt.sealed import SealedLayer
 from obd.observability.stats import TIME_OPEN, TIME_RESOLVE, Stats, default_stats
 from obd.oci.layout import OCILayout, layout_blob_path, write_layout
-from obd.oci.model import Image, config_platform
+from obd.oci.model import Image, config_platform, parse_descriptors
 from obd.registry.auth import CredentialResolver, Credentials
 from obd.registry.blob import READAHEAD_AUTO, RemoteBlob
 from obd.registry.client import RegistryClient
@@ -46,10 +48,11 @@ from obd.registry.loop import AsyncRunner, default_runner
 from obd.registry.reference import DOCKER_HUB_API, Reference, parse_reference
 from obd.turbo import is_plain_image
 from obd.verify.index import image_table_pins
-from obd.verify.pins import TablePin, lower_pin, pins_json, table_descriptors
+from obd.verify.local import LocalTables
+from obd.verify.pins import TablePin, layer_pins, lower_pin, pins_json, table_descriptors
 from obd.verify.repair import RepairableSource
 from obd.verify.signature import verify_image_signature
-from obd.verify.table import open_verified, origin_repair
+from obd.verify.table import fetch_tables, open_verified, origin_repair
 
 #: How long resolving a manifest and config may take, in seconds.
 RESOLVE_TIMEOUT = 120.0
@@ -203,16 +206,45 @@ def parse_repo_blob_url(url: str, *, path: object = None) -> tuple[Reference, bo
 
 
 def resolve_image(reference: str, opts: RemoteOptions) -> tuple[Reference, Image]:
-    """The manifest, config and layers of a registry image (platform-resolved, digest-verified)."""
+    """The manifest, config and layers of a registry image (platform-resolved, digest-verified).
+
+    The layers' digest tables that the manifest pins are fetched while the config is (one round
+    trip instead of two): :func:`image_to_config` then finds them in the process's table cache.
+    """
     ref = parse_reference(reference)
     client = opts.client()
     started = time.monotonic()
-    image = opts.runner.run(client.get_image(ref, opts.platform), RESOLVE_TIMEOUT)
+    tables: list[Future[object]] = []
+
+    def on_manifest(repo: Reference, manifest: dict[str, Any]) -> None:
+        if opts.verify != "off":
+            tables.append(_early_tables.submit(_prefetch_tables, repo, manifest, opts))
+
+    try:
+        got = client.get_image(ref, opts.platform, on_manifest=on_manifest)
+        image = opts.runner.run(got, RESOLVE_TIMEOUT)
+    finally:
+        wait(tables)  # its errors, if any, are image_to_config's to report when it fetches again
     if opts.verify_signature:
         check = verify_image_signature(client, ref, image.manifest_digest, opts.verify_signature)
         opts.runner.run(check, RESOLVE_TIMEOUT)
     opts.stats.add_time(TIME_RESOLVE, time.monotonic() - started)
     return ref, image
+
+
+#: Where :func:`resolve_image` fetches digest tables beside the config (one job per resolve).
+_early_tables = ThreadPoolExecutor(max_workers=2, thread_name_prefix="obd-tables")
+
+
+def _prefetch_tables(ref: Reference, manifest: dict[str, Any], opts: RemoteOptions) -> None:
+    """The digest tables ``manifest``'s layers pin, into the process's table cache (and the local
+    store). Any error is dropped: the same fetch is made again, and reported, by the layer's open."""
+    with contextlib.suppress(Exception):
+        layers = parse_descriptors(manifest, "layers", str(ref))
+        pins = layer_pins(((d.digest, d.annotations) for d in layers), path=str(ref))
+        if pins:
+            local = None if opts.no_cache else LocalTables(opts.cache_dir)
+            fetch_tables(opts.client(), opts.runner, ref, list(pins.values()), local)
 
 
 def registry_config(reference: str, opts: RemoteOptions) -> ImageConfig:

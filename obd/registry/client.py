@@ -17,6 +17,8 @@ naming the URL without its query string, the HTTP status and what was expected.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from typing import Any
 
 from obd.errors import FormatError
 from obd.oci.model import Descriptor, Image, parse_descriptors
@@ -43,12 +45,26 @@ class RegistryClient(ManifestRequests, BlobReads, BlobUploads):
     TTL, limits, stats) are :class:`~obd.registry.http.HttpTransport`'s.
     """
 
-    async def get_image(self, ref: Reference | str, platform: str | None = None) -> Image:
-        """Manifest, verified config and layer descriptors of an image (see :class:`obd.oci.model.Image`)."""
+    async def get_image(
+        self,
+        ref: Reference | str,
+        platform: str | None = None,
+        *,
+        on_manifest: Callable[[Reference, dict[str, Any]], object] | None = None,
+    ) -> Image:
+        """Manifest, verified config and layer descriptors of an image (see :class:`obd.oci.model.Image`).
+
+        ``on_manifest(ref, manifest)`` is called once the (digest-verified) image manifest is in,
+        before the config is fetched: a caller can start what the manifest alone names (digest
+        tables) so that it overlaps the config's round trip. It runs on the event loop: it must not
+        block.
+        """
         ref = self._repo(ref)
         digest, manifest, index = await self.get_manifest_and_index(ref, platform)
         if "layers" not in manifest or "config" not in manifest:
             raise FormatError("not an image manifest (no layers/config)", path=str(ref))
+        if on_manifest is not None:
+            on_manifest(ref, manifest)
         cfg = Descriptor.parse(manifest["config"], "config", str(ref))
         if cfg.size > MAX_MANIFEST_BYTES:
             raise FormatError(

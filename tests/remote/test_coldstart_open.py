@@ -26,6 +26,8 @@ from obd.observability.stats import FETCHES, READAHEAD_BYTES, Stats
 from obd.registry.blob import AUTO_MAX, AUTO_MIN, READAHEAD_AUTO, LinkEstimate, RemoteBlob
 from obd.registry.client import RegistryClient
 from obd.registry.loop import default_runner
+from obd.registry.reference import parse_reference
+from obd.verify.table import add_tables
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 import slow_proxy
@@ -217,3 +219,50 @@ def test_nbd_profile_prints_when_the_disk_is_ready_and_at_shutdown(registry, tmp
     ready, _, rest = err.partition("profile: disk ready (image resolved, layers opened)")
     assert "profile: resolve (token, manifest" in ready and "profile: layer opens" in ready, err
     assert "profile: range GETs in flight" in rest and "profile: wire: " in rest, err  # at shutdown
+
+
+def test_digest_tables_are_fetched_while_the_config_is(registry, tmp_path, monkeypatch):
+    """Resolving costs the manifest's round trip, then one more for the config and the layers'
+    digest tables together: the config's GET is held until a table's GET has started."""
+    import asyncio
+
+    import obd.verify.table as tables_module
+
+    table_started = threading.Event()
+    seen: list[str] = []
+    real_get_blob = RegistryClient.get_blob
+
+    async def get_blob(client, ref, digest, **kw):
+        seen.append(digest)
+        if digest == config_digest:
+            # the config waits, without blocking the loop, for a table GET to begin beside it
+            for _ in range(100):
+                if table_started.is_set():
+                    break
+                await asyncio.sleep(0.01)
+            else:
+                seen.append("config waited 1 s and no table GET began")
+        else:
+            table_started.set()
+        return await real_get_blob(client, ref, digest, **kw)
+
+    ref = f"{registry.host}/cold/l012:tabled"
+    setup = RemoteOptions(insecure=True, no_cache=True)
+    try:
+        runner, client = default_runner(), setup.client()
+        add_tables(client, runner, parse_reference(f"{registry.host}/cold/l012:v1"), target="tabled")
+        config_digest = runner.run(client.get_image(ref)).manifest["config"]["digest"]
+    finally:
+        setup.close()
+    monkeypatch.setattr(tables_module, "_tables", {})  # nothing from other tests in this process
+    monkeypatch.setattr(RegistryClient, "get_blob", get_blob)
+    opts = RemoteOptions(insecure=True, cache_dir=str(tmp_path / "cache"), stats=Stats())
+    try:
+        cfg = registry_config(ref, opts)
+    finally:
+        opts.close()
+    pins = cfg.extra["obd"]["verify"]
+    assert len(pins) == len(cfg.lowers) == 3
+    assert "config waited 1 s and no table GET began" not in seen
+    assert set(seen) == {config_digest, *(p["digest"] for p in pins.values())}  # each fetched once
+    assert len(seen) == 4
