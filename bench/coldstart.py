@@ -178,6 +178,8 @@ def lazy(
         "resolve": t["resolve"],
         "server": t["server"] - t["resolve"],
         "boot+run": t["first_output"] - t["server"],
+        # on-demand reads waiting on the registry, summed (the network's share of the boot)
+        "waited": (res.stats.get("timers") or {}).get("waited", 0.0),
         "server_requests": res.stats.get("requests", 0),
         "server_bytes": res.stats.get("bytes_fetched", 0),
     }
@@ -462,7 +464,7 @@ def report(
         r = runs[key][0]
         print(
             f"  ({key}) steps: resolve {r['resolve']:.2f} s, nbd server {r['server']:.2f} s, "
-            f"boot to output {r['boot+run']:.2f} s"
+            f"boot to output {r['boot+run']:.2f} s; guest reads waited {median(runs[key], 'waited'):.2f} s"
         )
     if runs["e"]:
         e = median(runs["e"], "total")

@@ -111,6 +111,7 @@ from obd.image.device import (
     parse_bool,
     start_prefetch,
 )
+from obd.io.priority import background_reads
 from obd.io.publish import publishing
 from obd.observability.stats import default_stats
 from obd.prefetch.ext4 import prefetch_metadata
@@ -289,6 +290,7 @@ def _stats_writer(stop: threading.Event, interval: float) -> None:
             nbdkit.debug(f"obd: cannot write stats: {e}")
 
 
+@background_reads()  # the walk's own reads too: nobody waits on them (and they are no guest wait)
 def _prefetch_metadata(dev: Device, directories: bool) -> None:
     try:
         t0 = time.monotonic()
@@ -301,6 +303,7 @@ def _prefetch_metadata(dev: Device, directories: bool) -> None:
         nbdkit.debug(f"obd: metadata prefetch failed: {e}")
 
 
+@background_reads()
 def _prefetch_startup(dev: Device, programs: list[str], search_path: str) -> None:
     try:
         t0 = time.monotonic()

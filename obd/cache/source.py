@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
@@ -31,8 +32,16 @@ import numpy as np
 from obd.cache.claims import page_runs
 from obd.cache.store import BlobCache, CacheStore, page_crcs
 from obd.errors import ObdError
+from obd.io.priority import PRIORITY_PREFETCH, read_priority
 from obd.io.source import Source
-from obd.observability.stats import CACHE_BYTES, CACHE_HITS, CACHE_MISSES, READAHEAD_BYTES, Stats
+from obd.observability.stats import (
+    CACHE_BYTES,
+    CACHE_HITS,
+    CACHE_MISSES,
+    READAHEAD_BYTES,
+    TIME_WAIT,
+    Stats,
+)
 
 log = logging.getLogger("obd.cache")
 
@@ -278,9 +287,16 @@ class CachedSource(Source):
                 self._reopen(blob)
                 pending = missing
                 continue
-            if out is not None:
-                missing = self._with_readahead(blob, missing, out)
-            return self._fetch_missing(blob, missing, out)
+            if out is None:
+                return self._fetch_missing(blob, missing, out)
+            missing = self._with_readahead(blob, missing, out)
+            if read_priority() == PRIORITY_PREFETCH:  # a replay's or a prefetch's read: nobody waits
+                return self._fetch_missing(blob, missing, out)
+            started = time.monotonic()
+            try:
+                return self._fetch_missing(blob, missing, out)
+            finally:
+                self.stats.add_time(TIME_WAIT, time.monotonic() - started)
         raise ObdError(
             f"pages {int(pending[0])}..{int(pending[-1])} not filled: "
             "the cache kept being evicted under the read",

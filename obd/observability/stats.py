@@ -74,8 +74,11 @@ TIME_OPEN = "open"
 TIME_FETCH = "fetch"
 #: Decompressing ZFile blocks (CRC checks and reads excluded), summed over threads.
 TIME_DECODE = "decode"
+#: On-demand reads (a guest's, a frontend's; not prefetch or trace replay) waiting for blocks to
+#: arrive from the registry, summed over reads: the part of a lazy start the network costs.
+TIME_WAIT = "waited"
 #: Timers :meth:`Stats.format_profile` shows first, in this order.
-TIMERS = (TIME_RESOLVE, TIME_OPEN, TIME_FETCH, TIME_DECODE)
+TIMERS = (TIME_RESOLVE, TIME_OPEN, TIME_WAIT, TIME_FETCH, TIME_DECODE)
 
 #: How many of the most recent latency samples percentiles are computed over.
 DEFAULT_WINDOW = 10_000
@@ -200,6 +203,7 @@ def format_profile(snap: dict[str, Any], extra: dict[str, float] | None = None) 
     labels = {
         TIME_RESOLVE: "resolve (token, manifest, config, digest tables)",
         TIME_OPEN: "layer opens (headers, jump tables, indexes; concurrent)",
+        TIME_WAIT: "reads waiting on the registry (on-demand reads, summed)",
         TIME_FETCH: "range GETs in flight (summed over GETs)",
         TIME_DECODE: "ZFile blocks decompressed (summed over threads)",
     }

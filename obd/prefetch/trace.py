@@ -273,14 +273,50 @@ def _compressed(src: Source, offset: int, count: int) -> list[tuple[Source, int,
     return None
 
 
-def replay(stack: Stack, records: Iterable[Record], *, workers: int = 16) -> ReplayResult:
-    """Read every recorded range through the stack's lower layers, ``workers`` at a time.
+#: Bytes of recorded ranges being read at once during a replay (see :func:`replay`).
+REPLAY_WINDOW = 2 << 20
+
+
+class _Window:
+    """At most ``limit`` bytes held at once, taken in ticket order (0, 1, 2, …): a range waits for the
+    ones before it, so a large one is not overtaken for ever by small ones; a range larger than the
+    limit waits for an empty window."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.held = 0
+        self.turn = 0
+        self._cond = threading.Condition()
+
+    def acquire(self, ticket: int, n: int) -> None:
+        with self._cond:
+            while ticket != self.turn or (self.held and self.held + n > self.limit):
+                self._cond.wait()
+            self.held += n
+            self.turn += 1
+            self._cond.notify_all()
+
+    def release(self, n: int) -> None:
+        with self._cond:
+            self.held -= n
+            self._cond.notify_all()
+
+
+def replay(
+    stack: Stack, records: Iterable[Record], *, workers: int = 16, window: int = REPLAY_WINDOW
+) -> ReplayResult:
+    """Read every recorded range through the stack's lower layers, ``workers`` at a time and at
+    most ``window`` bytes of ranges at once.
 
     Records naming a layer the stack does not have, or ranges past a layer's end, are skipped
     (a trace made for another image is harmless, just useless). A range of a compressed warp
     target (a plain image's gzip or zstd layer) is read as the compressed bytes behind it
     (:func:`_compressed`), merged with its neighbours; ``bytes`` counts what was read. Ranges are
-    read in the order the recording first needed them.
+    read in the order the recording first needed them, and the window keeps that order on a slow
+    link: with every range in flight at once, all of them share the bandwidth and the first one the
+    workload needs arrives with the last (a 6 MB trace over 20 Mbit/s: after 2.4 s instead of 0.1 s).
+    The default, 2 MiB of ranges (about 1 MB of lz4 on the wire), is 0.4 s of a 20 Mbit/s link and
+    more than its bandwidth-delay product up to about 100 Mbit/s at 50 ms.
     """
     recs = list(records)
     slots = {key: stack.files[slot] for slot, key in _lower_slots(stack).items()}
@@ -308,18 +344,24 @@ def replay(stack: Stack, records: Iterable[Record], *, workers: int = 16) -> Rep
     lock = threading.Lock()
     local = threading.local()
 
+    held = _Window(max(1, window))
+
     @background_reads()  # nobody waits on these reads yet: Dragonfly's prefetch priority
-    def one(job: tuple[Source, int, int]) -> None:
+    def one(ticket: int, job: tuple[Source, int, int]) -> None:
         nonlocal done
         src, off, n = job
-        buf = getattr(local, "buf", None)
-        if buf is None:
-            buf = local.buf = memoryview(bytearray(MAX_RECORD_BYTES))
-        got = src.readinto(buf[:n], off)
+        held.acquire(ticket, n)  # first: a ticket never taken would hold up every one after it
+        try:
+            buf = getattr(local, "buf", None)
+            if buf is None:
+                buf = local.buf = memoryview(bytearray(MAX_RECORD_BYTES))
+            got = src.readinto(buf[:n], off)
+        finally:
+            held.release(n)
         with lock:
             done += got
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for f in [pool.submit(one, r) for r in jobs]:
+        for f in [pool.submit(one, k, r) for k, r in enumerate(jobs)]:
             f.result()
     return ReplayResult(len(recs), len(jobs), done, time.monotonic() - start)

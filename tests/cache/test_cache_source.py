@@ -522,3 +522,20 @@ def test_unwritable_cache_still_serves(tmp_path, monkeypatch):
     assert src.pread(0, 4 * PS) == blob_bytes()[: 4 * PS]
     assert stats[cache_source.WRITE_ERRORS] == 1
     assert src.cached_bytes() == 0
+
+
+def test_on_demand_reads_count_their_wait_and_background_reads_do_not(tmp_path):
+    """``waited`` (``--profile``'s "reads waiting on the registry"): the time on-demand reads spend
+    waiting for missing pages; prefetch-priority reads (trace replay, start-up prefetch) add none."""
+    from obd.io.priority import background_reads
+    from obd.observability.stats import TIME_WAIT
+
+    src, up, stats = make(tmp_path, delay=0.05)
+    waited = lambda: stats.snapshot()["timers"].get(TIME_WAIT, 0.0)  # noqa: E731
+    with background_reads():
+        src.pread(0, 4096)
+    assert up.calls and waited() == 0.0
+    src.pread(0, 4096)  # present now: no wait
+    assert waited() == 0.0
+    src.pread(1 << 20, 4096)
+    assert 0.05 <= waited() < 5

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import threading
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -164,3 +166,51 @@ def test_trace_replay_reads_in_the_order_the_recording_first_needed(tmp_path):
     res = replay(stack, records, workers=1)
     assert log == [40 * page, 2 * page, 90 * page]  # 40 and 41 merged, at 40's place
     assert res.ranges == 3 and res.bytes == 11 * page
+
+
+class _Timed(BytesSource):
+    """A layer file that notes how many reads are running at once and their bytes."""
+
+    def __init__(self, inner):
+        super().__init__(inner.pread(0, inner.size), "timed")
+        self.lock = threading.Lock()
+        self.now = self.most = self.bytes_now = self.most_bytes = 0
+        self.order: list[int] = []
+
+    def readinto(self, buf, offset):
+        with self.lock:
+            self.order.append(offset)
+            self.now += 1
+            self.bytes_now += len(buf)
+            self.most, self.most_bytes = max(self.most, self.now), max(self.most_bytes, self.bytes_now)
+        time.sleep(0.01)
+        try:
+            return super().readinto(buf, offset)
+        finally:
+            with self.lock:
+                self.now -= 1
+                self.bytes_now -= len(buf)
+
+
+def test_trace_replay_keeps_a_window_of_bytes_in_flight_in_order(tmp_path):
+    """With every range in flight at once they all share a slow link and the first the guest needs
+    arrives with the last; the replay holds at most ``window`` bytes at once, taken in order (one
+    range larger than the window still goes, alone)."""
+    from obd.prefetch.trace import replay
+
+    layer = sealed_from_ops(tmp_path, "l", [("w", 0, bytes([7]) * (SIZE // 2))])
+    stack = Stack([layer])
+    timed = _Timed(stack.files[0])
+    stack.files[0] = timed
+    page = 4096
+    records = [(0, k * 4 * page, page) for k in range(24)] + [(0, 100 * page, 12 * page)]
+    res = replay(stack, records, workers=16, window=3 * page)
+    assert res.ranges == 25 and res.bytes == 36 * page
+    assert timed.most <= 3 and timed.most_bytes <= 12 * page  # three pages, or the big one alone
+    # taken in order: each read starts among the three (the window) due next; the big one last
+    assert all(abs(timed.order.index(k * 4 * page) - k) < 3 for k in range(24))
+    assert timed.order[-1] == 100 * page
+    wide = _Timed(stack.files[0])
+    stack.files[0] = wide
+    replay(stack, records, workers=16, window=1 << 30)
+    assert wide.most >= 4
