@@ -287,10 +287,9 @@ class CachedSource(Source):
                 self._reopen(blob)
                 pending = missing
                 continue
-            if out is None:
-                return self._fetch_missing(blob, missing, out)
-            missing = self._with_readahead(blob, missing, out)
-            if read_priority() == PRIORITY_PREFETCH:  # a replay's or a prefetch's read: nobody waits
+            if out is not None:
+                missing = self._with_readahead(blob, missing, out)
+            if out is None or read_priority() == PRIORITY_PREFETCH:  # a prefetch: nobody waits on it
                 return self._fetch_missing(blob, missing, out)
             started = time.monotonic()
             try:

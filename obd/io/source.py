@@ -104,15 +104,21 @@ class FileSource(Source):
         self.size = os.fstat(self.fd).st_size
         self._held = True
 
+    def _read_held(self, buf: memoryview, offset: int) -> bool:
+        """Whether :func:`read_cached` filled ``buf``; a file system without ``RWF_NOWAIT`` is not
+        asked again."""
+        if not self._held:
+            return False
+        got = read_cached(self.fd, buf, offset)
+        if got == -2:
+            self._held = False
+        return got == len(buf)
+
     def readinto(self, buf: memoryview, offset: int) -> int:
         # no clamp at self.size: the file may have grown since it was opened (an RW data file)
         want = len(buf)
-        if self._held:
-            got = read_cached(self.fd, buf, offset)
-            if got == want:
-                return got
-            if got == -2:
-                self._held = False
+        if self._read_held(buf, offset):
+            return want
         got = 0
         while got < want:
             n = os.preadv(self.fd, [buf[got:]], offset + got)
@@ -123,10 +129,8 @@ class FileSource(Source):
 
     def readinto_nowait(self, buf: memoryview, offset: int) -> int | None:
         want = len(buf)
-        if self._held:
-            got = read_cached(self.fd, buf, offset)
-            if got == want:
-                return got
+        if self._read_held(buf, offset):
+            return want
         got = 0
         while got < want:
             try:
