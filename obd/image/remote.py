@@ -47,12 +47,11 @@ from obd.registry.dragonfly import P2PConfig, background_reads
 from obd.registry.loop import AsyncRunner, default_runner
 from obd.registry.reference import DOCKER_HUB_API, Reference, parse_reference
 from obd.turbo import is_plain_image
-from obd.verify.index import image_table_pins
-from obd.verify.local import LocalTables
-from obd.verify.pins import TablePin, layer_pins, lower_pin, pins_json, table_descriptors
+from obd.verify.index import fetch_manifest_tables, image_table_pins
+from obd.verify.pins import TablePin, lower_pin, pins_json, table_descriptors
 from obd.verify.repair import RepairableSource
 from obd.verify.signature import verify_image_signature
-from obd.verify.table import fetch_tables, open_verified, origin_repair
+from obd.verify.table import open_verified, origin_repair
 
 #: How long resolving a manifest and config may take, in seconds.
 RESOLVE_TIMEOUT = 120.0
@@ -237,14 +236,11 @@ _early_tables = ThreadPoolExecutor(max_workers=2, thread_name_prefix="obd-tables
 
 
 def _prefetch_tables(ref: Reference, manifest: dict[str, Any], opts: RemoteOptions) -> None:
-    """The digest tables ``manifest``'s layers pin, into the process's table cache (and the local
-    store). Any error is dropped: the same fetch is made again, and reported, by the layer's open."""
+    """:func:`fetch_manifest_tables` of ``manifest``'s layers. Any error is dropped: the same fetch
+    is made again, and reported, by :func:`image_to_config`."""
     with contextlib.suppress(Exception):
         layers = parse_descriptors(manifest, "layers", str(ref))
-        pins = layer_pins(((d.digest, d.annotations) for d in layers), path=str(ref))
-        if pins:
-            local = None if opts.no_cache else LocalTables(opts.cache_dir)
-            fetch_tables(opts.client(), opts.runner, ref, list(pins.values()), local)
+        fetch_manifest_tables(ref, ((d.digest, d.annotations) for d in layers), opts)
 
 
 def registry_config(reference: str, opts: RemoteOptions) -> ImageConfig:

@@ -188,6 +188,18 @@ async def fetch_listed_tables(
     return pins
 
 
+def fetch_manifest_tables(
+    ref: Reference, layers: Iterable[tuple[str, Mapping[str, str]]], opts: RemoteOptions
+) -> None:
+    """The tables the manifest's own ``(digest, annotations)`` layers pin, fetched into the
+    process's table cache and the local store, before :func:`image_table_pins` asks for them (a
+    resolve starts this with the manifest, beside the config's fetch)."""
+    pins = layer_pins(layers, path=str(ref))
+    if pins and opts.verify != "off":
+        local = None if opts.no_cache else LocalTables(opts.cache_dir)
+        fetch_tables(_client(opts, ref), opts.runner, ref, list(pins.values()), local)
+
+
 def image_table_pins(
     ref: Reference, image: Image, opts: RemoteOptions, digests: Iterable[str]
 ) -> dict[str, TablePin]:
@@ -216,6 +228,7 @@ __all__ = [
     "fallback_tag",
     "fetch_linked_tables",
     "fetch_listed_tables",
+    "fetch_manifest_tables",
     "image_table_pins",
     "push_linked_tables",
     "table_bytes",
